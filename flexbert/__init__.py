@@ -1,0 +1,25 @@
+"""FlexBERT: a config-driven framework for modern bidirectional encoders."""
+
+from flexbert.config import ModelConfig
+from flexbert.heads import (
+    FlexBertForMaskedLM,
+    FlexBertForMultipleChoice,
+    FlexBertForSentenceEmbedding,
+    FlexBertForSequenceClassification,
+    FlexBertForTokenClassification,
+)
+from flexbert.model import FlexBertModel
+from flexbert.outputs import FlexBertOutput
+from flexbert.registry import ConfigError
+
+__all__ = [
+    "ConfigError",
+    "FlexBertForMaskedLM",
+    "FlexBertForMultipleChoice",
+    "FlexBertForSentenceEmbedding",
+    "FlexBertForSequenceClassification",
+    "FlexBertForTokenClassification",
+    "FlexBertModel",
+    "FlexBertOutput",
+    "ModelConfig",
+]

@@ -1,0 +1,237 @@
+"""Attention backends: one function per kernel, picked by name from a registry.
+
+Every backend takes q, k, v in token-major layout, (T, H, D) unpadded or (B, L, H, D) padded,
+plus the batch `Layout`, half the local window (None = global), dropout and scale, and
+returns the same layout. `check` refuses, at build time, a backend that cannot run here.
+
+- eager: plain math, the ground truth in tests (block-diagonal mask when unpadded).
+- sdpa: torch scaled_dot_product_attention with padding/window masks; the CPU default.
+- flex: FlexAttention with block masks built once per forward from the layout.
+- varlen: torch.nn.attention.varlen.varlen_attn (torch >= 2.10, CUDA, bf16/fp16, unpadded).
+- flash_attn: flash-attn's varlen kernels when the package is installed (unpadded).
+- auto: the fastest one that runs for the tensors it is given.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from flexbert.attention.masks import block_diagonal_mask, padded_mask
+from flexbert.layout import Layout
+from flexbert.registry import ComponentConfig, ConfigError, Registry
+
+if TYPE_CHECKING:
+    from flexbert.config import ModelConfig
+
+BACKENDS = Registry("attention backend")
+AttentionFn = Callable[..., torch.Tensor]
+
+
+@dataclass
+class Backend:
+    fn: AttentionFn
+    check: Callable[[ModelConfig], None] = lambda cfg: None
+
+
+def _no_dropout(name: str) -> Callable[[ModelConfig], None]:
+    def check(cfg: ModelConfig) -> None:
+        if cfg.attention_dropout > 0:
+            raise ConfigError(
+                f"backend: '{name}' has no attention-probability dropout; set "
+                f"attention_dropout=0 or use backend 'sdpa' or 'eager'"
+            )
+
+    return check
+
+
+def _unpadded_only(name: str) -> Callable[[ModelConfig], None]:
+    def check(cfg: ModelConfig) -> None:
+        if cfg.padding != "unpadded":
+            raise ConfigError(
+                f"backend: '{name}' runs on unpadded tokens; set padding='unpadded' or use "
+                f"backend 'sdpa', 'flex' or 'eager' with padding='padded'"
+            )
+
+    return check
+
+
+def _all(*checks: Callable[[ModelConfig], None]) -> Callable[[ModelConfig], None]:
+    def check(cfg: ModelConfig) -> None:
+        for c in checks:
+            c(cfg)
+
+    return check
+
+
+# ---------------------------------------------------------------- eager (reference)
+def eager_attention(q, k, v, layout: Layout, half, dropout_p: float, scale: float):
+    if layout.padded:
+        mask = layout.cached(("dense", half), lambda: padded_mask(layout, half))
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, L, D)
+    else:
+        mask = layout.cached(("blockdiag", half), lambda: block_diagonal_mask(layout, half))
+        q, k, v = (t.transpose(0, 1)[None] for t in (q, k, v))  # (1, H, T, D)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # (B, H, Lq, Lk)
+    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    probs = F.dropout(probs, p=dropout_p, training=dropout_p > 0)
+    out = torch.matmul(probs, v)  # (B, H, L, D)
+    return out.transpose(1, 2) if layout.padded else out[0].transpose(0, 1)
+
+
+# ---------------------------------------------------------------- sdpa
+def _scatter_index(layout: Layout) -> torch.Tensor:
+    """(T,) flat index of each unpadded token in a (B * max_seqlen) padded buffer."""
+    return layout.seq_ids() * layout.max_seqlen + layout.pos_in_seq()
+
+
+def _sdpa_padded(q, k, v, layout: Layout, half, dropout_p, scale):
+    mask = layout.cached(("dense", half), lambda: padded_mask(layout, half))
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, L, D)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+    return out.transpose(1, 2)  # (B, L, H, D)
+
+
+def sdpa_attention(q, k, v, layout: Layout, half, dropout_p: float, scale: float):
+    if layout.padded:
+        return _sdpa_padded(q, k, v, layout, half, dropout_p, scale)
+    # Unpadded: scatter into (B, max_seqlen) rows, attend, gather back (O(B L^2), not O(T^2)).
+    index = layout.cached("scatter_index", lambda: _scatter_index(layout))
+    rows = layout.cached("rows_layout", lambda: _rows_layout(layout, index))
+    padded = []
+    for t in (q, k, v):
+        buf = t.new_zeros(layout.num_seqs * layout.max_seqlen, *t.shape[1:])
+        buf[index] = t
+        padded.append(buf.view(layout.num_seqs, layout.max_seqlen, *t.shape[1:]))
+    out = _sdpa_padded(*padded, rows, half, dropout_p, scale)  # (B, Lmax, H, D)
+    return out.reshape(-1, *out.shape[2:])[index]
+
+
+def _rows_layout(layout: Layout, index: torch.Tensor) -> Layout:
+    mask = torch.zeros(layout.num_seqs * layout.max_seqlen, dtype=torch.bool, device=index.device)
+    mask[index] = True
+    mask = mask.view(layout.num_seqs, layout.max_seqlen)
+    return Layout(padded=True, positions=layout.positions, attention_mask=mask)
+
+
+# ---------------------------------------------------------------- flex
+def _flex_block_mask(layout: Layout, half):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    if layout.padded:
+        valid = layout.attention_mask.bool()
+        batch, seqlen = valid.shape
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            keep = valid[b, kv_idx] | ~valid[b, q_idx]
+            if half is not None:
+                keep = keep & ((q_idx - kv_idx).abs() <= half)
+            return keep
+
+        return create_block_mask(mask_mod, batch, None, seqlen, seqlen, device=valid.device)
+    seq, pos = layout.seq_ids(), layout.pos_in_seq()
+    total = seq.shape[0]
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        keep = seq[q_idx] == seq[kv_idx]
+        if half is not None:
+            keep = keep & ((pos[q_idx] - pos[kv_idx]).abs() <= half)
+        return keep
+
+    return create_block_mask(mask_mod, None, None, total, total, device=seq.device)
+
+
+def flex_attention_backend(q, k, v, layout: Layout, half, dropout_p: float, scale: float):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    block_mask = layout.cached(("flex", half), lambda: _flex_block_mask(layout, half))
+    if layout.padded:
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, L, D)
+        return flex_attention(q, k, v, block_mask=block_mask, scale=scale).transpose(1, 2)
+    q, k, v = (t.transpose(0, 1)[None] for t in (q, k, v))  # (1, H, T, D)
+    out = flex_attention(q, k, v, block_mask=block_mask, scale=scale)
+    return out[0].transpose(0, 1)  # (T, H, D)
+
+
+# ---------------------------------------------------------------- varlen (torch >= 2.10)
+def varlen_available() -> bool:
+    return importlib.util.find_spec("torch.nn.attention.varlen") is not None
+
+
+def _check_varlen(cfg: ModelConfig) -> None:
+    if not varlen_available():
+        raise ConfigError(
+            f"backend: 'varlen' needs torch >= 2.10 (torch.nn.attention.varlen); this is torch "
+            f"{torch.__version__}. Use backend 'sdpa'"
+        )
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            "backend: 'varlen' runs on CUDA only and no GPU is visible; use backend 'sdpa' "
+            "(or 'auto', which picks varlen whenever the tensors are on a GPU)"
+        )
+
+
+def varlen_attention(q, k, v, layout: Layout, half, dropout_p: float, scale: float):
+    from torch.nn.attention.varlen import varlen_attn
+
+    window = (-1, -1) if half is None else (half, half)
+    cu, m = layout.cu_seqlens, layout.max_seqlen
+    return varlen_attn(q, k, v, cu, cu, m, m, scale=scale, window_size=window)
+
+
+# ---------------------------------------------------------------- flash-attn package
+def flash_attn_available() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def _check_flash(cfg: ModelConfig) -> None:
+    if not flash_attn_available():
+        raise ConfigError(
+            "backend: 'flash_attn' needs the flash-attn package (pip install flexbert[flash]); "
+            "use backend 'varlen' (CUDA, torch >= 2.10) or 'sdpa'"
+        )
+
+
+def flash_attention(q, k, v, layout: Layout, half, dropout_p: float, scale: float):
+    from flash_attn import flash_attn_varlen_func
+
+    window = (-1, -1) if half is None else (half, half)
+    cu, m = layout.cu_seqlens, layout.max_seqlen
+    return flash_attn_varlen_func(
+        q, k, v, cu, cu, m, m, dropout_p=dropout_p, softmax_scale=scale, window_size=window
+    )
+
+
+# ---------------------------------------------------------------- auto
+def resolve_auto(q: torch.Tensor, layout: Layout, dropout_p: float) -> AttentionFn:
+    """Fastest backend for these tensors: varlen/flash_attn on GPU when unpadded, else sdpa."""
+    fast_ok = q.is_cuda and not layout.padded and q.dtype in (torch.float16, torch.bfloat16)
+    if fast_ok and dropout_p == 0 and varlen_available():
+        return varlen_attention
+    if fast_ok and flash_attn_available():
+        return flash_attention
+    return sdpa_attention
+
+
+def auto_attention(q, k, v, layout: Layout, half, dropout_p: float, scale: float):
+    return resolve_auto(q, layout, dropout_p)(q, k, v, layout, half, dropout_p, scale)
+
+
+_REGISTERED = {
+    "eager": Backend(eager_attention),
+    "sdpa": Backend(sdpa_attention),
+    "flex": Backend(flex_attention_backend, _no_dropout("flex")),
+    "varlen": Backend(
+        varlen_attention, _all(_unpadded_only("varlen"), _no_dropout("varlen"), _check_varlen)
+    ),
+    "flash_attn": Backend(flash_attention, _all(_unpadded_only("flash_attn"), _check_flash)),
+    "auto": Backend(auto_attention),
+}
+for _name, _backend in _REGISTERED.items():
+    BACKENDS.register(_name, ComponentConfig)(lambda cfg, _b=_backend: _b)

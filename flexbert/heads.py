@@ -1,0 +1,236 @@
+"""Task heads on top of `FlexBertModel`, named like Hugging Face ModernBERT's modules.
+
+Each head runs on the model's internal layout, so with unpadding the head and the decoder only
+see real tokens (and with `sparse_prediction` only the tokens that carry a label).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flexbert.components import POOLINGS
+from flexbert.config import ModelConfig
+from flexbert.layout import Layout
+from flexbert.model import (
+    FlexBertModel,
+    FlexBertPreTrainedModel,
+    labels_to_internal,
+    to_caller_layout,
+)
+from flexbert.outputs import FlexBertOutput
+
+IGNORE_INDEX = -100
+
+
+class PredictionHead(nn.Module):
+    """dense -> activation -> norm, shared by the MLM and classification heads."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=cfg.head_bias)
+        self.act = cfg.build_activation(cfg.head_activation)
+        self.norm = cfg.build_norm()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.act(self.dense(x)))
+
+
+def pool(cfg: ModelConfig, hidden: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """(B, D) sequence vectors from hidden states in either layout."""
+    if layout.padded:
+        return POOLINGS.build(cfg.pooling, hidden, attention_mask=layout.attention_mask)
+    return POOLINGS.build(cfg.pooling, hidden, cu_seqlens=layout.cu_seqlens)
+
+
+class FlexBertForMaskedLM(FlexBertPreTrainedModel):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__(cfg)
+        self.model = FlexBertModel(cfg, initialize=False)
+        self.head = PredictionHead(cfg)
+        self.decoder = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=cfg.decoder_bias)
+        self.decoder.weight = self.model.embeddings.tok_embeddings.weight  # tied
+        self.init_weights()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> FlexBertOutput:
+        hidden, layout = self.model.encode(input_ids, attention_mask, cu_seqlens, max_seqlen)
+        flat = hidden.flatten(0, -2) if layout.padded else hidden  # (N, D)
+        if labels is not None and self.config.sparse_prediction:
+            flat_labels = labels_to_internal(labels, layout)
+            keep = flat_labels != IGNORE_INDEX
+            logits = self.decoder(self.head(flat[keep]))  # (M, V): masked positions only
+            loss = F.cross_entropy(logits.float(), flat_labels[keep])
+            return FlexBertOutput(
+                loss=loss, logits=logits, last_hidden_state=to_caller_layout(hidden, layout)
+            )
+        logits = self.decoder(self.head(flat))  # (N, V)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(
+                logits.float(), labels_to_internal(labels, layout), ignore_index=IGNORE_INDEX
+            )
+        if layout.padded:
+            logits = logits.view(*hidden.shape[:-1], -1)
+        return FlexBertOutput(
+            loss=loss,
+            logits=to_caller_layout(logits, layout),
+            last_hidden_state=to_caller_layout(hidden, layout),
+        )
+
+
+class FlexBertForSequenceClassification(FlexBertPreTrainedModel):
+    """Classification, regression or multi-label over a pooled sequence vector."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__(cfg)
+        self.num_labels = cfg.num_labels
+        self.model = FlexBertModel(cfg, initialize=False)
+        self.head = PredictionHead(cfg)
+        self.drop = nn.Dropout(cfg.head_dropout)
+        self.classifier = nn.Linear(cfg.hidden_size, cfg.num_labels)
+        self.init_weights()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> FlexBertOutput:
+        hidden, layout = self.model.encode(input_ids, attention_mask, cu_seqlens, max_seqlen)
+        pooled = pool(self.config, hidden, layout)  # (B, D)
+        logits = self.classifier(self.drop(self.head(pooled)))  # (B, C)
+        loss = None if labels is None else sequence_loss(logits, labels, self.config)
+        return FlexBertOutput(
+            loss=loss, logits=logits, last_hidden_state=to_caller_layout(hidden, layout)
+        )
+
+
+def sequence_loss(logits: torch.Tensor, labels: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    problem = cfg.problem_type
+    if problem is None:  # inferred like Hugging Face does
+        if cfg.num_labels == 1:
+            problem = "regression"
+        elif labels.dtype in (torch.long, torch.int):
+            problem = "single_label_classification"
+        else:
+            problem = "multi_label_classification"
+    if problem == "regression":
+        return (
+            F.mse_loss(logits.squeeze(-1).float(), labels.float().view(-1))
+            if cfg.num_labels == 1
+            else F.mse_loss(logits.float(), labels.float())
+        )
+    if problem == "single_label_classification":
+        return F.cross_entropy(logits.float().view(-1, cfg.num_labels), labels.view(-1))
+    return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
+
+
+class FlexBertForTokenClassification(FlexBertPreTrainedModel):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__(cfg)
+        self.num_labels = cfg.num_labels
+        self.model = FlexBertModel(cfg, initialize=False)
+        self.head = PredictionHead(cfg)
+        self.drop = nn.Dropout(cfg.head_dropout)
+        self.classifier = nn.Linear(cfg.hidden_size, cfg.num_labels)
+        self.init_weights()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> FlexBertOutput:
+        hidden, layout = self.model.encode(input_ids, attention_mask, cu_seqlens, max_seqlen)
+        logits = self.classifier(self.drop(self.head(hidden)))  # internal layout, (..., C)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(
+                logits.float().reshape(-1, self.num_labels),
+                labels_to_internal(labels, layout),
+                ignore_index=IGNORE_INDEX,
+            )
+        return FlexBertOutput(
+            loss=loss,
+            logits=to_caller_layout(logits, layout),
+            last_hidden_state=to_caller_layout(hidden, layout),
+        )
+
+
+class FlexBertForMultipleChoice(FlexBertPreTrainedModel):
+    """input_ids (B, C, L): scores each of the C choices with a pooled vector."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__(cfg)
+        self.model = FlexBertModel(cfg, initialize=False)
+        self.head = PredictionHead(cfg)
+        self.drop = nn.Dropout(cfg.head_dropout)
+        self.classifier = nn.Linear(cfg.hidden_size, 1)
+        self.init_weights()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> FlexBertOutput:
+        batch, choices, seqlen = input_ids.shape
+        flat_mask = None if attention_mask is None else attention_mask.view(-1, seqlen)
+        hidden, layout = self.model.encode(input_ids.view(-1, seqlen), flat_mask)
+        pooled = pool(self.config, hidden, layout)  # (B * C, D)
+        logits = self.classifier(self.drop(self.head(pooled))).view(batch, choices)
+        loss = None if labels is None else F.cross_entropy(logits.float(), labels)
+        return FlexBertOutput(loss=loss, logits=logits)
+
+
+class FlexBertForSentenceEmbedding(FlexBertPreTrainedModel):
+    """Pooled (cls or mean) and L2-normalised sentence vectors for retrieval.
+
+    With `labels` given as the index of each query's positive among `candidates`, the loss is
+    the in-batch InfoNCE loss at `temperature`.
+    """
+
+    def __init__(self, cfg: ModelConfig, temperature: float = 0.05) -> None:
+        super().__init__(cfg)
+        self.model = FlexBertModel(cfg, initialize=False)
+        self.temperature = temperature
+        self.init_weights()
+
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
+    ) -> torch.Tensor:
+        hidden, layout = self.model.encode(input_ids, attention_mask, cu_seqlens, max_seqlen)
+        return F.normalize(pool(self.config, hidden, layout).float(), dim=-1)  # (B, D)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        candidates: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> FlexBertOutput:
+        emb = self.embed(input_ids, attention_mask)
+        loss = logits = None
+        if candidates is not None:
+            cand = self.embed(*candidates)
+            logits = emb @ cand.T / self.temperature  # (B, N)
+            if labels is None:
+                labels = torch.arange(emb.shape[0], device=emb.device)
+            loss = F.cross_entropy(logits, labels)
+        return FlexBertOutput(loss=loss, logits=logits, embeddings=emb)

@@ -1,0 +1,303 @@
+"""Conversion to and from Hugging Face ModernBERT checkpoints.
+
+FlexBERT names its modules like transformers' ModernBERT (`model.layers.3.attn.Wqkv`, ...), so
+the weights map one to one; this file maps the configs, reads and writes the files and refuses
+what the other side cannot express. transformers is imported inside the functions.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flexbert.config import ModelConfig
+from flexbert.registry import ConfigError
+
+# FlexBERT activation name <-> transformers ACT2FN name.
+ACT_TO_HF = {
+    "gelu": "gelu",
+    "gelu_tanh": "gelu_pytorch_tanh",
+    "silu": "silu",
+    "relu": "relu",
+    "relu2": "relu2",
+}
+ACT_FROM_HF = {**{v: k for k, v in ACT_TO_HF.items()}, "gelu_new": "gelu_tanh", "swish": "silu"}
+HEAD_ARCHITECTURES = {
+    "FlexBertModel": "ModernBertModel",
+    "FlexBertForMaskedLM": "ModernBertForMaskedLM",
+    "FlexBertForSequenceClassification": "ModernBertForSequenceClassification",
+    "FlexBertForTokenClassification": "ModernBertForTokenClassification",
+    "FlexBertForMultipleChoice": "ModernBertForMultipleChoice",
+}
+# Keys a head may lack in a checkpoint of another head (a fresh classifier for fine-tuning),
+# and keys a checkpoint may hold that this head does not use (the MLM decoder).
+NEW_HEAD_PREFIXES = ("classifier.",)
+DROPPABLE_PREFIXES = ("decoder.", "classifier.")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the model it is loaded into."""
+
+
+# ---------------------------------------------------------------------------- config
+def config_from_hf(hf_config: Any, **overrides: Any) -> ModelConfig:
+    """transformers ModernBertConfig -> ModelConfig (overrides win)."""
+    act = _act_from_hf(hf_config.hidden_activation, "hidden_activation")
+    head_act = _act_from_hf(hf_config.classifier_activation, "classifier_activation")
+    types = ["global" if t == "full_attention" else "local" for t in hf_config.layer_types]
+    rope = hf_config.rope_parameters
+    for kind in ("full_attention", "sliding_attention"):
+        rope_type = (rope.get(kind) or {}).get("rope_type", "default")
+        if rope_type != "default":
+            raise ConfigError(
+                f"rope_parameters[{kind}] uses rope_type '{rope_type}'; only 'default' is supported"
+            )
+    values = dict(
+        vocab_size=hf_config.vocab_size,
+        hidden_size=hf_config.hidden_size,
+        num_layers=hf_config.num_hidden_layers,
+        num_heads=hf_config.num_attention_heads,
+        intermediate_size=hf_config.intermediate_size,
+        max_seq_len=hf_config.max_position_embeddings,
+        pad_token_id=hf_config.pad_token_id,
+        cls_token_id=hf_config.cls_token_id,
+        sep_token_id=hf_config.sep_token_id,
+        norm={"name": "layernorm", "eps": hf_config.norm_eps, "bias": hf_config.norm_bias},
+        activation=act,
+        head_activation=head_act,
+        mlp="glu",
+        attention_pattern=_pattern_from_types(types, hf_config.local_attention),
+        position={
+            "name": "rope",
+            "global_theta": float(rope["full_attention"]["rope_theta"]),
+            "local_theta": float(rope["sliding_attention"]["rope_theta"]),
+        },
+        pooling=hf_config.classifier_pooling,
+        qkv_bias=hf_config.attention_bias,
+        attn_out_bias=hf_config.attention_bias,
+        mlp_in_bias=hf_config.mlp_bias,
+        mlp_out_bias=hf_config.mlp_bias,
+        head_bias=hf_config.classifier_bias,
+        decoder_bias=hf_config.decoder_bias,
+        embedding_dropout=float(hf_config.embedding_dropout),
+        attention_dropout=float(hf_config.attention_dropout),
+        mlp_dropout=float(hf_config.mlp_dropout),
+        head_dropout=float(hf_config.classifier_dropout),
+        sparse_prediction=hf_config.sparse_prediction,
+        num_labels=hf_config.num_labels,
+        problem_type=hf_config.problem_type,
+    )
+    mask_id = getattr(hf_config, "mask_token_id", None)
+    if mask_id is not None:
+        values["mask_token_id"] = mask_id
+    elif ModelConfig.mask_token_id >= hf_config.vocab_size and "mask_token_id" not in overrides:
+        raise ConfigError(
+            f"config.json has no mask_token_id and the ModernBERT default "
+            f"{ModelConfig.mask_token_id} is outside vocab_size={hf_config.vocab_size}; "
+            "pass mask_token_id=... to from_hf"
+        )
+    return ModelConfig(**{**values, **overrides})
+
+
+def _act_from_hf(name: str, field: str) -> str:
+    if name not in ACT_FROM_HF:
+        raise ConfigError(
+            f"{field} '{name}' has no FlexBERT equivalent; supported: {sorted(ACT_FROM_HF)}"
+        )
+    return ACT_FROM_HF[name]
+
+
+def _pattern_from_types(types: list[str], window: int) -> dict[str, Any]:
+    if all(t == "global" for t in types):
+        return {"name": "global"}
+    for every in range(2, len(types) + 1):
+        if types == ["global" if i % every == 0 else "local" for i in range(len(types))]:
+            return {"name": "local_global", "window": window, "global_every": every}
+    return {"name": "explicit", "types": types, "window": window}
+
+
+def config_to_hf(cfg: ModelConfig, architecture: str) -> Any:
+    """ModelConfig -> transformers ModernBertConfig; refuses what ModernBERT cannot express."""
+    from transformers import ModernBertConfig
+
+    problems = unsupported_for_hf(cfg)
+    if problems:
+        raise ConfigError(
+            "this model cannot be saved as Hugging Face ModernBERT: " + "; ".join(problems)
+        )
+    window = cfg.attention_pattern.window or 128
+    return ModernBertConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        hidden_activation=ACT_TO_HF[cfg.activation.name],
+        max_position_embeddings=cfg.max_seq_len,
+        norm_eps=cfg.norm.eps,
+        norm_bias=cfg.norm.bias,
+        pad_token_id=cfg.pad_token_id,
+        bos_token_id=cfg.cls_token_id,
+        cls_token_id=cfg.cls_token_id,
+        eos_token_id=cfg.sep_token_id,
+        sep_token_id=cfg.sep_token_id,
+        attention_bias=cfg.qkv_bias,
+        attention_dropout=cfg.attention_dropout,
+        layer_types=[
+            "full_attention" if t == "global" else "sliding_attention" for t in cfg.layer_types
+        ],
+        rope_parameters={
+            "full_attention": {"rope_type": "default", "rope_theta": cfg.position.global_theta},
+            "sliding_attention": {"rope_type": "default", "rope_theta": cfg.position.local_theta},
+        },
+        local_attention=window,
+        embedding_dropout=cfg.embedding_dropout,
+        mlp_bias=cfg.mlp_in_bias,
+        mlp_dropout=cfg.mlp_dropout,
+        decoder_bias=cfg.decoder_bias,
+        classifier_pooling=cfg.pooling.name,
+        classifier_dropout=cfg.head_dropout,
+        classifier_bias=cfg.head_bias,
+        classifier_activation=ACT_TO_HF[cfg.head_activation.name],
+        sparse_prediction=cfg.sparse_prediction,
+        num_labels=cfg.num_labels,
+        problem_type=cfg.problem_type,
+        architectures=[architecture],
+        mask_token_id=cfg.mask_token_id,
+    )
+
+
+def unsupported_for_hf(cfg: ModelConfig) -> list[str]:
+    """Everything in `cfg` that Hugging Face ModernBERT has no setting for."""
+    problems = []
+    if cfg.norm.name != "layernorm":
+        problems.append(f"norm '{cfg.norm.name}' (ModernBERT uses layernorm)")
+    if cfg.position.name != "rope":
+        problems.append(f"position '{cfg.position.name}' (ModernBERT uses rope)")
+    if cfg.mlp.name != "glu":
+        problems.append(f"mlp '{cfg.mlp.name}' (ModernBERT uses glu)")
+    for field in ("activation", "head_activation"):
+        if getattr(cfg, field).name not in ACT_TO_HF:
+            problems.append(f"{field} '{getattr(cfg, field).name}'")
+    if cfg.pooling.name not in ("cls", "mean"):
+        problems.append(f"pooling '{cfg.pooling.name}'")
+    if cfg.qkv_bias != cfg.attn_out_bias:
+        problems.append("qkv_bias != attn_out_bias (ModernBERT has one attention_bias)")
+    if cfg.mlp_in_bias != cfg.mlp_out_bias:
+        problems.append("mlp_in_bias != mlp_out_bias (ModernBERT has one mlp_bias)")
+    for flag in ("embedding_norm", "skip_first_prenorm", "final_norm"):
+        if not getattr(cfg, flag):
+            problems.append(f"{flag}=False (always on in ModernBERT)")
+    return problems
+
+
+# ---------------------------------------------------------------------------- weights
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Weights from model.safetensors (single or sharded) or pytorch_model.bin."""
+    from safetensors.torch import load_file
+
+    single = path / "model.safetensors"
+    index = path / "model.safetensors.index.json"
+    binary = path / "pytorch_model.bin"
+    if single.exists():
+        return _safe_load(load_file, single)
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        state: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            state.update(_safe_load(load_file, path / shard))
+        return state
+    if binary.exists():
+        return _safe_load(lambda p: torch.load(p, map_location="cpu", weights_only=True), binary)
+    raise FileNotFoundError(
+        f"{path} has no weights: expected model.safetensors, model.safetensors.index.json "
+        "or pytorch_model.bin"
+    )
+
+
+def _safe_load(loader, file: Path) -> dict[str, torch.Tensor]:
+    if not file.exists():
+        raise FileNotFoundError(f"weights file {file} is missing")
+    try:
+        return loader(str(file))
+    except Exception as err:  # corrupt or truncated file
+        raise CheckpointError(f"cannot read weights from {file}: {err}") from err
+
+
+def match_state_dict(
+    model: torch.nn.Module, state: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Align checkpoint keys with `model`'s and fail listing missing/unexpected/mis-shaped keys."""
+    own = model.state_dict()
+    expects_prefix = any(k.startswith("model.") for k in own)
+    has_prefix = any(k.startswith("model.") for k in state)
+    if has_prefix and not expects_prefix:  # a head checkpoint into the bare encoder
+        state = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
+    elif expects_prefix and not has_prefix:  # a bare encoder checkpoint into a head
+        state = {f"model.{k}": v for k, v in state.items()}
+    tied = "decoder.weight" in own and "decoder.weight" not in state
+    missing = [k for k in own if k not in state and not (tied and k == "decoder.weight")]
+    missing = [k for k in missing if not k.startswith(NEW_HEAD_PREFIXES)]
+    unexpected = [k for k in state if k not in own and not k.startswith(DROPPABLE_PREFIXES)]
+    shapes = [
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in state.items()
+        if k in own and v.shape != own[k].shape
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {missing}")
+        if unexpected:
+            parts.append(f"unexpected keys {unexpected}")
+        if shapes:
+            parts.append(f"shape mismatches {shapes}")
+        raise CheckpointError(
+            "checkpoint does not fit " + type(model).__name__ + ": " + "; ".join(parts)
+        )
+    return {k: v for k, v in state.items() if k in own}
+
+
+# ---------------------------------------------------------------------------- public
+def load_hf(cls: type, path: str | Path, **overrides: Any):
+    """Build `cls` from a Hugging Face ModernBERT directory."""
+    from transformers import AutoConfig
+
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(
+            f"{path} is not a Hugging Face model directory: config.json is missing"
+        )
+    hf_config = AutoConfig.from_pretrained(path)
+    if hf_config.model_type != "modernbert":
+        raise CheckpointError(
+            f"{path} holds a '{hf_config.model_type}' checkpoint; FlexBERT loads 'modernbert' checkpoints"
+        )
+    model = cls(config_from_hf(hf_config, **overrides))
+    state = match_state_dict(model, read_state_dict(path))
+    model.load_state_dict(state, strict=False)
+    return model
+
+
+def save_hf(model: torch.nn.Module, path: str | Path) -> Path:
+    """Write config.json + model.safetensors loadable by transformers' Auto classes."""
+    from safetensors.torch import save_file
+
+    name = type(model).__name__
+    if name not in HEAD_ARCHITECTURES:
+        raise ConfigError(
+            f"{name} has no Hugging Face ModernBERT counterpart; use one of {sorted(HEAD_ARCHITECTURES)}"
+        )
+    hf_config = config_to_hf(model.config, HEAD_ARCHITECTURES[name])
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    hf_config.save_pretrained(path)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state.pop("decoder.weight", None)  # tied to the token embedding; transformers re-ties it
+    tmp = path / "model.safetensors.tmp"
+    save_file(state, str(tmp), metadata={"format": "pt"})
+    tmp.replace(path / "model.safetensors")
+    return path

@@ -1,0 +1,87 @@
+"""Padding as a data layout.
+
+`unpadded`: every layer sees (T, D) with T real tokens; sequences are delimited by
+`cu_seqlens` (B + 1,) int32 and `max_seqlen` (a host int, so no device sync per layer).
+`padded`: every layer sees (B, L, D) with a (B, L) bool mask.
+
+A `Layout` is built once per forward at the model entry. It carries what attention backends
+need and caches what they derive from it (masks, per-token sequence ids), so a mask is built
+once per forward, not once per layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Layout:
+    padded: bool
+    positions: torch.Tensor  # (T,) or (B, L) position ids used by RoPE / absolute embeddings
+    cu_seqlens: torch.Tensor | None = None  # (B + 1,) int32, unpadded only
+    max_seqlen: int | None = None  # unpadded only
+    attention_mask: torch.Tensor | None = None  # (B, L) bool, padded only
+    # Where the unpadded tokens came from when the caller passed a padded batch.
+    indices: torch.Tensor | None = None  # (T,) flat indices into B * L
+    batch_shape: tuple[int, int] | None = None  # (B, L) of the caller's padded batch
+    cache: dict[Any, Any] = field(default_factory=dict)
+
+    @property
+    def num_seqs(self) -> int:
+        if self.padded:
+            return self.attention_mask.shape[0]
+        return self.cu_seqlens.shape[0] - 1
+
+    def seq_ids(self) -> torch.Tensor:
+        """(T,) sequence index of every token (unpadded layout)."""
+        if "seq_ids" not in self.cache:
+            self.cache["seq_ids"] = seq_ids_from_cu_seqlens(
+                self.cu_seqlens, self.positions.shape[0]
+            )
+        return self.cache["seq_ids"]
+
+    def pos_in_seq(self) -> torch.Tensor:
+        """(T,) offset of every token inside its own sequence (unpadded layout)."""
+        if "pos_in_seq" not in self.cache:
+            starts = self.cu_seqlens[:-1].long()[self.seq_ids()]
+            self.cache["pos_in_seq"] = (
+                torch.arange(self.positions.shape[0], device=starts.device) - starts
+            )
+        return self.cache["pos_in_seq"]
+
+    def cached(self, key: Any, make) -> Any:
+        if key not in self.cache:
+            self.cache[key] = make()
+        return self.cache[key]
+
+
+def seq_ids_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    tokens = torch.arange(total, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
+    return torch.searchsorted(cu_seqlens[1:].contiguous(), tokens, right=True)  # (T,)
+
+
+def positions_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """RoPE positions that restart at every packed sequence, without a host sync."""
+    seq = seq_ids_from_cu_seqlens(cu_seqlens, total)
+    return torch.arange(total, device=cu_seqlens.device) - cu_seqlens[:-1].long()[seq]
+
+
+def unpad(attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(B, L) mask -> flat indices of real tokens, cu_seqlens (B + 1,) int32, max_seqlen."""
+    seqlens = attention_mask.sum(dim=-1, dtype=torch.int32)  # (B,)
+    indices = torch.nonzero(attention_mask.flatten(), as_tuple=False).flatten()  # (T,)
+    cu_seqlens = F.pad(torch.cumsum(seqlens, dim=0, dtype=torch.int32), (1, 0))
+    max_seqlen = int(seqlens.max().item()) if seqlens.numel() else 0
+    return indices, cu_seqlens, max_seqlen
+
+
+def repad(x: torch.Tensor, layout: Layout, fill: float = 0.0) -> torch.Tensor:
+    """(T, ...) unpadded values -> (B, L, ...) in the caller's padded shape."""
+    batch, seqlen = layout.batch_shape
+    out = x.new_full((batch * seqlen, *x.shape[1:]), fill)
+    out[layout.indices] = x
+    return out.view(batch, seqlen, *x.shape[1:])

@@ -1,0 +1,171 @@
+"""The FlexBERT encoder, top to bottom.
+
+input ids -> [unpad once] -> token embedding (+ absolute positions) -> norm -> dropout
+          -> N x [x + Attn(PreNorm(x)); x + MLP(PreNorm(x))] -> final norm -> [repad once]
+
+With `padding="unpadded"` every layer works on (T, D) real tokens; a padded batch is unpadded
+at the entry and restored at the exit, and a packed batch passes `cu_seqlens`/`max_seqlen`.
+With `padding="padded"` every layer sees (B, L, D) plus a mask.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from flexbert.attention import Attention
+from flexbert.components import INITS, MLPS, POSITIONS
+from flexbert.config import ModelConfig
+from flexbert.hf_interop import HFInteropMixin
+from flexbert.layout import Layout, positions_from_cu_seqlens, repad, unpad
+from flexbert.outputs import FlexBertOutput
+from flexbert.registry import ConfigError
+
+
+class Embeddings(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.tok_embeddings = nn.Embedding(
+            cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id
+        )
+        self.norm = cfg.build_norm() if cfg.embedding_norm else nn.Identity()
+        self.drop = nn.Dropout(cfg.embedding_dropout)
+
+    def forward(
+        self, input_ids: torch.Tensor, position: nn.Module, positions: torch.Tensor
+    ) -> torch.Tensor:
+        hidden = position.embed(self.tok_embeddings(input_ids), positions)  # (..., D)
+        return self.drop(self.norm(hidden))
+
+
+class FlexBertLayer(nn.Module):
+    """Pre-norm block: x + Attn(norm(x)), then x + MLP(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        skip = layer_idx == 0 and cfg.skip_first_prenorm
+        self.attn_norm = nn.Identity() if skip else cfg.build_norm()
+        self.attn = Attention(cfg, layer_idx)
+        self.mlp_norm = cfg.build_norm()
+        self.mlp = MLPS.build(cfg.mlp, cfg)
+        self.layer_type = cfg.layer_types[layer_idx]
+
+    def forward(self, x: torch.Tensor, layout: Layout, rotary) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), layout, rotary)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class FlexBertPreTrainedModel(HFInteropMixin, nn.Module):
+    """Shared construction: keeps the config and applies the configured init scheme."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        if not isinstance(cfg, ModelConfig):
+            raise TypeError(f"expected a ModelConfig, got {type(cfg).__name__}")
+        self.config = cfg
+
+    def init_weights(self) -> None:
+        INITS.build(self.config.init, self, self.config)
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Embedding))
+        return n
+
+
+class FlexBertModel(FlexBertPreTrainedModel):
+    def __init__(self, cfg: ModelConfig, initialize: bool = True) -> None:
+        super().__init__(cfg)
+        self.embeddings = Embeddings(cfg)
+        self.position = POSITIONS.build(cfg.position, cfg)
+        self.layers = nn.ModuleList(FlexBertLayer(cfg, i) for i in range(cfg.num_layers))
+        self.final_norm = cfg.build_norm() if cfg.final_norm else nn.Identity()
+        if initialize:  # task heads initialise once, after adding their own layers
+            self.init_weights()
+
+    # -------------------------------------------------------------------- layout
+    def make_layout(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        cu_seqlens: torch.Tensor | None,
+        max_seqlen: int | None,
+    ) -> tuple[torch.Tensor, Layout]:
+        """Return the ids in the model's internal layout and the Layout describing them."""
+        limit = self.config.max_seq_len
+        if cu_seqlens is not None:  # packed batch: already unpadded
+            if input_ids.dim() != 1:
+                raise ValueError(
+                    f"with cu_seqlens, input_ids must be 1-D (T,), got {tuple(input_ids.shape)}"
+                )
+            if self.config.padding != "unpadded":
+                raise ConfigError("packed input (cu_seqlens) needs padding='unpadded'")
+            if max_seqlen is None:
+                max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max().item())
+            if max_seqlen > limit:
+                raise ValueError(f"a sequence of {max_seqlen} tokens exceeds max_seq_len={limit}")
+            cu_seqlens = cu_seqlens.to(torch.int32)
+            positions = positions_from_cu_seqlens(cu_seqlens, input_ids.shape[0])
+            return input_ids, Layout(False, positions, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+        if input_ids.dim() != 2:
+            raise ValueError(
+                f"input_ids must be (batch, seq_len), or 1-D with cu_seqlens; got {tuple(input_ids.shape)}"
+            )
+        batch, seqlen = input_ids.shape
+        if seqlen > limit:
+            raise ValueError(f"sequence length {seqlen} exceeds max_seq_len={limit}")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
+        attention_mask = attention_mask.bool()
+        positions = torch.arange(seqlen, device=input_ids.device).expand(batch, seqlen)
+        if self.config.padding == "padded":
+            return input_ids, Layout(True, positions, attention_mask=attention_mask)
+        indices, cu, max_len = unpad(attention_mask)
+        layout = Layout(
+            False,
+            positions.flatten()[indices],
+            cu_seqlens=cu,
+            max_seqlen=max_len,
+            indices=indices,
+            batch_shape=(batch, seqlen),
+        )
+        return input_ids.flatten()[indices], layout
+
+    # -------------------------------------------------------------------- forward
+    def encode(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
+    ) -> tuple[torch.Tensor, Layout]:
+        """Hidden states in the internal layout ((T, D) or (B, L, D)) and their Layout."""
+        ids, layout = self.make_layout(input_ids, attention_mask, cu_seqlens, max_seqlen)
+        hidden = self.embeddings(ids, self.position, layout.positions)
+        rotary = self.position.rotary(layout.positions, hidden.dtype)
+        for layer in self.layers:
+            hidden = layer(hidden, layout, None if rotary is None else rotary[layer.layer_type])
+        return self.final_norm(hidden), layout
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
+    ) -> FlexBertOutput:
+        hidden, layout = self.encode(input_ids, attention_mask, cu_seqlens, max_seqlen)
+        return FlexBertOutput(last_hidden_state=to_caller_layout(hidden, layout))
+
+
+def to_caller_layout(x: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """Internal per-token values -> the layout the caller passed (repad a padded batch)."""
+    return repad(x, layout) if layout.indices is not None else x
+
+
+def labels_to_internal(labels: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """Per-token labels in the caller's layout -> flat, aligned with internal tokens."""
+    if layout.indices is not None:
+        return labels.flatten()[layout.indices]
+    return labels.flatten()
