@@ -14,6 +14,7 @@ returns the same layout. `check` refuses, at build time, a backend that cannot r
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -147,9 +148,23 @@ def _flex_block_mask(layout: Layout, half):
     return create_block_mask(mask_mod, None, None, total, total, device=seq.device)
 
 
+@functools.cache
+def _compiled_flex_attention():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
 def flex_attention_backend(q, k, v, layout: Layout, half, dropout_p: float, scale: float):
     from torch.nn.attention.flex_attention import flex_attention
 
+    if not q.is_cuda and q.requires_grad:
+        raise RuntimeError(
+            "backend 'flex': FlexAttention has no backward pass on the CPU; train with "
+            "backend 'sdpa' here (flex works on the CPU for inference and trains on CUDA)"
+        )
+    if q.is_cuda:  # uncompiled flex materialises the full score matrix
+        flex_attention = _compiled_flex_attention()
     block_mask = layout.cached(("flex", half), lambda: _flex_block_mask(layout, half))
     if layout.padded:
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, L, D)

@@ -1,0 +1,1 @@
+"""Training: Composer model wrappers, optimizer, schedulers, callbacks, Hydra entry points."""

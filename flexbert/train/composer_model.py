@@ -1,0 +1,60 @@
+"""Composer wrappers around FlexBERT heads.
+
+Batches are dicts: either padded (`input_ids` (B, L), `attention_mask`) or packed
+(`input_ids` (T,), `cu_seqlens`, `max_seqlen`), plus `labels` in the same layout.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from composer.metrics.nlp import LanguageCrossEntropy, MaskedAccuracy
+from composer.models import ComposerModel
+
+from flexbert.heads import IGNORE_INDEX, FlexBertForMaskedLM
+from flexbert.outputs import FlexBertOutput
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "cu_seqlens", "max_seqlen", "labels")
+
+
+def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+    inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+    if isinstance(inputs.get("max_seqlen"), torch.Tensor):
+        inputs["max_seqlen"] = int(inputs["max_seqlen"])
+    return inputs
+
+
+class ComposerFlexBertMLM(ComposerModel):
+    """Masked-LM pretraining: loss from the model, masked accuracy and cross-entropy metrics."""
+
+    def __init__(self, model: FlexBertForMaskedLM) -> None:
+        super().__init__()
+        self.model = model
+        self.train_metrics = {"MaskedAccuracy": MaskedAccuracy(ignore_index=IGNORE_INDEX)}
+        self.val_metrics = {
+            "MaskedAccuracy": MaskedAccuracy(ignore_index=IGNORE_INDEX),
+            "LanguageCrossEntropy": LanguageCrossEntropy(ignore_index=IGNORE_INDEX),
+        }
+
+    def forward(self, batch: dict[str, Any]) -> FlexBertOutput:
+        return self.model(**model_inputs(batch))
+
+    def loss(self, outputs: FlexBertOutput, batch: dict[str, Any]) -> torch.Tensor:
+        return outputs.loss
+
+    def eval_forward(self, batch: dict[str, Any], outputs: Any | None = None) -> FlexBertOutput:
+        return outputs if outputs is not None else self.forward(batch)
+
+    def get_metrics(self, is_train: bool = False) -> dict[str, Any]:
+        return self.train_metrics if is_train else self.val_metrics
+
+    def update_metric(self, batch: dict[str, Any], outputs: FlexBertOutput, metric) -> None:
+        labels = batch["labels"]
+        logits = outputs.logits
+        if logits.shape[0] != labels.numel() and logits.dim() == 2:  # sparse prediction
+            labels = labels[labels != IGNORE_INDEX]
+        else:
+            logits = logits.reshape(-1, logits.shape[-1])
+            labels = labels.reshape(-1)
+        metric.update(logits, labels)

@@ -1,0 +1,89 @@
+"""Registries: names match conf/ YAML files, and every option builds and trains a tiny model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from flexbert import FlexBertForMaskedLM, ModelConfig
+from flexbert.config import COMPONENT_FIELDS
+from tests.conftest import ragged_batch
+
+CONF = Path(__file__).resolve().parents[2] / "conf" / "model"
+# conf/model/<folder>/ -> the ModelConfig field whose registry it mirrors
+FOLDERS = {name: name for name in COMPONENT_FIELDS if name != "head_activation"}
+
+
+@pytest.mark.parametrize("folder", sorted(FOLDERS))
+def test_conf_folder_holds_one_yaml_per_registered_name(folder):
+    registry = COMPONENT_FIELDS[FOLDERS[folder]]
+    files = sorted(p.stem for p in (CONF / folder).glob("*.yaml"))
+    assert files == registry.names()
+    for path in (CONF / folder).glob("*.yaml"):
+        node = yaml.safe_load(path.read_text())
+        assert node["name"] == path.stem
+        registry.config(node, field=folder)  # every YAML validates against its dataclass
+
+
+def test_conf_size_folder_holds_the_presets():
+    from flexbert.config import PRESETS
+
+    assert sorted(p.stem for p in (CONF / "size").glob("*.yaml")) == sorted(PRESETS)
+
+
+def _options():
+    for field, registry in COMPONENT_FIELDS.items():
+        for name in registry.names():
+            if field == "backend" and name in ("varlen", "flash_attn"):
+                continue  # GPU / optional package: covered by the refusal tests
+            yield field, name
+
+
+@pytest.mark.parametrize(("field", "name"), list(_options()))
+@pytest.mark.parametrize("padding", ["unpadded", "padded"])
+def test_every_option_builds_runs_forward_and_backward(field, name, padding):
+    overrides = {field: name, "padding": padding}
+    if field == "attention_pattern" and name == "explicit":
+        overrides[field] = {"name": "explicit", "types": ["global", "local", "local", "global"]}
+    model = FlexBertForMaskedLM(ModelConfig.preset("tiny", **overrides))
+    ids, mask = ragged_batch([19, 11])
+    labels = ids.masked_fill(~mask, -100)
+    if field == "backend" and name == "flex":  # no flex backward on the CPU: forward only
+        with torch.no_grad():
+            assert torch.isfinite(model(ids, attention_mask=mask, labels=labels).loss)
+        with pytest.raises(RuntimeError, match="no backward pass on the CPU"):
+            model(ids, attention_mask=mask, labels=labels)
+        return
+    out = model(ids, attention_mask=mask, labels=labels)
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_init_scheme_scales_output_projections():
+    model = FlexBertForMaskedLM(
+        ModelConfig.preset("tiny", hidden_size=256, intermediate_size=384, num_layers=8)
+    )
+    std_in = model.model.layers[3].attn.Wqkv.weight.std().item()
+    std_out = model.model.layers[3].attn.Wo.weight.std().item()
+    # truncated at 2 std: the sample std is ~0.88 of the nominal one
+    assert std_in == pytest.approx(0.02 * 0.88, rel=0.05)
+    assert std_out == pytest.approx(0.02 / (2 * 8) ** 0.5 * 0.88, rel=0.05)
+    assert model.model.layers[3].attn.Wqkv.weight.abs().max() <= 0.04 + 1e-6
+
+
+def test_compiled_model_matches_eager_on_cpu():
+    model = FlexBertForMaskedLM(ModelConfig.preset("tiny", backend="sdpa")).eval()
+    ids, mask = ragged_batch([16, 16])
+    compiled = torch.compile(model)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            compiled(ids, attention_mask=mask).logits,
+            model(ids, attention_mask=mask).logits,
+            rtol=1e-4,
+            atol=1e-5,
+        )

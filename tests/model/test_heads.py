@@ -1,0 +1,136 @@
+"""Task heads: MLM (dense vs sparse), classification, token classification, choice, embeddings."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flexbert import (
+    FlexBertForMaskedLM,
+    FlexBertForMultipleChoice,
+    FlexBertForSentenceEmbedding,
+    FlexBertForSequenceClassification,
+    FlexBertForTokenClassification,
+    ModelConfig,
+)
+from tests.conftest import ragged_batch
+
+
+def _mlm_labels(ids, mask, rate=0.3, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    chosen = (torch.rand(ids.shape, generator=gen) < rate) & mask
+    return ids.masked_fill(~chosen, -100)
+
+
+@pytest.mark.parametrize("padding", ["unpadded", "padded"])
+def test_sparse_prediction_gives_the_dense_loss(padding):
+    ids, mask = ragged_batch([30, 18, 25])
+    labels = _mlm_labels(ids, mask)
+    dense = FlexBertForMaskedLM(ModelConfig.preset("tiny", padding=padding)).eval()
+    sparse = FlexBertForMaskedLM(
+        ModelConfig.preset("tiny", padding=padding, sparse_prediction=True)
+    ).eval()
+    sparse.load_state_dict(dense.state_dict())
+    with torch.no_grad():
+        d = dense(ids, attention_mask=mask, labels=labels)
+        s = sparse(ids, attention_mask=mask, labels=labels)
+    assert s.logits.shape == ((labels != -100).sum().item(), 512)
+    assert d.logits.shape == (3, 30, 512)
+    torch.testing.assert_close(s.loss, d.loss)
+    torch.testing.assert_close(s.logits, d.logits[labels != -100])
+
+
+def test_mlm_loss_ignores_padding_and_unlabelled_positions():
+    model = FlexBertForMaskedLM(ModelConfig.preset("tiny")).eval()
+    ids, mask = ragged_batch([20, 9])
+    labels = _mlm_labels(ids, mask)
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, labels=labels)
+        logits = out.logits[labels != -100]
+        manual = torch.nn.functional.cross_entropy(logits, labels[labels != -100])
+    torch.testing.assert_close(out.loss, manual)
+
+
+def test_decoder_is_tied_to_the_token_embedding():
+    model = FlexBertForMaskedLM(ModelConfig.preset("tiny"))
+    assert model.decoder.weight is model.model.embeddings.tok_embeddings.weight
+
+
+def test_packed_mlm_batch_equals_padded_batch():
+    model = FlexBertForMaskedLM(ModelConfig.preset("tiny")).eval()
+    ids, mask = ragged_batch([21, 13, 8])
+    labels = _mlm_labels(ids, mask)
+    lengths = mask.sum(1)
+    cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).int()
+    with torch.no_grad():
+        padded = model(ids, attention_mask=mask, labels=labels)
+        packed = model(ids[mask], cu_seqlens=cu, max_seqlen=21, labels=labels[mask])
+    torch.testing.assert_close(packed.loss, padded.loss)
+    torch.testing.assert_close(packed.logits, padded.logits[mask], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "problem", ["single_label_classification", "regression", "multi_label_classification"]
+)
+def test_sequence_classification_losses(problem):
+    num_labels = 1 if problem == "regression" else 3
+    model = FlexBertForSequenceClassification(
+        ModelConfig.preset("tiny", num_labels=num_labels, problem_type=problem)
+    )
+    ids, mask = ragged_batch([12, 7])
+    labels = {
+        "single_label_classification": torch.tensor([0, 2]),
+        "regression": torch.tensor([0.5, -1.0]),
+        "multi_label_classification": torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]]),
+    }[problem]
+    out = model(ids, attention_mask=mask, labels=labels)
+    assert out.logits.shape == (2, num_labels)
+    out.loss.backward()
+    assert model.classifier.weight.grad is not None and out.loss.item() > 0
+
+
+@pytest.mark.parametrize("padding", ["unpadded", "padded"])
+def test_mean_pooling_ignores_padding(padding):
+    model = FlexBertForSequenceClassification(
+        ModelConfig.preset("tiny", pooling="mean", padding=padding)
+    ).eval()
+    ids, mask = ragged_batch([10, 10])
+    noisy = ids.clone()
+    noisy_mask = torch.cat([mask, torch.zeros(2, 6, dtype=torch.bool)], dim=1)
+    noisy = torch.cat([noisy, torch.randint(4, 512, (2, 6))], dim=1)  # garbage behind the mask
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(ids, attention_mask=mask).logits, model(noisy, attention_mask=noisy_mask).logits
+        )
+
+
+def test_token_classification_shapes_and_loss():
+    model = FlexBertForTokenClassification(ModelConfig.preset("tiny", num_labels=5))
+    ids, mask = ragged_batch([15, 6])
+    labels = torch.randint(0, 5, ids.shape).masked_fill(~mask, -100)
+    out = model(ids, attention_mask=mask, labels=labels)
+    assert out.logits.shape == (2, 15, 5)
+    manual = torch.nn.functional.cross_entropy(out.logits[mask], labels[mask])
+    torch.testing.assert_close(out.loss, manual)
+
+
+def test_multiple_choice_scores_each_choice():
+    model = FlexBertForMultipleChoice(ModelConfig.preset("tiny")).eval()
+    ids = torch.randint(4, 512, (2, 3, 11))
+    out = model(ids, labels=torch.tensor([0, 2]))
+    assert out.logits.shape == (2, 3)
+    with torch.no_grad():  # each choice is scored on its own
+        alone = model(ids[:, 1:2]).logits
+    torch.testing.assert_close(alone[:, 0], out.logits[:, 1].detach(), rtol=1e-4, atol=1e-5)
+
+
+def test_sentence_embeddings_are_normalised_and_contrastive_loss_trains():
+    model = FlexBertForSentenceEmbedding(ModelConfig.preset("tiny", pooling="mean"))
+    q, qm = ragged_batch([9, 14, 5], seed=1)
+    d, dm = ragged_batch([20, 11, 16], seed=2)
+    out = model(q, attention_mask=qm, candidates=(d, dm))
+    assert out.embeddings.shape == (3, 64)
+    torch.testing.assert_close(out.embeddings.norm(dim=-1), torch.ones(3))
+    assert out.logits.shape == (3, 3)
+    out.loss.backward()
+    assert model.model.layers[0].attn.Wqkv.weight.grad.abs().sum() > 0

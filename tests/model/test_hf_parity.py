@@ -1,0 +1,207 @@
+"""Parity with transformers ModernBERT in both directions, through flexbert.hf."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForMaskedLM,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    BertConfig,
+    BertModel,
+    ModernBertConfig,
+    ModernBertForMaskedLM,
+    ModernBertForSequenceClassification,
+)
+
+from flexbert import (
+    ConfigError,
+    FlexBertForMaskedLM,
+    FlexBertForSequenceClassification,
+    FlexBertForTokenClassification,
+    FlexBertModel,
+    ModelConfig,
+)
+from flexbert.hf import CheckpointError
+from tests.conftest import ragged_batch
+
+TOKENS = dict(pad_token_id=0, cls_token_id=1, sep_token_id=2, bos_token_id=1, eos_token_id=2)
+
+
+def _hf_config(global_every: int, window: int, **kw) -> ModernBertConfig:
+    return ModernBertConfig(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=5,
+        num_attention_heads=4,
+        local_attention=window,
+        global_attn_every_n_layers=global_every,
+        max_position_embeddings=128,
+        **TOKENS,
+        **kw,
+    )
+
+
+def _perturb(model: torch.nn.Module) -> None:
+    """Random norms and biases so a mapping mistake cannot hide behind ones and zeros."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / a.abs().max()).item()
+
+
+@pytest.mark.parametrize("global_every", [2, 3])
+@pytest.mark.parametrize("padding", ["unpadded", "padded"])
+@pytest.mark.parametrize(
+    "extra", [{}, {"norm_bias": True, "attention_bias": True, "mlp_bias": True}]
+)
+def test_from_hf_matches_transformers_masked_lm(tmp_path, global_every, padding, extra):
+    hf = ModernBertForMaskedLM(_hf_config(global_every, window=8, **extra)).eval()
+    _perturb(hf)
+    hf.save_pretrained(tmp_path)
+    ours = FlexBertForMaskedLM.from_hf(tmp_path, mask_token_id=3, padding=padding).eval()
+    assert ours.config.layer_types[:3] == (
+        ["global", "local", "global"] if global_every == 2 else ["global", "local", "local"]
+    )
+    ids, mask = ragged_batch([40, 23, 9, 40])  # window 8 << sequence
+    with torch.no_grad():
+        expected = hf(ids, attention_mask=mask).logits
+        got = ours(ids, attention_mask=mask).logits
+    assert _rel_err(expected[mask], got[mask]) < 1e-4
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_from_hf_matches_transformers_sequence_classification(tmp_path, pooling):
+    hf = ModernBertForSequenceClassification(
+        _hf_config(3, window=8, num_labels=3, classifier_pooling=pooling)
+    ).eval()
+    _perturb(hf)
+    hf.save_pretrained(tmp_path)
+    ours = FlexBertForSequenceClassification.from_hf(tmp_path, mask_token_id=3).eval()
+    ids, mask = ragged_batch([30, 12, 25])
+    with torch.no_grad():
+        assert (
+            _rel_err(hf(ids, attention_mask=mask).logits, ours(ids, attention_mask=mask).logits)
+            < 1e-4
+        )
+
+
+@pytest.mark.parametrize("global_every", [2, 3])
+def test_save_hf_loads_in_transformers_with_identical_outputs(tmp_path, global_every):
+    cfg = ModelConfig.preset(
+        "tiny",
+        num_layers=5,
+        attention_pattern={"name": "local_global", "window": 8, "global_every": global_every},
+        norm={"name": "layernorm", "bias": True},
+    )
+    ours = FlexBertForMaskedLM(cfg).eval()
+    _perturb(ours)
+    ours.save_hf(tmp_path)
+    hf = AutoModelForMaskedLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    ids, mask = ragged_batch([33, 17, 33])
+    with torch.no_grad():
+        assert (
+            _rel_err(
+                ours(ids, attention_mask=mask).logits[mask],
+                hf(ids, attention_mask=mask).logits[mask],
+            )
+            < 1e-4
+        )
+    # and back again, through the files only
+    again = FlexBertForMaskedLM.from_hf(tmp_path).eval()
+    assert again.config.to_dict() == cfg.replace(backend="auto").to_dict()
+
+
+@pytest.mark.parametrize("cls", [FlexBertForSequenceClassification, FlexBertForTokenClassification])
+def test_save_hf_task_heads_load_with_auto_classes(tmp_path, cls):
+    auto = (
+        AutoModelForSequenceClassification
+        if cls is FlexBertForSequenceClassification
+        else AutoModelForTokenClassification
+    )
+    ours = cls(ModelConfig.preset("tiny", num_labels=4, pooling="mean")).eval()
+    ours.save_hf(tmp_path)
+    hf = auto.from_pretrained(tmp_path).eval()
+    ids, mask = ragged_batch([20, 14])
+    with torch.no_grad():
+        a, b = ours(ids, attention_mask=mask).logits, hf(ids, attention_mask=mask).logits
+    if cls is FlexBertForTokenClassification:
+        a, b = a[mask], b[mask]
+    assert _rel_err(b, a) < 1e-4
+
+
+def test_classifier_fine_tuning_starts_from_a_masked_lm_checkpoint(tmp_path):
+    mlm = FlexBertForMaskedLM(ModelConfig.preset("tiny"))
+    mlm.save_hf(tmp_path)
+    clf = FlexBertForSequenceClassification.from_hf(tmp_path, num_labels=5)
+    torch.testing.assert_close(clf.model.layers[2].mlp.Wi.weight, mlm.model.layers[2].mlp.Wi.weight)
+    assert clf.classifier.out_features == 5
+    encoder = FlexBertModel.from_hf(tmp_path)
+    torch.testing.assert_close(encoder.final_norm.weight, mlm.model.final_norm.weight)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        ({"norm": "rmsnorm"}, "norm 'rmsnorm'"),
+        ({"position": "absolute"}, "position 'absolute'"),
+        ({"mlp": "mlp"}, "mlp 'mlp'"),
+        ({"qkv_bias": True}, "qkv_bias != attn_out_bias"),
+        ({"final_norm": False}, "final_norm=False"),
+    ],
+)
+def test_save_hf_refuses_what_modernbert_cannot_express(tmp_path, overrides, needle):
+    model = FlexBertForMaskedLM(ModelConfig.preset("tiny", **overrides))
+    with pytest.raises(ConfigError, match="cannot be saved as Hugging Face ModernBERT") as err:
+        model.save_hf(tmp_path)
+    assert needle in str(err.value)
+    assert not (tmp_path / "model.safetensors").exists()
+
+
+def test_checkpoint_with_missing_and_unexpected_keys_lists_them(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    FlexBertForMaskedLM(ModelConfig.preset("tiny")).save_hf(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    del state["model.layers.1.attn.Wo.weight"]
+    state["model.layers.1.attn.extra.weight"] = torch.zeros(2)
+    save_file(state, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError) as err:
+        FlexBertForMaskedLM.from_hf(tmp_path)
+    msg = str(err.value)
+    assert "missing keys ['model.layers.1.attn.Wo.weight']" in msg
+    assert "unexpected keys ['model.layers.1.attn.extra.weight']" in msg
+
+
+def test_checkpoint_with_other_shapes_or_from_another_model_is_refused(tmp_path):
+    FlexBertForMaskedLM(ModelConfig.preset("tiny")).save_hf(tmp_path / "tiny")
+    config = json.loads((tmp_path / "tiny" / "config.json").read_text())
+    config["intermediate_size"] = 128
+    (tmp_path / "tiny" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="shape mismatches"):
+        FlexBertForMaskedLM.from_hf(tmp_path / "tiny")
+    BertModel(
+        BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37)
+    ).save_pretrained(tmp_path / "bert")
+    with pytest.raises(CheckpointError, match="holds a 'bert' checkpoint"):
+        FlexBertForMaskedLM.from_hf(tmp_path / "bert")
+
+
+def test_missing_directory_or_weights_name_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json is missing"):
+        FlexBertForMaskedLM.from_hf(tmp_path / "nowhere")
+    FlexBertForMaskedLM(ModelConfig.preset("tiny")).save_hf(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError, match="cannot read weights"):
+        FlexBertForMaskedLM.from_hf(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="has no weights"):
+        FlexBertForMaskedLM.from_hf(tmp_path)

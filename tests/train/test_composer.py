@@ -1,0 +1,76 @@
+"""Composer (whose pins pyproject lifts) imports and trains FlexBERT with the torch we get."""
+
+from __future__ import annotations
+
+import torch
+from composer import Trainer
+from torch.utils.data import DataLoader
+
+from flexbert import FlexBertForMaskedLM, ModelConfig
+from flexbert.train.composer_model import ComposerFlexBertMLM
+from flexbert.train.data_spec import flexbert_data_spec
+from tests.conftest import ragged_batch
+
+
+def _batches(n: int, packed: bool):
+    out = []
+    for i in range(n):
+        ids, mask = ragged_batch([24, 17, 9, 24], seed=i)
+        gen = torch.Generator().manual_seed(100 + i)
+        labels = ids.masked_fill(~((torch.rand(ids.shape, generator=gen) < 0.3) & mask), -100)
+        if packed:
+            cu = torch.nn.functional.pad(mask.sum(1).cumsum(0), (1, 0)).int()
+            out.append({"input_ids": ids[mask], "cu_seqlens": cu, "max_seqlen": 24, "labels": labels[mask]})
+        else:
+            out.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
+    return out
+
+
+def _train(packed: bool, sparse: bool, tmp_path):
+    torch.manual_seed(0)
+    model = ComposerFlexBertMLM(FlexBertForMaskedLM(ModelConfig.preset("tiny", sparse_prediction=sparse)))
+    before = model.model.model.layers[0].attn.Wqkv.weight.detach().clone()
+    data = _batches(6, packed)
+    loader = DataLoader(data, batch_size=None, shuffle=False)
+    trainer = Trainer(
+        model=model,
+        train_dataloader=flexbert_data_spec(loader),
+        eval_dataloader=flexbert_data_spec(DataLoader(data[:2], batch_size=None)),
+        max_duration="6ba",
+        device_train_microbatch_size=2,  # gradient accumulation over 2 microbatches
+        optimizers=torch.optim.AdamW(model.parameters(), lr=3e-3),
+        device="cpu",
+        save_folder=None,
+        progress_bar=False,
+        log_to_console=False,
+        run_name="composer-smoke",
+    )
+    trainer.fit()
+    return model, before, trainer
+
+
+def test_composer_trains_packed_sparse_mlm(tmp_path):
+    model, before, trainer = _train(packed=True, sparse=True, tmp_path=tmp_path)
+    assert int(trainer.state.timestamp.batch) == 6
+    assert int(trainer.state.timestamp.token) == 6 * (24 + 17 + 9 + 24)  # real tokens only
+    assert not torch.equal(before, model.model.model.layers[0].attn.Wqkv.weight)
+    metrics = trainer.state.eval_metrics["eval"]
+    assert 0.0 <= metrics["MaskedAccuracy"].compute().item() <= 1.0
+    assert torch.isfinite(metrics["LanguageCrossEntropy"].compute())
+
+
+def test_composer_trains_padded_dense_mlm(tmp_path):
+    model, before, trainer = _train(packed=False, sparse=False, tmp_path=tmp_path)
+    assert int(trainer.state.timestamp.batch) == 6
+    assert not torch.equal(before, model.model.model.layers[0].attn.Wqkv.weight)
+
+
+def test_packed_split_batch_keeps_every_token_once():
+    from flexbert.train.data_spec import split_batch
+
+    batch = _batches(1, packed=True)[0]
+    parts = split_batch(batch, 3)
+    assert [p["cu_seqlens"].tolist() for p in parts] == [[0, 24, 41, 50], [0, 24]]
+    assert [p["max_seqlen"] for p in parts] == [24, 24]
+    torch.testing.assert_close(torch.cat([p["input_ids"] for p in parts]), batch["input_ids"])
+    torch.testing.assert_close(torch.cat([p["labels"] for p in parts]), batch["labels"])
