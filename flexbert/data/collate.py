@@ -1,0 +1,60 @@
+"""Padded collation: documents -> (B, L) input_ids, attention_mask and MLM labels.
+
+For `padding: padded` runs and ablations against the packed path. Rows are padded to the
+longest document in the batch (or to a fixed `pad_to` length for static shapes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from flexbert.data.errors import DataError
+from flexbert.data.masking import IGNORE_INDEX, MLMMasker
+
+
+class PaddedMLMCollator:
+    """Collate a list of token-id documents (or `{"input_ids": ...}` dicts) into a padded batch.
+
+    Documents longer than `max_seq_len` are truncated here (shards are normally written with a
+    max_length no larger than the training length, so this is a guard, not a data path).
+    """
+
+    def __init__(
+        self,
+        pad_token_id: int,
+        max_seq_len: int,
+        masker: MLMMasker | None = None,
+        pad_to: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        if pad_to is not None and pad_to < max_seq_len:
+            raise DataError(f"pad_to={pad_to} is shorter than max_seq_len={max_seq_len}")
+        self.pad_token_id = pad_token_id
+        self.max_seq_len = max_seq_len
+        self.masker = masker
+        self.pad_to = pad_to
+        self.generator = generator
+
+    def __call__(self, docs: Sequence[Any]) -> dict[str, torch.Tensor]:
+        seqs = [
+            np.asarray(d["input_ids"] if isinstance(d, dict) else d)[: self.max_seq_len]
+            for d in docs
+        ]
+        if not seqs:
+            raise DataError("cannot collate an empty batch")
+        length = self.pad_to or max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), length), self.pad_token_id, dtype=torch.long)  # (B, L)
+        mask = torch.zeros((len(seqs), length), dtype=torch.long)  # (B, L)
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)] = torch.from_numpy(s.astype(np.int64))
+            mask[i, : len(s)] = 1
+        if self.masker is None:
+            labels = torch.where(mask.bool(), ids, torch.full_like(ids, IGNORE_INDEX))
+            return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        masked, labels = self.masker(ids, self.generator)
+        labels = labels.masked_fill(~mask.bool(), IGNORE_INDEX)
+        return {"input_ids": masked, "attention_mask": mask, "labels": labels}

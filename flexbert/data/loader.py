@@ -1,0 +1,248 @@
+"""Loading MDS shards with mosaicml-streaming, packed (resumable) or padded.
+
+`TokenDataset` is a `StreamingDataset` over the shards written by `flexbert.data.mds`, local or
+remote, with a seeded shuffle. `PackedMLMLoader` packs its documents into unpadded microbatches,
+masks them and prefetches in a background thread; its `state_dict()` / `load_state_dict()`
+resume mid-epoch exactly: the same next batches, the same masks. For Composer, which saves
+`dataloader.dataset.state_dict(num_samples, from_beginning)`, `PackedMLMLoader.dataset` is an
+adapter that forwards to the loader's own state (the sample count Composer passes is ignored,
+because packed batches do not contain a fixed number of documents).
+
+The packer's state covers one process; with several ranks each rank packs its own partition,
+and a checkpoint taken on rank 0 resumes every rank from rank 0's document count.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from streaming import StreamingDataLoader, StreamingDataset
+
+from flexbert.data.collate import PaddedMLMCollator
+from flexbert.data.errors import DataError, DataFileNotFoundError
+from flexbert.data.masking import MLMMasker, batch_generator
+from flexbert.data.packing import PackedBatch, Prefetcher, SequencePacker
+
+
+def _check_local_index(local: str | Path) -> None:
+    index = Path(local) / "index.json"
+    if not index.exists():
+        raise DataFileNotFoundError(f"MDS index not found: {index} (run `flexbert-data prepare`)")
+    try:
+        obj = json.loads(index.read_text())
+        shards = obj["shards"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise DataError(f"{index}: corrupt MDS index ({e})") from e
+    for shard in shards:
+        names = [(shard.get(k) or {}).get("basename") for k in ("zip_data", "raw_data")]
+        names = [n for n in names if n]
+        if not any((Path(local) / n).exists() for n in names):
+            listed = " / ".join(names)
+            raise DataFileNotFoundError(f"{local}: shard {listed} listed in index.json is missing")
+
+
+class TokenDataset(StreamingDataset):
+    """StreamingDataset of `{"input_ids": np.ndarray, "index": int}` documents.
+
+    The global sample index travels with each document so a packer's buffer can be saved as a
+    list of indices and rebuilt by random access on resumption.
+    """
+
+    def get_item(self, sample_id: int, retry: int = 7) -> dict[str, Any]:
+        try:
+            sample = super().get_item(sample_id, retry)
+        except Exception as e:  # noqa: BLE001 - decompression / decoding errors of many types
+            raise DataError(
+                f"cannot read sample {sample_id} from {self.streams[0].local}: {e}"
+            ) from e
+        if "input_ids" not in sample:
+            raise DataError(f"MDS samples lack an 'input_ids' column (got {sorted(sample)})")
+        return {"input_ids": sample["input_ids"], "index": int(sample_id)}
+
+
+def streaming_dataset(
+    local: str | Path,
+    remote: str | None = None,
+    split: str | None = None,
+    shuffle: bool = True,
+    seed: int = 17,
+    batch_size: int | None = None,
+    **kwargs: Any,
+) -> TokenDataset:
+    """Open MDS shards: `local` alone for a local directory, or `remote` cached into `local`.
+
+    `split` is a subdirectory ("train"/"val") of both. The shuffle is seeded (py1e by default).
+    """
+    local_dir = Path(local) / split if split else Path(local)
+    if remote is None:
+        _check_local_index(local_dir)
+    try:
+        return TokenDataset(
+            local=str(local),
+            remote=remote,
+            split=split,
+            shuffle=shuffle,
+            shuffle_seed=seed,
+            batch_size=batch_size,
+            **kwargs,
+        )
+    except DataError:
+        raise
+    except Exception as e:  # noqa: BLE001 - streaming raises many types for bad indexes
+        raise DataError(f"cannot open MDS dataset at {local_dir}: {e}") from e
+
+
+def padded_loader(
+    dataset: StreamingDataset,
+    batch_size: int,
+    collator: PaddedMLMCollator,
+    num_workers: int = 0,
+) -> StreamingDataLoader:
+    """A StreamingDataLoader of padded MLM batches; Composer checkpoints its dataset state."""
+    return StreamingDataLoader(
+        dataset, batch_size=batch_size, collate_fn=collator, num_workers=num_workers
+    )
+
+
+class _StateAdapter:
+    """What Composer sees as `dataloader.dataset`: state calls go to the packed loader."""
+
+    def __init__(self, loader: PackedMLMLoader) -> None:
+        self._loader = loader
+
+    def state_dict(self, num_samples: int = 0, from_beginning: bool = True) -> dict[str, Any]:
+        return self._loader.state_dict()
+
+    def load_state_dict(self, obj: dict[str, Any]) -> None:
+        self._loader.load_state_dict(obj)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "_loader":  # not yet set (e.g. while unpickling): avoid recursion
+            raise AttributeError(name)
+        return getattr(self._loader.streaming_dataset, name)
+
+
+class PackedMLMLoader:
+    """Iterate packed, masked microbatches: `{"input_ids", "cu_seqlens", "max_seqlen", "labels"}`.
+
+    `input_ids` and `labels` are (total_tokens,) int64, `cu_seqlens` (num_seqs + 1,) int32 and
+    `max_seqlen` a python int; see `flexbert.data.packing` for the layout. The packing
+    efficiency of everything yielded so far is `self.efficiency`.
+    """
+
+    def __init__(
+        self,
+        dataset: StreamingDataset,
+        micro_batch_size: int,
+        max_seq_len: int,
+        masker: MLMMasker,
+        pad_token_id: int,
+        buffer_size: int = 512,
+        pad_to_capacity: bool = False,
+        seed: int = 17,
+        prefetch: int = 2,
+        num_workers: int = 0,
+        read_batch_size: int | None = None,
+    ) -> None:
+        # Streaming partitions samples by its batch_size; the reading DataLoader must match it.
+        if dataset.batch_size is None:
+            dataset.batch_size = read_batch_size or 64
+        self.streaming_dataset = dataset
+        self.dataset = _StateAdapter(self)
+        self.packer = SequencePacker(
+            micro_batch_size, max_seq_len, pad_token_id, buffer_size, pad_to_capacity
+        )
+        self.masker = masker
+        self.seed = seed
+        self.prefetch = prefetch
+        self.num_workers = num_workers
+        self.read_batch_size = dataset.batch_size
+        self._epoch = 0
+        self._batches = 0  # batches yielded in this epoch
+        self._last: dict[str, Any] = {"consumed": 0, "buffer": []}
+        self._resume: dict[str, Any] | None = None
+        self._started = False
+
+    @property
+    def efficiency(self) -> float:
+        """Non-pad fraction of the token slots over all batches packed so far."""
+        return self.packer.efficiency
+
+    def _documents(self) -> Iterator[tuple[int, np.ndarray]]:
+        reader = torch.utils.data.DataLoader(
+            self.streaming_dataset,
+            batch_size=self.read_batch_size,
+            collate_fn=list,
+            num_workers=self.num_workers,
+        )
+        for docs in reader:
+            for d in docs:
+                yield d["index"], d["input_ids"]
+
+    def _batches_of_epoch(self, epoch: int, start: int, resume: dict | None) -> Iterator[Any]:
+        buffer = []
+        consumed = 0
+        if resume is not None:
+            consumed = resume["consumed"]
+            for key, chunk in resume["buffer"]:
+                ids = self.streaming_dataset[int(key)]["input_ids"]
+                pieces = [
+                    ids[i : i + self.packer.max_seq_len]
+                    for i in range(0, len(ids), self.packer.max_seq_len)
+                ]
+                buffer.append((int(key), int(chunk), pieces[chunk]))
+        for i, packed in enumerate(self.packer.pack(self._documents(), buffer, consumed), start):
+            yield self._finish(packed, epoch, i)
+
+    def _finish(self, packed: PackedBatch, epoch: int, index: int) -> tuple[dict[str, Any], dict]:
+        ids, labels = self.masker(packed.input_ids, batch_generator(self.seed, epoch, index))
+        batch = {
+            "input_ids": ids,
+            "cu_seqlens": packed.cu_seqlens,
+            "max_seqlen": packed.max_seqlen,
+            "labels": labels,
+        }
+        return batch, packed.state
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        resume, self._resume = self._resume, None
+        if resume is None:
+            if self._started:  # a new epoch, whether or not the last one was read to the end
+                self._epoch += 1
+            self._batches = 0
+            self._last = {"consumed": 0, "buffer": []}
+        self._started = True
+        it: Any = self._batches_of_epoch(self._epoch, self._batches, resume)
+        if self.prefetch > 0:
+            it = Prefetcher(it, self.prefetch)
+        try:
+            for batch, state in it:
+                self._batches += 1
+                self._last = state
+                yield batch
+        finally:
+            if isinstance(it, Prefetcher):
+                it.close()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue after the last yielded batch (small: ids, not tokens)."""
+        return {
+            "epoch": self._epoch,
+            "batches": self._batches,
+            "buffer": self._last["buffer"],
+            "dataset": self.streaming_dataset.state_dict(
+                self._last["consumed"], from_beginning=True
+            ),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume: the next iteration continues the saved epoch from the saved batch."""
+        self.streaming_dataset.load_state_dict(state["dataset"])
+        self._epoch = int(state["epoch"])
+        self._batches = int(state["batches"])
+        self._resume = {"consumed": state["dataset"]["sample_in_epoch"], "buffer": state["buffer"]}

@@ -1,0 +1,204 @@
+"""Corpus -> pre-tokenized mosaicml-streaming MDS shards (train/val), written atomically.
+
+Layout of `out_dir`: `train/` and `val/` (each an MDS directory with index.json and shards) and
+`manifest.json` (settings + counts). Each sample is one column, `input_ids`, stored as
+`ndarray:uint16` when the vocabulary fits in 16 bits (else `ndarray:uint32`): exactly the
+token ids, `[CLS] ... [SEP]` included, at most `max_length` long. Documents longer than that are
+split into several samples (each with its own [CLS]/[SEP]) or truncated, never silently.
+Everything is written into a hidden sibling directory and renamed into place at the end, so a
+crashed run never leaves a directory that looks complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from flexbert.data.corpus import CorpusSpec, Document, split_of
+from flexbert.data.errors import DataError
+
+MANIFEST = "manifest.json"
+FORMAT = "flexbert-mds-v1"
+SPLITS = ("train", "val")
+OVERFLOW_MODES = ("split", "truncate")
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 while every id fits (halves disk and I/O), uint32 otherwise."""
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+
+
+def chunk_ids(
+    ids: list[int], cls_id: int, sep_id: int, max_length: int, overflow: str
+) -> list[list[int]]:
+    """Wrap content ids in [CLS]/[SEP], splitting (or truncating) to at most max_length each."""
+    if overflow not in OVERFLOW_MODES:
+        raise DataError(f"overflow must be one of {OVERFLOW_MODES}, got {overflow!r}")
+    if max_length < 3:
+        raise DataError(f"max_length must be >= 3 to hold [CLS] x [SEP], got {max_length}")
+    body = max_length - 2
+    pieces = [ids[i : i + body] for i in range(0, len(ids), body)]
+    if overflow == "truncate":
+        pieces = pieces[:1]
+    return [[cls_id, *p, sep_id] for p in pieces]
+
+
+def read_manifest(out_dir: str | Path) -> dict | None:
+    """The manifest of a complete conversion, or None when there is none."""
+    path = Path(out_dir) / MANIFEST
+    if not path.exists():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, OSError) as e:
+        raise DataError(f"{path}: corrupt manifest ({e})") from e
+    if manifest.get("format") != FORMAT:
+        raise DataError(f"{path}: not a {FORMAT} manifest")
+    return manifest
+
+
+def _settings(corpus: CorpusSpec, tokenizer: Any, **kwargs: Any) -> dict:
+    tok_json = tokenizer.backend_tokenizer.to_str()
+    return {
+        "corpus": corpus.fingerprint(),
+        "tokenizer_sha256": hashlib.sha256(tok_json.encode()).hexdigest(),
+        "vocab_size": len(tokenizer),
+        "cls_token_id": tokenizer.cls_token_id,
+        "sep_token_id": tokenizer.sep_token_id,
+        "dtype": token_dtype(len(tokenizer)).name,
+        **kwargs,
+    }
+
+
+def _batched(docs: Iterator[Document], n: int) -> Iterator[list[Document]]:
+    batch: list[Document] = []
+    for doc in docs:
+        batch.append(doc)
+        if len(batch) == n:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _write(corpus: CorpusSpec, tokenizer: Any, tmp: Path, settings: dict, progress: bool) -> dict:
+    from streaming import MDSWriter
+    from tokenizers import Tokenizer
+
+    backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    backend.no_truncation()
+    backend.no_padding()
+    dtype = token_dtype(settings["vocab_size"])
+    columns = {"input_ids": f"ndarray:{dtype.name}"}
+    cls_id, sep_id = settings["cls_token_id"], settings["sep_token_id"]
+    counts = {
+        s: {"documents": 0, "chunks": 0, "tokens": 0, "skipped": 0, "truncated": 0} for s in SPLITS
+    }
+    writers = {
+        s: MDSWriter(
+            out=str(tmp / s),
+            columns=columns,
+            compression=settings["compression"],
+            size_limit=settings["size_limit"],
+        )
+        for s in SPLITS
+    }
+    bar = tqdm(desc="tokenizing", unit="doc", disable=not progress)
+    try:
+        for batch in _batched(corpus.documents(), 256):
+            encodings = backend.encode_batch([d.text for d in batch], add_special_tokens=False)
+            for doc, enc in zip(batch, encodings):
+                split = split_of(doc.id, settings["val_fraction"], settings["split_seed"])
+                c = counts[split]
+                if not enc.ids or not doc.text.strip():  # empty or whitespace-only
+                    c["skipped"] += 1
+                    continue
+                chunks = chunk_ids(
+                    enc.ids, cls_id, sep_id, settings["max_length"], settings["overflow"]
+                )
+                c["truncated"] += len(enc.ids) - sum(len(ch) - 2 for ch in chunks)
+                c["documents"] += 1
+                for ch in chunks:
+                    writers[split].write({"input_ids": np.asarray(ch, dtype=dtype)})
+                    c["chunks"] += 1
+                    c["tokens"] += len(ch)
+            bar.update(len(batch))
+            bar.set_postfix(tokens=sum(c["tokens"] for c in counts.values()))
+    finally:
+        bar.close()
+    for w in writers.values():
+        w.finish()
+    return counts
+
+
+def prepare_mds(
+    corpus: CorpusSpec | str,
+    out_dir: str | Path,
+    tokenizer: Any,
+    *,
+    max_length: int = 8192,
+    val_fraction: float = 0.01,
+    split_seed: int = 0,
+    overflow: str = "split",
+    compression: str | None = "zstd",
+    size_limit: int | str = "64mb",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Convert a corpus to MDS shards; return the manifest (settings + per-split counts).
+
+    Idempotent: when `out_dir` already holds a complete conversion with the same settings
+    (input fingerprint included) it is kept and its manifest returned with "reused": True.
+    A different conversion there is replaced only with `overwrite=True`.
+    """
+    if isinstance(corpus, str | Path):
+        corpus = CorpusSpec(source=str(corpus))
+    if not 0.0 <= val_fraction < 1.0:
+        raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    chunk_ids([], 0, 0, max_length, overflow)  # validates max_length and overflow early
+    settings = _settings(
+        corpus,
+        tokenizer,
+        max_length=max_length,
+        val_fraction=val_fraction,
+        split_seed=split_seed,
+        overflow=overflow,
+        compression=compression,
+        size_limit=size_limit,
+    )
+    out = Path(out_dir)
+    if out.is_dir() and not any(out.iterdir()):
+        out.rmdir()  # an empty directory (e.g. from mkdtemp) holds nothing to protect
+    if out.exists():
+        existing = read_manifest(out)
+        if existing is not None and existing["settings"] == settings and not overwrite:
+            return {**existing, "reused": True}
+        if not overwrite:
+            what = "a different conversion" if existing else "other files"
+            raise DataError(f"{out} already holds {what}; pass overwrite=True to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        counts = _write(corpus, tokenizer, tmp, settings, progress)
+        total = {k: sum(c[k] for c in counts.values()) for k in counts["train"]}
+        manifest = {"format": FORMAT, "settings": settings, "counts": {**counts, "total": total}}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        if out.exists():
+            trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(out, trash)
+            os.replace(tmp, out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {**manifest, "reused": False}

@@ -1,0 +1,129 @@
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from flexbert.data.collate import PaddedMLMCollator
+from flexbert.data.errors import DataError
+from flexbert.data.loader import PackedMLMLoader, padded_loader, streaming_dataset
+from flexbert.data.masking import IGNORE_INDEX, MLMMasker
+
+
+@pytest.fixture
+def shards(mds_dir, tmp_path):
+    """A private copy, so each test's StreamingDataset owns its local directory."""
+    return shutil.copytree(mds_dir, tmp_path / "shards")
+
+
+def make_loader(shards, tokenizer, seed=5, **kw):
+    ds = streaming_dataset(shards, split="train", shuffle=True, seed=seed, batch_size=16)
+    masker = MLMMasker.from_tokenizer(tokenizer, 0.3)
+    return PackedMLMLoader(
+        ds, 2, 128, masker, tokenizer.pad_token_id, buffer_size=32, seed=seed, **kw
+    )
+
+
+def same(a, b):
+    return (
+        torch.equal(a["input_ids"], b["input_ids"])
+        and torch.equal(a["labels"], b["labels"])
+        and torch.equal(a["cu_seqlens"], b["cu_seqlens"])
+        and a["max_seqlen"] == b["max_seqlen"]
+    )
+
+
+def test_packed_batches_for_the_model(shards, tokenizer):
+    loader = make_loader(shards, tokenizer)
+    batches = list(loader)
+    assert len(batches) > 5
+    for b in batches:
+        assert set(b) == {"input_ids", "cu_seqlens", "max_seqlen", "labels"}
+        assert b["input_ids"].dtype == torch.int64 and b["input_ids"].dim() == 1
+        assert b["labels"].shape == b["input_ids"].shape
+        assert b["cu_seqlens"][-1] == len(b["input_ids"]) <= 2 * 128
+        assert isinstance(b["max_seqlen"], int)
+        starts = b["cu_seqlens"][:-1].long()
+        assert (b["input_ids"][starts] == tokenizer.cls_token_id).all()  # CLS is never masked
+    masked = torch.cat([b["labels"] != IGNORE_INDEX for b in batches]).float().mean().item()
+    assert 0.2 < masked < 0.3  # 30% of the non-special tokens
+    assert loader.efficiency > 0.9
+
+
+def test_shuffle_is_seeded(shards, tokenizer):
+    def order(seed):
+        return [
+            d["index"] for d in streaming_dataset(shards, split="train", seed=seed, batch_size=16)
+        ]
+
+    first = order(5)
+    assert first == order(5)
+    assert first != order(6) and sorted(first) == sorted(order(6))
+    a = list(make_loader(shards, tokenizer, seed=5, prefetch=0))
+    b = list(make_loader(shards, tokenizer, seed=5))
+    assert len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_resume_mid_epoch_gives_the_same_next_batches(shards, tokenizer, k):
+    loader = make_loader(shards, tokenizer)
+    it = iter(loader)
+    for _ in range(k):
+        next(it)
+    state = loader.dataset.state_dict(num_samples=999, from_beginning=True)  # as Composer calls it
+    rest = list(it)
+    del it, loader
+    resumed = make_loader(shards, tokenizer)
+    resumed.dataset.load_state_dict(state)
+    again = list(resumed)
+    assert len(again) == len(rest) > 0
+    assert all(same(a, b) for a, b in zip(rest, again))
+    # The next epoch starts fresh and covers the whole split again.
+    assert len(list(resumed)) == len(rest) + k
+
+
+def test_padded_streaming_loader(shards, tokenizer):
+    ds = streaming_dataset(shards, split="val", shuffle=False, batch_size=4)
+    collator = PaddedMLMCollator(
+        tokenizer.pad_token_id,
+        64,
+        MLMMasker.from_tokenizer(tokenizer, 0.15),
+        generator=torch.Generator().manual_seed(0),
+    )
+    loader = padded_loader(ds, 4, collator)
+    batch = next(iter(loader))
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    assert ids.shape == mask.shape == labels.shape and ids.shape[0] == 4
+    raw = [ds[i]["input_ids"] for i in range(4)]
+    assert mask.sum(1).tolist() == [len(r) for r in raw]
+    assert (ids[mask == 0] == tokenizer.pad_token_id).all()
+    assert (labels[mask == 0] == IGNORE_INDEX).all()
+    assert loader.state_dict()["sample_in_epoch"] == 4
+
+
+def test_padded_collator_fixed_length():
+    collate = PaddedMLMCollator(pad_token_id=0, max_seq_len=6, pad_to=8)
+    out = collate([np.array([1, 5, 6, 2]), {"input_ids": np.arange(1, 11)}])
+    assert out["input_ids"].shape == (2, 8)
+    assert out["attention_mask"].sum(1).tolist() == [4, 6]
+
+
+def test_missing_and_corrupt_shards(shards, tmp_path, tokenizer):
+    with pytest.raises(FileNotFoundError, match="index.json"):
+        streaming_dataset(tmp_path / "nowhere", split="train")
+    (shards / "val" / "index.json").write_text("{not json")
+    with pytest.raises(DataError, match="corrupt MDS index"):
+        streaming_dataset(shards, split="val")
+    shard = sorted((shards / "train").glob("shard.*"))[0]
+    shard.unlink()
+    with pytest.raises(FileNotFoundError, match=shard.name):
+        streaming_dataset(shards, split="train")
+
+
+def test_corrupt_shard_bytes(mds_dir, tmp_path):
+    local = shutil.copytree(mds_dir / "val", tmp_path / "val")
+    for shard in local.glob("shard.*"):
+        shard.write_bytes(b"\x00garbage" * 10)
+    ds = streaming_dataset(local, shuffle=False, batch_size=1)
+    with pytest.raises(DataError, match="cannot read sample 0"):
+        ds[0]
