@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-import torch
 from composer.core import DataSpec
 from composer.core.data_spec import default_split_batch
 

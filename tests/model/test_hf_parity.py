@@ -205,3 +205,19 @@ def test_missing_directory_or_weights_name_the_path(tmp_path):
     (tmp_path / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="has no weights"):
         FlexBertForMaskedLM.from_hf(tmp_path)
+
+
+def test_from_hf_reads_pytorch_bin_and_sharded_safetensors(tmp_path):
+    hf = ModernBertForMaskedLM(_hf_config(3, window=8)).eval()
+    _perturb(hf)
+    hf.config.save_pretrained(tmp_path / "bin")  # an older checkpoint: weights as a torch pickle
+    torch.save(hf.state_dict(), tmp_path / "bin" / "pytorch_model.bin")
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+    assert (tmp_path / "bin" / "pytorch_model.bin").exists()
+    ids, mask = ragged_batch([21, 30])
+    with torch.no_grad():
+        expected = hf(ids, attention_mask=mask).logits[mask]
+        for sub in ("bin", "sharded"):
+            ours = FlexBertForMaskedLM.from_hf(tmp_path / sub, mask_token_id=3).eval()
+            assert _rel_err(expected, ours(ids, attention_mask=mask).logits[mask]) < 1e-4

@@ -20,7 +20,9 @@ def _batches(n: int, packed: bool):
         labels = ids.masked_fill(~((torch.rand(ids.shape, generator=gen) < 0.3) & mask), -100)
         if packed:
             cu = torch.nn.functional.pad(mask.sum(1).cumsum(0), (1, 0)).int()
-            out.append({"input_ids": ids[mask], "cu_seqlens": cu, "max_seqlen": 24, "labels": labels[mask]})
+            out.append(
+                {"input_ids": ids[mask], "cu_seqlens": cu, "max_seqlen": 24, "labels": labels[mask]}
+            )
         else:
             out.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
     return out
@@ -28,7 +30,9 @@ def _batches(n: int, packed: bool):
 
 def _train(packed: bool, sparse: bool, tmp_path):
     torch.manual_seed(0)
-    model = ComposerFlexBertMLM(FlexBertForMaskedLM(ModelConfig.preset("tiny", sparse_prediction=sparse)))
+    model = ComposerFlexBertMLM(
+        FlexBertForMaskedLM(ModelConfig.preset("tiny", sparse_prediction=sparse))
+    )
     before = model.model.model.layers[0].attn.Wqkv.weight.detach().clone()
     data = _batches(6, packed)
     loader = DataLoader(data, batch_size=None, shuffle=False)

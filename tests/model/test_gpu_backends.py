@@ -1,0 +1,76 @@
+"""GPU kernels against the eager reference (skipped without CUDA)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flexbert import FlexBertForMaskedLM, FlexBertModel, ModelConfig
+from flexbert.attention.backends import flash_attn_available, varlen_available
+from tests.conftest import ragged_batch, requires_gpu
+
+pytestmark = [pytest.mark.gpu, requires_gpu]
+
+GPU_BACKENDS = [
+    "sdpa",
+    "flex",
+    pytest.param("varlen", marks=pytest.mark.skipif(not varlen_available(), reason="torch < 2.10")),
+    pytest.param(
+        "flash_attn", marks=pytest.mark.skipif(not flash_attn_available(), reason="no flash-attn")
+    ),
+]
+
+
+def _pair(backend: str, window: int):
+    pattern = {"name": "local_global", "window": window, "global_every": 3}
+    with torch.device("cuda"):
+        ref = FlexBertModel(
+            ModelConfig.preset("tiny", backend="eager", padding="padded", attention_pattern=pattern)
+        )
+        fast = FlexBertModel(ModelConfig.preset("tiny", backend=backend, attention_pattern=pattern))
+    fast.load_state_dict(ref.state_dict())
+    return ref.to(torch.bfloat16).eval(), fast.to(torch.bfloat16).eval()
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("window", [16, 128])
+def test_gpu_backend_matches_eager_in_bf16(backend, window):
+    ref, fast = _pair(backend, window)
+    ids, mask = ragged_batch([300, 129, 17, 256])
+    ids, mask = ids.cuda(), mask.cuda()
+    with torch.no_grad():
+        a = ref(ids, attention_mask=mask).last_hidden_state[mask].float()
+        b = fast(ids, attention_mask=mask).last_hidden_state[mask].float()
+    assert (a - b).abs().max().item() < 0.05 * a.abs().max().item()
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_backend_backward_matches_sdpa(backend):
+    grads = []
+    ids, mask = ragged_batch([200, 77, 130])
+    labels = ids.masked_fill(~mask, -100).cuda()
+    for name in ("sdpa", backend):
+        torch.manual_seed(0)
+        with torch.device("cuda"):
+            model = FlexBertForMaskedLM(ModelConfig.preset("tiny", backend=name))
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            model(ids.cuda(), attention_mask=mask.cuda(), labels=labels).loss.backward()
+        grads.append(model.model.layers[1].attn.Wqkv.weight.grad.float())
+    rel = ((grads[0] - grads[1]).norm() / grads[0].norm()).item()
+    assert rel < 0.05
+
+
+def test_auto_picks_varlen_for_unpadded_bf16_on_gpu():
+    from flexbert.attention.backends import resolve_auto, varlen_attention
+    from flexbert.layout import Layout
+
+    if not varlen_available():
+        pytest.skip("torch < 2.10")
+    q = torch.zeros(4, 2, 8, device="cuda", dtype=torch.bfloat16)
+    layout = Layout(
+        False,
+        torch.zeros(4, device="cuda"),
+        cu_seqlens=torch.tensor([0, 4], device="cuda"),
+        max_seqlen=4,
+    )
+    assert resolve_auto(q, layout, 0.0) is varlen_attention
