@@ -67,6 +67,14 @@ class FlexBertPreTrainedModel(HFInteropMixin, nn.Module):
     def init_weights(self) -> None:
         INITS.build(self.config.init, self, self.config)
 
+    def compile_layers(self, **compile_kwargs) -> None:
+        """torch.compile every encoder layer in place (fuses norms, RoPE, GLU around the
+        attention kernel). Layers share code, so they share compiled graphs; the entry
+        (unpadding, masks) stays eager where data-dependent shapes would break a graph."""
+        encoder = self if isinstance(self, FlexBertModel) else self.model
+        for layer in encoder.layers:
+            layer.compile(**compile_kwargs)
+
     def num_params(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
         if exclude_embeddings:

@@ -197,7 +197,8 @@ def varlen_attention(q, k, v, layout: Layout, half, dropout_p: float, scale: flo
 
     window = (-1, -1) if half is None else (half, half)
     cu, m = layout.cu_seqlens, layout.max_seqlen
-    return varlen_attn(q, k, v, cu, cu, m, m, scale=scale, window_size=window)
+    # v is a strided view of the fused qkv projection; q and k are fresh after RoPE.
+    return varlen_attn(q, k, v.contiguous(), cu, cu, m, m, scale=scale, window_size=window)
 
 
 # ---------------------------------------------------------------- flash-attn package

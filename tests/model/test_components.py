@@ -87,3 +87,13 @@ def test_compiled_model_matches_eager_on_cpu():
             rtol=1e-4,
             atol=1e-5,
         )
+
+
+def test_compiled_layers_match_eager_on_cpu():
+    model = FlexBertForMaskedLM(ModelConfig.preset("tiny", backend="sdpa")).eval()
+    ids, mask = ragged_batch([16, 9])
+    with torch.no_grad():
+        expected = model(ids, attention_mask=mask).logits
+        model.compile_layers()
+        got = model(ids, attention_mask=mask).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
