@@ -28,7 +28,13 @@ class Layout:
     # Where the unpadded tokens came from when the caller passed a padded batch.
     indices: torch.Tensor | None = None  # (T,) flat indices into B * L
     batch_shape: tuple[int, int] | None = None  # (B, L) of the caller's padded batch
+    # Known on the host: unpadded, T != B * max_seqlen; padded, checked once per forward.
+    has_padding: bool = True
     cache: dict[Any, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.padded:
+            self.has_padding = self.positions.shape[0] != self.num_seqs * self.max_seqlen
 
     @property
     def num_seqs(self) -> int:

@@ -128,7 +128,10 @@ class FlexBertModel(FlexBertPreTrainedModel):
         attention_mask = attention_mask.bool()
         positions = torch.arange(seqlen, device=input_ids.device).expand(batch, seqlen)
         if self.config.padding == "padded":
-            return input_ids, Layout(True, positions, attention_mask=attention_mask)
+            has_padding = not bool(attention_mask.all())  # one host sync per forward
+            return input_ids, Layout(
+                True, positions, attention_mask=attention_mask, has_padding=has_padding
+            )
         indices, cu, max_len = unpad(attention_mask)
         layout = Layout(
             False,

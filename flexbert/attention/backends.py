@@ -79,7 +79,8 @@ def eager_attention(q, k, v, layout: Layout, half, dropout_p: float, scale: floa
         mask = layout.cached(("blockdiag", half), lambda: block_diagonal_mask(layout, half))
         q, k, v = (t.transpose(0, 1)[None] for t in (q, k, v))  # (1, H, T, D)
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # (B, H, Lq, Lk)
-    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     probs = F.dropout(probs, p=dropout_p, training=dropout_p > 0)
     out = torch.matmul(probs, v)  # (B, H, L, D)
@@ -102,9 +103,15 @@ def _sdpa_padded(q, k, v, layout: Layout, half, dropout_p, scale):
 def sdpa_attention(q, k, v, layout: Layout, half, dropout_p: float, scale: float):
     if layout.padded:
         return _sdpa_padded(q, k, v, layout, half, dropout_p, scale)
-    # Unpadded: scatter into (B, max_seqlen) rows, attend, gather back (O(B L^2), not O(T^2)).
+    # Unpadded: attend row by row in a (B, max_seqlen) view, O(B L^2) rather than O(T^2).
+    rows = layout.cached("rows_layout", lambda: _rows_layout(layout))
+    if not layout.has_padding:  # equal lengths: the rows are a plain reshape
+        shape = (layout.num_seqs, layout.max_seqlen, *q.shape[1:])
+        out = _sdpa_padded(
+            q.view(shape), k.view(shape), v.view(shape), rows, half, dropout_p, scale
+        )
+        return out.reshape(q.shape)
     index = layout.cached("scatter_index", lambda: _scatter_index(layout))
-    rows = layout.cached("rows_layout", lambda: _rows_layout(layout, index))
     padded = []
     for t in (q, k, v):
         buf = t.new_zeros(layout.num_seqs * layout.max_seqlen, *t.shape[1:])
@@ -114,11 +121,12 @@ def sdpa_attention(q, k, v, layout: Layout, half, dropout_p: float, scale: float
     return out.reshape(-1, *out.shape[2:])[index]
 
 
-def _rows_layout(layout: Layout, index: torch.Tensor) -> Layout:
-    mask = torch.zeros(layout.num_seqs * layout.max_seqlen, dtype=torch.bool, device=index.device)
-    mask[index] = True
-    mask = mask.view(layout.num_seqs, layout.max_seqlen)
-    return Layout(padded=True, positions=layout.positions, attention_mask=mask)
+def _rows_layout(layout: Layout) -> Layout:
+    """The padded (B, max_seqlen) view of an unpadded layout, for mask building."""
+    lengths = layout.cu_seqlens[1:] - layout.cu_seqlens[:-1]  # (B,)
+    idx = torch.arange(layout.max_seqlen, device=lengths.device)
+    mask = idx[None, :] < lengths[:, None]  # (B, max_seqlen)
+    return Layout(True, layout.positions, attention_mask=mask, has_padding=layout.has_padding)
 
 
 # ---------------------------------------------------------------- flex

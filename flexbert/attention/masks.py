@@ -11,16 +11,22 @@ import torch
 from flexbert.layout import Layout
 
 
-def padded_mask(layout: Layout, half: int | None) -> torch.Tensor:
-    """(B, 1, L, L) mask for padded (B, L) batches."""
+def padded_mask(layout: Layout, half: int | None) -> torch.Tensor | None:
+    """Smallest mask for padded (B, L) batches: None for a global layer without padding,
+    (B, 1, 1, L) keys-only for a global layer, (1, 1, L, L) band without padding, else
+    (B, 1, L, L). Smaller masks let sdpa pick faster kernels."""
     mask = layout.attention_mask.bool()  # (B, L)
     seqlen = mask.shape[1]
-    allowed = mask[:, None, None, :].expand(-1, 1, seqlen, -1)  # keys must be real
-    if half is not None:
-        idx = torch.arange(seqlen, device=mask.device)
-        band = (idx[:, None] - idx[None, :]).abs() <= half  # (L, L)
-        allowed = allowed & band
-    return allowed | ~mask[:, None, :, None]
+    if half is None:
+        if not layout.has_padding:
+            return None
+        # An all-padding row would leave its queries nothing to attend: open it instead.
+        return (mask | ~mask.any(dim=-1, keepdim=True))[:, None, None, :]
+    idx = torch.arange(seqlen, device=mask.device)
+    band = ((idx[:, None] - idx[None, :]).abs() <= half)[None, None]  # (1, 1, L, L)
+    if not layout.has_padding:
+        return band
+    return (band & mask[:, None, None, :]) | ~mask[:, None, :, None]
 
 
 def block_diagonal_mask(layout: Layout, half: int | None) -> torch.Tensor:

@@ -30,15 +30,16 @@ def _assert_close_on_real_tokens(a, b, mask, rtol=1e-4):
         {"name": "explicit", "types": ["local", "global", "local", "local"], "window": 4},
     ],
 )
-def test_backend_and_padding_match_eager_reference(backend, padding, pattern):
-    ids, mask = ragged_batch([37, 20, 5, 37])
+@pytest.mark.parametrize("lengths", [[37, 20, 5, 37], [37, 37, 37]], ids=["ragged", "equal"])
+def test_backend_and_padding_match_eager_reference(backend, padding, pattern, lengths):
+    ids, mask = ragged_batch(lengths)
     ref = _model(backend="eager", padding="padded", attention_pattern=pattern)
     fast = _model(backend=backend, padding=padding, attention_pattern=pattern)
     fast.load_state_dict(ref.state_dict())
     with torch.no_grad():
         expected = ref(ids, attention_mask=mask).last_hidden_state
         got = fast(ids, attention_mask=mask).last_hidden_state
-    assert got.shape == expected.shape == (4, 37, 64)
+    assert got.shape == expected.shape == (len(lengths), 37, 64)
     _assert_close_on_real_tokens(expected, got, mask)
 
 
@@ -95,3 +96,14 @@ def test_packed_input_needs_unpadded_layout():
     cu = torch.tensor([0, 5], dtype=torch.int32)
     with pytest.raises(ConfigError, match="padding='unpadded'"):
         model(torch.randint(4, 512, (5,)), cu_seqlens=cu, max_seqlen=5)
+
+
+@pytest.mark.parametrize("backend", ["eager", "sdpa"])
+def test_an_all_padding_row_keeps_outputs_and_gradients_finite(backend):
+    ids, mask = ragged_batch([12, 12])
+    mask[1] = False
+    model = FlexBertForMaskedLM(ModelConfig.preset("tiny", backend=backend, padding="padded"))
+    out = model(ids, attention_mask=mask, labels=ids.masked_fill(~mask, -100))
+    out.loss.backward()
+    assert torch.isfinite(out.logits).all()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
