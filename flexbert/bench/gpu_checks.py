@@ -1,0 +1,175 @@
+"""Numerical sanity before timing: are the fast paths computing the same thing?
+
+Run first by scripts/gpu_bench.sh so a fast but wrong kernel is caught before its speed is
+celebrated. For each config (tiny, base) in the benchmark dtype, with one set of weights:
+- every attention backend that runs here against `eager` on padded input (the ground truth);
+- packed (cu_seqlens) against padded input for every backend;
+- FlexBERT against Hugging Face ModernBERT loaded through `save_hf` (if transformers exists).
+Differences are max/mean absolute over real tokens of last_hidden_state; a check passes when
+max_abs_diff <= rel_tol * max |reference|. Results go to gpu_checks.json.
+
+    PYTHONPATH=. python -m flexbert.bench.gpu_checks --out bench_out
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import flexbert
+from flexbert.attention.backends import flash_attn_available, varlen_available
+from flexbert.bench import runners, workloads
+
+REL_TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
+LENGTHS = [37, 128, 200, 64, 300, 5]
+
+
+def sample_inputs(lengths: list[int], size: str, device: str) -> dict[str, Any]:
+    """The same documents as a padded batch and as a packed one."""
+    ids = runners.id_range([size])
+    docs = workloads.make_documents(lengths, ids, seed=1)
+    pad = flexbert.ModelConfig.preset(size).pad_token_id
+    padded = workloads.padded_batch(docs, device, pad).kwargs
+    packed = workloads.packed_batch(docs, device).kwargs
+    return {"padded": padded, "packed": packed, "mask": padded["attention_mask"].bool()}
+
+
+def compare(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> dict[str, Any]:
+    diff = (out.float() - ref.float()).abs()
+    scale = ref.float().abs().max().item()
+    max_diff = diff.max().item()
+    return {
+        "max_abs_diff": max_diff,
+        "mean_abs_diff": diff.mean().item(),
+        "ref_max_abs": scale,
+        "pass": bool(max_diff <= REL_TOL[dtype] * max(scale, 1.0)),
+    }
+
+
+def backends_here(device: str) -> list[str]:
+    names = ["sdpa", "flex"] if device.startswith("cuda") else ["sdpa"]
+    if device.startswith("cuda") and varlen_available():
+        names.append("varlen")
+    if device.startswith("cuda") and flash_attn_available():
+        names.append("flash_attn")
+    return names
+
+
+def check_backends(size: str, device: str, dtype: torch.dtype) -> list[dict[str, Any]]:
+    """Every backend (packed and padded) against eager on padded input, same weights."""
+    torch.manual_seed(0)
+    with torch.device(device):
+        ref_model = flexbert.FlexBertModel(runners.flexbert_config(size, "eager"))
+    ref_model = ref_model.to(dtype).eval()
+    inputs = sample_inputs(LENGTHS, size, device)
+    mask = inputs["mask"]
+    with torch.inference_mode():
+        ref = ref_model(**inputs["padded"]).last_hidden_state[mask]  # (T, D) real tokens
+    results = []
+    for backend in backends_here(device):
+        entry: dict[str, Any] = {"check": "backend", "size": size, "backend": backend}
+        try:
+            with torch.device(device):
+                model = flexbert.FlexBertModel(runners.flexbert_config(size, backend))
+            model.load_state_dict(ref_model.state_dict())
+            model = model.to(dtype).eval()
+            with torch.inference_mode():
+                packed = model(**inputs["packed"]).last_hidden_state  # (T, D)
+                padded = model(**inputs["padded"]).last_hidden_state[mask]
+            entry["packed_vs_eager"] = compare(packed, ref, dtype)
+            entry["padded_vs_eager"] = compare(padded, ref, dtype)
+            entry["packed_vs_padded"] = compare(packed, padded, dtype)
+            entry["pass"] = all(entry[k]["pass"] for k in entry if k.endswith("eager"))
+        except Exception as err:  # report and go on: one broken kernel must not hide the rest
+            entry.update({"pass": False, "error": f"{type(err).__name__}: {err}"[:300]})
+        results.append(entry)
+    return results
+
+
+def check_hf_parity(size: str, device: str, dtype: torch.dtype) -> dict[str, Any]:
+    """FlexBERT (packed, fastest backend) vs transformers ModernBertModel with its weights."""
+    entry: dict[str, Any] = {"check": "hf_parity", "size": size}
+    if runners.transformers_version() is None:
+        return {**entry, "pass": None, "skipped": "transformers is not installed"}
+    from transformers import ModernBertModel
+
+    backend = backends_here(device)[-1 if device.startswith("cuda") else 0]
+    entry["backend"] = backend
+    torch.manual_seed(0)
+    model = flexbert.FlexBertModel(runners.flexbert_config(size, backend))
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_hf(tmp)
+        hf = ModernBertModel.from_pretrained(tmp, attn_implementation="sdpa")
+    model, hf = model.to(device, dtype).eval(), hf.to(device, dtype).eval()
+    inputs = sample_inputs(LENGTHS, size, device)
+    with torch.inference_mode():
+        ref = hf(**inputs["padded"]).last_hidden_state[inputs["mask"]]
+        ours = model(**inputs["packed"]).last_hidden_state
+    return {**entry, **compare(ours, ref, dtype)}
+
+
+def run_checks(sizes: list[str], device: str, dtype: torch.dtype) -> dict[str, Any]:
+    results: list[dict[str, Any]] = []
+    for size in sizes:
+        results += check_backends(size, device, dtype)
+        results.append(check_hf_parity(size, device, dtype))
+    name = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
+    return {
+        "device": device,
+        "device_name": name,
+        "dtype": str(dtype).removeprefix("torch."),
+        "torch": torch.__version__,
+        "transformers": runners.transformers_version(),
+        "all_pass": all(r["pass"] is not False for r in results),
+        "results": results,
+    }
+
+
+def summary_lines(report: dict[str, Any]) -> list[str]:
+    lines = [f"gpu_checks on {report['device_name']} ({report['dtype']}):"]
+    for r in report["results"]:
+        head = f"  {r['check']:<9} {r['size']:<5} {r.get('backend', ''):<10}"
+        if "error" in r or "skipped" in r:
+            lines.append(f"{head} {r.get('error') or r.get('skipped')}")
+        elif r["check"] == "backend":
+            parts = [
+                f"{k}={r[k]['max_abs_diff']:.2e}"
+                for k in ("packed_vs_eager", "padded_vs_eager", "packed_vs_padded")
+            ]
+            lines.append(f"{head} {' '.join(parts)} {'ok' if r['pass'] else 'FAIL'}")
+        else:
+            lines.append(
+                f"{head} max_abs_diff={r['max_abs_diff']:.2e} {'ok' if r['pass'] else 'FAIL'}"
+            )
+    lines.append("all pass" if report["all_pass"] else "SOME CHECKS FAILED")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="gpu_checks", description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--sizes", default="tiny,base")
+    p.add_argument("--dtype", default=None, help="bfloat16 on GPU, float32 on CPU by default")
+    p.add_argument("--out", default="bench_out")
+    args = p.parse_args(argv)
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    default = "bfloat16" if device.startswith("cuda") else "float32"
+    dtype = getattr(torch, args.dtype or default)
+    report = run_checks(args.sizes.split(","), device, dtype)
+    print("\n".join(summary_lines(report)))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gpu_checks.json").write_text(json.dumps(report, indent=1))
+    return 0 if report["all_pass"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

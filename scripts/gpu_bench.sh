@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# All GPU measurements of flexbert-bench in one call (< 8 minutes), from the repo root, with
+# nothing installed: correctness checks first, then inference (base, max batch, large,
+# torch.compile) and MLM training. Each phase has its own `timeout`; results.json is rewritten
+# after every row, so a phase cut short keeps what it measured and the next phase still runs.
+#
+#   OUT=bench_out bash scripts/gpu_bench.sh          # on the GPU machine
+#   BENCH_CPU=1 PYTHON=.venv/bin/python bash scripts/gpu_bench.sh   # same logic, tiny, CPU
+#
+# Writes into $OUT: gpu_checks.json, results.json, results.txt (the table), results.png (if
+# matplotlib is there) and one log per phase.
+set -u
+cd "$(dirname "$0")/.."
+OUT="${OUT:-./bench_out}"
+PY="${PYTHON:-python}"
+export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}."
+mkdir -p "$OUT"
+BENCH=("$PY" -m flexbert.bench.cli --out "$OUT" --append)
+
+if [ "${BENCH_CPU:-0}" = "1" ]; then  # CPU dry run: every phase, tiny sizes, seconds each
+  DEV=(--device cpu --tiny --num-docs 8,2 --batch-size 4,1 --repeats 1 --warmup 0)
+  CHECK_SIZES=tiny; CHECK_DEV=cpu
+  BASE=(); LARGE=(--sizes tiny)
+  FAST=sdpa; SLOW=; CAPS=8,2; TRAIN=(--train-steps 1 --train-rows 2 --train-len 128)
+  T_CHECK=120; T_BASE=120; T_BATCH=60; T_LARGE=60; T_COMPILE=120; T_TRAIN=120
+else
+  DEV=(--device cuda --num-docs 512,32 --batch-size 256,16 --repeats 3 --warmup 1)
+  CHECK_SIZES=tiny,base; CHECK_DEV=cuda
+  BASE=(--sizes base); LARGE=(--sizes large)
+  FAST=varlen; SLOW=,sdpa; CAPS=4096,512; TRAIN=(--train-steps 10 --train-rows 32 --train-len 1024)
+  T_CHECK=45; T_BASE=125; T_BATCH=65; T_LARGE=65; T_COMPILE=90; T_TRAIN=50
+fi
+if "$PY" -c "import flash_attn" 2>/dev/null; then FAST="$FAST,flash_attn"; fi
+
+phase() {  # phase NAME SECONDS CMD...: run with a time limit, log it, never stop the script
+  local name=$1 limit=$2; shift 2
+  echo "=== $name (limit ${limit}s): $*"
+  local start=$SECONDS
+  timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$OUT/log_$name.txt"
+  local rc=${PIPESTATUS[0]}
+  echo "=== $name: exit $rc after $((SECONDS - start))s"
+}
+
+rm -f "$OUT/results.json"
+{
+  echo "date: $(date -u +%FT%TZ)"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
+  "$PY" -c "import torch, importlib.util as u; print('torch', torch.__version__,
+'cuda', torch.version.cuda, 'transformers', u.find_spec('transformers') is not None,
+'flash_attn', u.find_spec('flash_attn') is not None, 'matplotlib', u.find_spec('matplotlib') is not None)"
+} | tee "$OUT/env.txt"
+
+phase checks "$T_CHECK" "$PY" -m flexbert.bench.gpu_checks --out "$OUT" --sizes "$CHECK_SIZES" \
+  --device "$CHECK_DEV"
+phase base "$T_BASE" "${BENCH[@]}" "${DEV[@]}" "${BASE[@]}" --backends "$FAST$SLOW" \
+  --models flexbert,hf-modernbert,bert --train-steps 0 --no-plot
+phase max_batch "$T_BATCH" "${BENCH[@]}" "${DEV[@]}" "${BASE[@]}" --backends "$FAST" \
+  --models flexbert,hf-modernbert --workloads fixed-short,fixed-long --max-batch-only \
+  --max-batch-search "$CAPS" --train-steps 0 --no-plot
+phase large "$T_LARGE" "${BENCH[@]}" "${DEV[@]}" "${LARGE[@]}" --backends "${FAST%%,*}" \
+  --models flexbert,hf-modernbert --train-steps 0 --no-plot
+phase compile "$T_COMPILE" "${BENCH[@]}" "${DEV[@]}" "${BASE[@]}" --backends "${FAST%%,*}+compile" \
+  --models flexbert --train-steps 0 --no-plot
+phase train "$T_TRAIN" "${BENCH[@]}" "${DEV[@]}" "${BASE[@]}" --backends "${FAST%%,*}" \
+  --models flexbert,hf-modernbert,bert --workloads none "${TRAIN[@]}" --no-plot
+# The table, ratios and plot over every phase's rows (no model is built here).
+phase report 20 "${BENCH[@]}" "${DEV[@]}" --models none --workloads none --train-steps 0

@@ -1,0 +1,180 @@
+"""flexbert-bench on the CPU: token accounting, packing, OOM isolation, the CLI end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from flexbert.bench import cli, report, runners, timing, workloads
+
+ID_RANGE = (5, 512)
+
+
+@pytest.mark.parametrize("key", workloads.WORKLOAD_KEYS)
+def test_lengths_follow_the_protocol(key):
+    w = workloads.make_workload(key)
+    lengths = workloads.sample_lengths(w, 400, seed=3)
+    assert min(lengths) >= 16 and max(lengths) <= w.max_len
+    if w.variable:
+        mean = sum(lengths) / len(lengths)
+        assert abs(mean - w.max_len / 2) < w.max_len / 20
+        assert w.label == f"var-{w.max_len // 2}"
+    else:
+        assert set(lengths) == {w.max_len}
+
+
+def test_packed_and_padded_batches_hold_the_same_real_tokens():
+    w = workloads.make_workload("var-short", 64, 256)
+    lengths = workloads.sample_lengths(w, 11, seed=1)
+    docs = workloads.make_documents(lengths, ID_RANGE)
+    packed = workloads.make_batches(docs, 4, "packed", "cpu")
+    padded = workloads.make_batches(docs, 4, "padded", "cpu", pad_id=0)
+    assert sum(b.num_tokens for b in packed) == sum(b.num_tokens for b in padded) == sum(lengths)
+    flat_packed = torch.cat([b.kwargs["input_ids"] for b in packed])
+    flat_padded = torch.cat(
+        [b.kwargs["input_ids"][b.kwargs["attention_mask"].bool()] for b in padded]
+    )
+    assert torch.equal(flat_packed, flat_padded)  # same documents, same order
+    first = packed[0].kwargs
+    assert first["cu_seqlens"].dtype == torch.int32
+    assert first["cu_seqlens"][-1].item() == first["input_ids"].numel()
+    assert isinstance(first["max_seqlen"], int) and first["max_seqlen"] == max(lengths[:4])
+    assert flat_packed.min() >= ID_RANGE[0]  # special ids avoided
+
+
+def test_pack_rows_covers_every_token_exactly_once():
+    lengths = [300, 17, 1024, 5, 2000, 90]
+    rows = workloads.pack_rows(lengths, 256)
+    seen = {doc: [] for doc in range(len(lengths))}
+    for row in rows[:-1]:
+        assert sum(stop - start for _, start, stop in row) == 256  # full rows
+    for row in rows:
+        for doc, start, stop in row:
+            seen[doc].append((start, stop))
+    for doc, length in enumerate(lengths):
+        spans = sorted(seen[doc])
+        assert spans[0][0] == 0 and spans[-1][1] == length
+        assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))  # contiguous, no overlap
+    assert sum(stop - start for row in rows for _, start, stop in row) == sum(lengths)
+
+
+def test_training_rows_are_full_and_masked_at_thirty_percent():
+    rows = workloads.training_rows(6, 128, ID_RANGE)
+    assert rows.shape == (6, 128)
+    ids, labels = workloads.mlm_mask(rows, mask_id=3)
+    chosen = labels != -100
+    assert 0.25 < chosen.float().mean().item() < 0.35
+    assert torch.equal(labels[chosen], rows[chosen]) and (ids[chosen] == 3).all()
+
+
+def test_max_batch_search_finds_the_oom_threshold_and_isolates_failures():
+    attempts = []
+
+    def fake_runner(batch: int) -> None:
+        attempts.append(batch)
+        if batch > 37:
+            raise torch.OutOfMemoryError("fake OOM")
+
+    def try_batch(batch: int) -> bool:
+        return timing.fits(lambda: fake_runner(batch), "cpu")
+
+    assert timing.max_batch_search(try_batch, cap=1000) == 37
+    assert attempts[:7] == [1, 2, 4, 8, 16, 32, 64]  # doubling, then bisection
+    assert timing.max_batch_search(try_batch, cap=20) == 20  # the cap wins
+    assert timing.max_batch_search(lambda b: False, cap=8) == 0
+    with pytest.raises(ValueError):  # only out-of-memory is swallowed
+        timing.fits(lambda: (_ for _ in ()).throw(ValueError("bug")), "cpu")
+
+
+def test_interleaved_timing_reports_every_pass():
+    calls = []
+    results = timing.time_interleaved(
+        [lambda: calls.append("a"), lambda: calls.append("b")], "cpu", warmup=1, repeats=3
+    )
+    assert calls == ["a", "b", "a", "b", "a", "b", "a", "b"]
+    assert [len(r.seconds) for r in results] == [3, 3]
+    spread = results[0].spread()
+    assert spread["seconds_min"] <= results[0].median <= spread["seconds_max"]
+
+
+def test_model_specs_expand_backends_and_compile():
+    specs = runners.model_specs(["flexbert", "hf-modernbert", "bert"], ["base"], "cpu", True, None)
+    names = [(s.name, s.variant) for s in specs]
+    assert names == [
+        ("flexbert-base", "sdpa"),
+        ("flexbert-base", "sdpa+compile"),
+        ("hf-modernbert-base", "sdpa"),
+        ("bert-base", "sdpa"),
+    ]
+    only = runners.model_specs(["flexbert"], ["large"], "cuda", False, ["varlen+compile"])
+    assert only == [runners.ModelSpec("flexbert", "large", "varlen", compile=True)]
+
+
+def test_cli_tiny_run_writes_consistent_results(tmp_path, capsys):
+    out = tmp_path / "bench"
+    args = ["--device", "cpu", "--tiny", "--num-docs", "6,2", "--batch-size", "4,1"]
+    args += ["--repeats", "2", "--warmup", "0", "--train-steps", "1", "--train-rows", "2"]
+    args += ["--train-len", "64", "--out", str(out), "--no-plot", "--threads", "1"]
+    assert cli.main(args) == 0
+    doc = json.loads((out / "results.json").read_text())
+    rows = doc["rows"]
+    assert all(set(r) == set(report.ROW_KEYS) for r in rows)
+    assert all(r["status"] == "ok" for r in rows), [r["note"] for r in rows]
+    infer = [r for r in rows if r["mode"] == "inference"]
+    assert {r["model"] for r in infer} == {"flexbert-tiny", "hf-modernbert-tiny", "bert-tiny"}
+    by_workload: dict[str, set[int]] = {}
+    for r in infer:  # every model counted the same real tokens of the same documents
+        by_workload.setdefault(r["label"], set()).add(r["tokens"])
+        assert r["tokens_per_s"] == pytest.approx(r["tokens"] / r["seconds"])
+        assert r["seconds_min"] <= r["seconds"] <= r["seconds_max"]
+        assert r["dtype"] == "float32" and r["torch"] == torch.__version__
+    assert all(len(tokens) == 1 for tokens in by_workload.values())
+    w = workloads.make_workload("var-short", 128, 512)
+    assert by_workload["var-64"] == {sum(workloads.sample_lengths(w, 6))}
+    assert by_workload["fixed-512"] == {2 * 512}
+    train = [r for r in rows if r["mode"] == "train"]
+    assert {(r["model"], r["sparse_prediction"]) for r in train} >= {
+        ("flexbert-tiny", False),
+        ("flexbert-tiny", True),
+        ("hf-modernbert-tiny", False),
+    }
+    assert all(r["tokens"] == 2 * 64 for r in train)
+    assert {e["workload"] for e in doc["ratios"]} >= {"fixed-128", "var-64", "mlm-64"}
+    printed = capsys.readouterr().out
+    assert "FlexBERT / HF ModernBERT" in printed and (out / "results.txt").exists()
+
+
+def test_report_table_and_plot_handle_failed_rows(tmp_path):
+    ok = report.make_row(
+        model="flexbert-tiny",
+        family="flexbert",
+        size="tiny",
+        variant="sdpa",
+        mode="inference",
+        label="fixed-128",
+        tokens_per_s=10.0,
+        seconds=1.0,
+        seconds_min=0.9,
+        seconds_max=1.1,
+        device_name="cpu",
+        dtype="float32",
+        status="ok",
+    )
+    failed = {**ok, "variant": "varlen", "tokens_per_s": None, "seconds": None}
+    failed.update(seconds_min=None, seconds_max=None, status="error", note="needs CUDA")
+    table = report.format_table([ok, failed])
+    assert "needs CUDA" in table and "10" in table
+    with pytest.raises(KeyError):
+        report.make_row(tokens=1, typo=2)
+    path = report.plot([ok, failed], tmp_path / "p.png")
+    assert path is None or path.exists()
+
+
+def test_gpu_checks_agree_on_cpu(tmp_path):
+    from flexbert.bench import gpu_checks
+
+    assert gpu_checks.main(["--device", "cpu", "--sizes", "tiny", "--out", str(tmp_path)]) == 0
+    doc = json.loads((tmp_path / "gpu_checks.json").read_text())
+    assert doc["all_pass"] and {r["check"] for r in doc["results"]} >= {"backend"}
