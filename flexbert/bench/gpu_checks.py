@@ -4,6 +4,7 @@ Run first by scripts/gpu_bench.sh so a fast but wrong kernel is caught before it
 celebrated. For each config (tiny, base) in the benchmark dtype, with one set of weights:
 - every attention backend that runs here against `eager` on padded input (the ground truth);
 - packed (cu_seqlens) against padded input for every backend;
+- MLM gradients of every backend against eager's (tiny, packed input);
 - FlexBERT against Hugging Face ModernBERT loaded through `save_hf` (if transformers exists).
 Differences are max/mean absolute over real tokens of last_hidden_state; a check passes when
 max_abs_diff <= rel_tol * max |reference|. Results go to gpu_checks.json.
@@ -92,6 +93,35 @@ def check_backends(size: str, device: str, dtype: torch.dtype) -> list[dict[str,
     return results
 
 
+def check_backward(size: str, device: str) -> list[dict[str, Any]]:
+    """MLM gradients (bf16 autocast on GPU, fp32 weights) of every backend against eager's.
+
+    Compares the relative L2 error of one attention weight's gradient, packed input."""
+    inputs = sample_inputs(LENGTHS, size, device)["packed"]
+    labels = inputs["input_ids"].clone()
+    labels[::3] = -100
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda"))
+    grads: dict[str, torch.Tensor] = {}
+    results = []
+    for backend in ["eager", *backends_here(device)]:
+        entry: dict[str, Any] = {"check": "backward", "size": size, "backend": backend}
+        try:
+            torch.manual_seed(0)
+            with torch.device(device):
+                model = flexbert.FlexBertForMaskedLM(runners.flexbert_config(size, backend))
+            with autocast:
+                model(**inputs, labels=labels).loss.backward()
+            grads[backend] = model.model.layers[1].attn.Wqkv.weight.grad.float()
+            ref = grads["eager"]
+            rel = ((grads[backend] - ref).norm() / ref.norm()).item()
+            entry.update({"grad_rel_err": rel, "pass": rel < 5e-2})
+        except Exception as err:
+            entry.update({"pass": False, "error": f"{type(err).__name__}: {err}"[:300]})
+        if backend != "eager":
+            results.append(entry)
+    return results
+
+
 def check_hf_parity(size: str, device: str, dtype: torch.dtype) -> dict[str, Any]:
     """FlexBERT (packed, fastest backend) vs transformers ModernBertModel with its weights."""
     entry: dict[str, Any] = {"check": "hf_parity", "size": size}
@@ -118,6 +148,8 @@ def run_checks(sizes: list[str], device: str, dtype: torch.dtype) -> dict[str, A
     results: list[dict[str, Any]] = []
     for size in sizes:
         results += check_backends(size, device, dtype)
+        if size == "tiny":
+            results += check_backward(size, device)
         results.append(check_hf_parity(size, device, dtype))
     name = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
     return {
@@ -137,6 +169,10 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         head = f"  {r['check']:<9} {r['size']:<5} {r.get('backend', ''):<10}"
         if "error" in r or "skipped" in r:
             lines.append(f"{head} {r.get('error') or r.get('skipped')}")
+        elif r["check"] == "backward":
+            lines.append(
+                f"{head} grad_rel_err={r['grad_rel_err']:.2e} {'ok' if r['pass'] else 'FAIL'}"
+            )
         elif r["check"] == "backend":
             parts = [
                 f"{k}={r[k]['max_abs_diff']:.2e}"
