@@ -86,17 +86,27 @@ class FlexBertForMaskedLM(FlexBertPreTrainedModel):
         )
 
 
-class FlexBertForSequenceClassification(FlexBertPreTrainedModel):
-    """Classification, regression or multi-label over a pooled sequence vector."""
+class ClassifierModel(FlexBertPreTrainedModel):
+    """Encoder + prediction head + dropout + linear classifier (ModernBERT's task heads)."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, num_outputs: int) -> None:
         super().__init__(cfg)
         self.num_labels = cfg.num_labels
         self.model = FlexBertModel(cfg, initialize=False)
         self.head = PredictionHead(cfg)
         self.drop = nn.Dropout(cfg.head_dropout)
-        self.classifier = nn.Linear(cfg.hidden_size, cfg.num_labels)
+        self.classifier = nn.Linear(cfg.hidden_size, num_outputs)
         self.init_weights()
+
+    def classify(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.drop(self.head(x)))
+
+
+class FlexBertForSequenceClassification(ClassifierModel):
+    """Classification, regression or multi-label over a pooled sequence vector."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__(cfg, cfg.num_labels)
 
     def forward(
         self,
@@ -108,7 +118,7 @@ class FlexBertForSequenceClassification(FlexBertPreTrainedModel):
     ) -> FlexBertOutput:
         hidden, layout = self.model.encode(input_ids, attention_mask, cu_seqlens, max_seqlen)
         pooled = pool(self.config, hidden, layout)  # (B, D)
-        logits = self.classifier(self.drop(self.head(pooled)))  # (B, C)
+        logits = self.classify(pooled)  # (B, C)
         loss = None if labels is None else sequence_loss(logits, labels, self.config)
         return FlexBertOutput(
             loss=loss, logits=logits, last_hidden_state=to_caller_layout(hidden, layout)
@@ -135,15 +145,9 @@ def sequence_loss(logits: torch.Tensor, labels: torch.Tensor, cfg: ModelConfig) 
     return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
 
 
-class FlexBertForTokenClassification(FlexBertPreTrainedModel):
+class FlexBertForTokenClassification(ClassifierModel):
     def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__(cfg)
-        self.num_labels = cfg.num_labels
-        self.model = FlexBertModel(cfg, initialize=False)
-        self.head = PredictionHead(cfg)
-        self.drop = nn.Dropout(cfg.head_dropout)
-        self.classifier = nn.Linear(cfg.hidden_size, cfg.num_labels)
-        self.init_weights()
+        super().__init__(cfg, cfg.num_labels)
 
     def forward(
         self,
@@ -154,7 +158,7 @@ class FlexBertForTokenClassification(FlexBertPreTrainedModel):
         labels: torch.Tensor | None = None,
     ) -> FlexBertOutput:
         hidden, layout = self.model.encode(input_ids, attention_mask, cu_seqlens, max_seqlen)
-        logits = self.classifier(self.drop(self.head(hidden)))  # internal layout, (..., C)
+        logits = self.classify(hidden)  # internal layout, (..., C)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(
@@ -169,16 +173,11 @@ class FlexBertForTokenClassification(FlexBertPreTrainedModel):
         )
 
 
-class FlexBertForMultipleChoice(FlexBertPreTrainedModel):
+class FlexBertForMultipleChoice(ClassifierModel):
     """input_ids (B, C, L): scores each of the C choices with a pooled vector."""
 
     def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__(cfg)
-        self.model = FlexBertModel(cfg, initialize=False)
-        self.head = PredictionHead(cfg)
-        self.drop = nn.Dropout(cfg.head_dropout)
-        self.classifier = nn.Linear(cfg.hidden_size, 1)
-        self.init_weights()
+        super().__init__(cfg, 1)
 
     def forward(
         self,
@@ -190,7 +189,7 @@ class FlexBertForMultipleChoice(FlexBertPreTrainedModel):
         flat_mask = None if attention_mask is None else attention_mask.view(-1, seqlen)
         hidden, layout = self.model.encode(input_ids.view(-1, seqlen), flat_mask)
         pooled = pool(self.config, hidden, layout)  # (B * C, D)
-        logits = self.classifier(self.drop(self.head(pooled))).view(batch, choices)
+        logits = self.classify(pooled).view(batch, choices)
         loss = None if labels is None else F.cross_entropy(logits.float(), labels)
         return FlexBertOutput(loss=loss, logits=logits)
 
