@@ -183,8 +183,13 @@ def flex_attention_backend(q, k, v, layout: Layout, half, dropout_p: float, scal
 
 
 # ---------------------------------------------------------------- varlen (torch >= 2.10)
+# Looked up once at import, so `auto` decides with plain constants inside compiled graphs.
+_HAS_VARLEN = importlib.util.find_spec("torch.nn.attention.varlen") is not None
+_HAS_FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None
+
+
 def varlen_available() -> bool:
-    return importlib.util.find_spec("torch.nn.attention.varlen") is not None
+    return _HAS_VARLEN
 
 
 def _check_varlen(cfg: ModelConfig) -> None:
@@ -211,7 +216,7 @@ def varlen_attention(q, k, v, layout: Layout, half, dropout_p: float, scale: flo
 
 # ---------------------------------------------------------------- flash-attn package
 def flash_attn_available() -> bool:
-    return importlib.util.find_spec("flash_attn") is not None
+    return _HAS_FLASH_ATTN
 
 
 def _check_flash(cfg: ModelConfig) -> None:
