@@ -1,4 +1,9 @@
-"""Composer DataSpec for FlexBERT batches, so sample and token counts are right when packed."""
+"""Composer DataSpec for FlexBERT batches, so sample and token counts are right when packed.
+
+A batch is one microbatch (padded or packed), or an optimizer step built by
+`flexbert.train.batching.StepBatcher`: `{"microbatches": [...]}`, counted as the sum of its
+parts and split back into exactly those parts.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +13,14 @@ from typing import Any
 from composer.core import DataSpec
 from composer.core.data_spec import default_split_batch
 
+from flexbert.heads import IGNORE_INDEX
+
+STEP_KEY = "microbatches"
+
 
 def num_samples(batch: dict[str, Any]) -> int:
+    if STEP_KEY in batch:
+        return sum(num_samples(m) for m in batch[STEP_KEY])
     if "cu_seqlens" in batch:
         return int(batch["cu_seqlens"].shape[0] - 1)
     return int(batch["input_ids"].shape[0])
@@ -17,6 +28,8 @@ def num_samples(batch: dict[str, Any]) -> int:
 
 def num_tokens(batch: dict[str, Any]) -> int:
     """Real (non-padding) tokens in the batch."""
+    if STEP_KEY in batch:
+        return sum(num_tokens(m) for m in batch[STEP_KEY])
     if "cu_seqlens" in batch:
         return int(batch["cu_seqlens"][-1])
     if "attention_mask" in batch:
@@ -24,8 +37,31 @@ def num_tokens(batch: dict[str, Any]) -> int:
     return int(batch["input_ids"].numel())
 
 
+def num_label_tokens(batch: dict[str, Any]) -> int:
+    """Tokens that carry an MLM label: what the loss averages over."""
+    if STEP_KEY in batch:
+        return sum(num_label_tokens(m) for m in batch[STEP_KEY])
+    if "labels" not in batch:
+        return num_tokens(batch)
+    return int((batch["labels"] != IGNORE_INDEX).sum())
+
+
+def token_counts(batch: dict[str, Any]) -> dict[str, int]:
+    """Composer's two token counts: all real tokens, and the loss-generating (labelled) ones.
+
+    With `accumulate_train_batch_on_tokens=True` Composer weights each microbatch's mean loss
+    by its labelled tokens, so a step's loss is the mean over all its masked tokens.
+    """
+    return {"total": num_tokens(batch), "loss_generating": num_label_tokens(batch)}
+
+
 def split_batch(batch: dict[str, Any], microbatch_size: int | float | None) -> list[dict[str, Any]]:
-    """Split into microbatches of `microbatch_size` sequences (packed batches by cu_seqlens)."""
+    """Split into microbatches of `microbatch_size` sequences (packed batches by cu_seqlens).
+
+    A step batch from StepBatcher is returned as its own microbatches.
+    """
+    if STEP_KEY in batch:
+        return list(batch[STEP_KEY])
     if microbatch_size is None:
         return [batch]
     if "cu_seqlens" not in batch:
@@ -52,10 +88,11 @@ def split_batch(batch: dict[str, Any], microbatch_size: int | float | None) -> l
 
 
 def flexbert_data_spec(dataloader: Iterable, **kwargs: Any) -> DataSpec:
+    """DataSpec with FlexBERT's sample/token counts and packed-aware splitting."""
     return DataSpec(
         dataloader,
         get_num_samples_in_batch=num_samples,
-        get_num_tokens_in_batch=num_tokens,
+        get_num_tokens_in_batch=token_counts,
         split_batch=split_batch,
         **kwargs,
     )

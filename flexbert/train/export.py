@@ -1,15 +1,102 @@
-"""`flexbert-export`: a training checkpoint -> Hugging Face directory (lands with training)."""
+"""`flexbert-export`: a Composer training checkpoint -> a Hugging Face ModernBERT directory.
+
+    flexbert-export runs/pretrain/<time>/checkpoints/ep0-ba400-rank0.pt --out my-model
+
+The model config comes from the run directory (`model_config.json`, written by
+flexbert-train before training) or `--config`; the tokenizer from the run's `tokenizer/` or
+`--tokenizer`. The result loads with `AutoModelForMaskedLM` and `AutoTokenizer`.
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
 import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def find_run_file(checkpoint: Path, name: str) -> Path | None:
+    """`name` in the checkpoint's run directory (the checkpoint's folder or the one above)."""
+    for folder in (checkpoint.parent, checkpoint.parent.parent):
+        if (folder / name).exists():
+            return folder / name
+    return None
+
+
+def read_model_config(path: Path) -> Any:
+    """A ModelConfig from model_config.json, or from a run's summary.json (`model_config`)."""
+    from flexbert import ModelConfig
+
+    values = json.loads(path.read_text())
+    return ModelConfig.from_dict(values.get("model_config", values))
+
+
+def load_checkpoint_model(checkpoint: str | Path, config: Any) -> Any:
+    """FlexBertForMaskedLM with the weights of a Composer checkpoint (ComposerFlexBertMLM)."""
+    from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
+
+    from flexbert import FlexBertForMaskedLM
+
+    blob = torch.load(str(checkpoint), map_location="cpu", weights_only=False)
+    state = dict(blob["state"]["model"])
+    consume_prefix_in_state_dict_if_present(state, "module.")  # DDP
+    consume_prefix_in_state_dict_if_present(state, "model.")  # ComposerFlexBertMLM.model
+    model = FlexBertForMaskedLM(config)
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def export(
+    checkpoint: str | Path,
+    out: str | Path,
+    config: str | Path | None = None,
+    tokenizer: str | Path | None = None,
+) -> Path:
+    """Write `out` (config.json, model.safetensors, tokenizer files); return it."""
+    from flexbert.data.tokenizer import load_tokenizer, save_tokenizer
+
+    ckpt = Path(checkpoint).resolve()
+    if not ckpt.exists():
+        raise FileNotFoundError(f"checkpoint not found: {ckpt}")
+    cfg_path = Path(config) if config else find_run_file(ckpt, "model_config.json")
+    if cfg_path is None or not cfg_path.exists():
+        raise FileNotFoundError(
+            f"no model_config.json next to {ckpt} or its parent; pass --config "
+            "(a run's model_config.json or summary.json)"
+        )
+    tok_path = Path(tokenizer) if tokenizer else find_run_file(ckpt, "tokenizer")
+    model = load_checkpoint_model(ckpt, read_model_config(cfg_path))
+    out = model.save_hf(out)
+    if tok_path is not None:
+        save_tokenizer(load_tokenizer(tok_path), out)
+    return Path(out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (separate so tests and docs can inspect it)."""
+    p = argparse.ArgumentParser(prog="flexbert-export", description=__doc__.splitlines()[0])
+    p.add_argument("checkpoint", help="Composer checkpoint (.pt) written by flexbert-train")
+    p.add_argument("--out", required=True, help="output directory for the Hugging Face model")
+    p.add_argument("--config", default=None, help="model_config.json or summary.json of the run")
+    p.add_argument("--tokenizer", default=None, help="tokenizer dir (default: the run's)")
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    print(
-        "flexbert-export: exporting Composer checkpoints is not implemented yet; a model in "
-        "memory already exports with model.save_hf(out_dir)."
-    )
+    """Entry point of the `flexbert-export` console script."""
+    args = build_parser().parse_args(argv)
+    from flexbert import ConfigError
+
+    try:
+        out = export(args.checkpoint, args.out, args.config, args.tokenizer)
+    except (FileNotFoundError, ConfigError, KeyError, RuntimeError) as e:
+        print(f"flexbert-export: error: {e}", file=sys.stderr)
+        return 2
+    print(f"flexbert-export: {args.checkpoint} -> {out}")
+    print(f"  AutoModelForMaskedLM.from_pretrained('{out}')")
     return 0
 
 

@@ -1,32 +1,227 @@
-"""`flexbert-train`: MLM pretraining with Composer (Hydra entry point).
+"""`flexbert-train`: MLM pretraining with Composer, driven by Hydra (conf/pretrain.yaml).
 
-The Hydra-driven trainer and the embedded quickstart land with their own issue; until then
-this command says what exists today and what is coming, and exits cleanly.
+With no arguments it runs the embedded CPU quickstart: a capped stdlib corpus, a trained BPE
+tokenizer, MDS shards, a tiny model trained for a few minutes, evaluation, a Hugging Face
+export and `summary.json`. Everything lands in the Hydra run directory (runs/pretrain/<time>).
+`train(cfg, run_dir)` is the same run without Hydra's command line, for tests and notebooks.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import os
 import sys
+import time
+from pathlib import Path
+from typing import Any
 
-PLANNED = """\
-flexbert-train: the pretraining entry point.
+from omegaconf import DictConfig, OmegaConf
 
-Available now:
-  - the model core: flexbert.ModelConfig.preset("tiny" | "base" | "large"), FlexBertForMaskedLM
-  - Hugging Face ModernBERT interop: FlexBertForMaskedLM.from_hf(dir) / model.save_hf(dir)
-  - Composer wrapper: flexbert.train.composer_model.ComposerFlexBertMLM
-  - data tools: flexbert-data tokenizer | prepare
+from flexbert.train.paths import conf_dir, register_overlays
 
-Coming next (the quickstart): with no arguments this command will build a small corpus from
-the Python standard library, train a tokenizer, write MDS shards, pretrain a tiny model on the
-CPU for a few minutes, evaluate, and export a Hugging Face checkpoint.
-"""
+log = logging.getLogger("flexbert.train")
 
 
-def main(argv: list[str] | None = None) -> int:
-    print(PLANNED, end="")
-    return 0
+def _instantiate_all(node: DictConfig | None) -> list[Any]:
+    from hydra.utils import instantiate
+
+    return [instantiate(v) for v in (node or {}).values() if v is not None]
+
+
+def _trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
+    kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    return {k: v for k, v in kwargs.items() if not (k == "compile_config" and v is None)}
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path) -> tuple[Any, dict[str, Any]]:
+    """Everything up to a ready `composer.Trainer`; returns it and the facts for the summary."""
+    from composer import Evaluator, Trainer
+    from composer.utils import dist, reproducibility
+    from hydra.utils import instantiate
+
+    from flexbert import FlexBertForMaskedLM
+    from flexbert.data.tokenizer import check_tokenizer_matches, save_tokenizer, special_token_ids
+    from flexbert.train.callbacks import LossHistory
+    from flexbert.train.composer_model import ComposerFlexBertMLM
+    from flexbert.train.data import build_loaders, get_shards, get_tokenizer
+    from flexbert.train.data_spec import flexbert_data_spec
+    from flexbert.train.model_config import TOKENIZER_FIELDS, resolve_model_config
+    from flexbert.train.optim import build_optimizer
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cache_dir = Path(cfg.paths.cache_dir)
+    tokenizer, tokenizer_src = get_tokenizer(cfg.data, cache_dir)
+    model_cfg = resolve_model_config(cfg.model, special_token_ids(tokenizer))
+    check_tokenizer_matches(tokenizer, **{k: getattr(model_cfg, k) for k in TOKENIZER_FIELDS})
+    mds_dir, manifest = get_shards(cfg.data, tokenizer, cache_dir)
+    train_loader, eval_loader = build_loaders(
+        cfg.data, model_cfg, tokenizer, mds_dir, cfg.seed, dist.get_world_size()
+    )
+    # What export and resumption need, written before training so any checkpoint is usable.
+    (run_dir / "model_config.json").write_text(json.dumps(model_cfg.to_dict(), indent=2) + "\n")
+    save_tokenizer(tokenizer, run_dir / "tokenizer")
+
+    os.environ.setdefault("WANDB_DIR", str(run_dir))  # offline W&B files stay with the run
+    reproducibility.seed_all(cfg.seed)
+    model = ComposerFlexBertMLM(FlexBertForMaskedLM(model_cfg))
+    history = LossHistory()
+    world = dist.get_world_size()
+    trainer = Trainer(
+        model=model,
+        train_dataloader=flexbert_data_spec(train_loader),
+        eval_dataloader=Evaluator(
+            label="eval",
+            dataloader=flexbert_data_spec(eval_loader),
+            device_eval_microbatch_size=cfg.data.eval_micro_batch_size // world,
+        ),
+        optimizers=build_optimizer(cfg.optimizer, model, cfg.trainer.get("device") or "cpu"),
+        schedulers=instantiate(cfg.scheduler),
+        callbacks=[*_instantiate_all(cfg.get("callbacks")), history],
+        loggers=_instantiate_all(cfg.get("logger")),
+        save_folder=str(run_dir / "checkpoints"),
+        run_name=cfg.get("run_name") or run_dir.name,
+        seed=cfg.seed,
+        device_train_microbatch_size=cfg.data.micro_batch_size // world,
+        **_trainer_kwargs(cfg),
+    )
+    facts = {
+        "model_config": model_cfg,
+        "tokenizer": tokenizer,
+        "tokenizer_source": str(tokenizer_src),
+        "mds_dir": str(mds_dir),
+        "manifest": manifest,
+        "history": history,
+        "train_loader": train_loader,
+    }
+    return trainer, facts
+
+
+def _metrics(trainer: Any) -> dict[str, float]:
+    import math
+
+    out = {}
+    for name, metric in trainer.state.eval_metrics.get("eval", {}).items():
+        out[name] = float(metric.compute())
+    if "LanguageCrossEntropy" in out:
+        out["Perplexity"] = math.exp(min(out["LanguageCrossEntropy"], 50.0))
+    return out
+
+
+def _export(model: Any, tokenizer: Any, out: Path) -> str | None:
+    """Write the HF checkpoint; return why not when the model has no HF ModernBERT form."""
+    from flexbert import ConfigError
+    from flexbert.data.tokenizer import save_tokenizer
+
+    try:
+        model.save_hf(out)
+    except ConfigError as e:
+        log.warning("no Hugging Face export: %s", e)
+        return str(e)
+    save_tokenizer(tokenizer, out)
+    return None
+
+
+def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
+    """Pretrain as `cfg` says, write checkpoints, the HF export and summary.json into run_dir."""
+    run_dir = Path(run_dir).resolve()
+    trainer, facts = build_trainer(cfg, run_dir)
+    state = trainer.state
+    start_batch, start_tokens = int(state.timestamp.batch), int(state.timestamp.token)
+    t0 = time.perf_counter()
+    trainer.fit()
+    seconds = time.perf_counter() - t0
+    trainer.eval()
+    metrics = _metrics(trainer)
+    model = state.model.model
+    hf_dir = run_dir / "hf"
+    skipped = _export(model, facts["tokenizer"], hf_dir) if cfg.get("export_hf", True) else "off"
+    tokens = int(state.timestamp.token) - start_tokens
+    steps = facts["history"].steps
+    checkpoints = sorted((run_dir / "checkpoints").glob("ep*-ba*-rank0.pt"))
+    summary = {
+        "command": " ".join(["flexbert-train", *sys.argv[1:]]),
+        "run_dir": str(run_dir),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "model_config": facts["model_config"].to_dict(),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "data": {
+            "tokenizer": facts["tokenizer_source"],
+            "tokenizer_size": len(facts["tokenizer"]),
+            "mds_dir": facts["mds_dir"],
+            "counts": (facts["manifest"] or {}).get("counts"),
+        },
+        "train": {
+            "batches": int(state.timestamp.batch),
+            "batches_this_run": int(state.timestamp.batch) - start_batch,
+            "tokens": int(state.timestamp.token),
+            "seconds": round(seconds, 2),
+            "tokens_per_second": round(tokens / seconds, 1) if seconds > 0 else None,
+            "loss_first": steps[0]["loss"] if steps else None,
+            "loss_last": steps[-1]["loss"] if steps else None,
+            "loss_curve": steps,
+        },
+        "eval": metrics,
+        "paths": {
+            "run_dir": str(run_dir),
+            "checkpoints": str(run_dir / "checkpoints"),
+            "last_checkpoint": str(checkpoints[-1]) if checkpoints else None,
+            "hf": None if skipped else str(hf_dir),
+            "hf_skipped": skipped,
+            "tokenizer": str(run_dir / "tokenizer"),
+            "summary": str(run_dir / "summary.json"),
+        },
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    trainer.close()
+    return summary
+
+
+def report(summary: dict[str, Any]) -> str:
+    """The closing console message: what was trained and where everything went."""
+    t, e, p = summary["train"], summary["eval"], summary["paths"]
+    lines = [
+        "",
+        f"flexbert-train: done in {t['seconds']:.0f}s, {t['batches']} batches, "
+        f"{t['tokens']:,} tokens ({t['tokens_per_second'] or 0:,.0f} tokens/s)",
+        f"  train loss   {t['loss_first']:.3f} -> {t['loss_last']:.3f}"
+        if t["loss_first"] is not None
+        else "  train loss   (no steps this run)",
+    ]
+    if e:
+        lines.append("  eval         " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(e.items())))
+    lines += [
+        f"  run dir      {p['run_dir']}",
+        f"  checkpoint   {p['last_checkpoint']}",
+        f"  HF model     {p['hf'] or 'not exported: ' + str(p['hf_skipped'])}",
+        f"  tokenizer    {p['tokenizer']}",
+        f"  summary      {p['summary']}",
+    ]
+    if p["hf"]:
+        lines.append(
+            f"  load it:     AutoModelForMaskedLM.from_pretrained('{p['hf']}')"
+            f" / AutoTokenizer.from_pretrained('{p['hf']}')"
+        )
+    return "\n".join(lines)
+
+
+def _hydra_task(cfg: DictConfig) -> float | None:
+    from hydra.core.hydra_config import HydraConfig
+
+    summary = train(cfg, HydraConfig.get().runtime.output_dir)
+    print(report(summary), flush=True)
+    return summary["eval"].get("LanguageCrossEntropy")  # what a sweeper would minimise
+
+
+def main() -> None:
+    """Console entry point: Hydra parses the command line (`--help` lists the groups)."""
+    import hydra
+
+    register_overlays()
+    hydra.main(config_path=str(conf_dir()), config_name="pretrain", version_base="1.3")(
+        _hydra_task
+    )()
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

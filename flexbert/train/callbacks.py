@@ -1,0 +1,68 @@
+"""FlexBERT's own Composer callbacks: batch-size warmup and a per-step loss record."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from composer.core import Callback, State
+from composer.loggers import Logger
+
+from flexbert.train.batching import StepBatcher
+
+
+def _step_batcher(state: State) -> StepBatcher | None:
+    loader = state.train_dataloader
+    loader = getattr(loader, "dataloader", loader)  # a DataSpec wraps the loader
+    return loader if isinstance(loader, StepBatcher) else None
+
+
+class BatchSizeWarmup(Callback):
+    """Ramp the sequences per optimizer step from `start_batch_size` to the full batch size.
+
+    The full size is the data config's `batch_size`; the ramp is linear in tokens seen and
+    rounded to whole microbatches (see `flexbert.train.batching`). The step batcher applies the
+    schedule, so it survives resumption; this callback attaches it and logs `batch_size/rows`.
+    `start_batch_size` counts all ranks together, like `batch_size`.
+    """
+
+    def __init__(self, start_batch_size: int, warmup_tokens: int | str) -> None:
+        self.start_batch_size = int(start_batch_size)
+        self.warmup_tokens = int(float(warmup_tokens))  # "5e10" from YAML is fine too
+        self.world_size = 1
+
+    def fit_start(self, state: State, logger: Logger) -> None:
+        batcher = _step_batcher(state)
+        if batcher is None:
+            raise ValueError("BatchSizeWarmup needs the train loader to be a StepBatcher")
+        from composer.utils import dist
+
+        self.world_size = dist.get_world_size()
+        start = max(1, self.start_batch_size // self.world_size)
+        batcher.set_schedule(
+            min(start, batcher.schedule.full), self.warmup_tokens // self.world_size
+        )
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        batcher = _step_batcher(state)
+        if batcher is not None:
+            rows = batcher.last_microbatches * batcher.rows_per_microbatch * self.world_size
+            logger.log_metrics({"batch_size/rows": rows})
+
+
+class LossHistory(Callback):
+    """Keep (batch, tokens, train loss) for every step: the loss curve in summary.json."""
+
+    def __init__(self) -> None:
+        self.steps: list[dict[str, Any]] = []
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        loss = state.total_loss_dict.get("loss/train/total")
+        if loss is None:
+            return
+        self.steps.append(
+            {
+                "batch": int(state.timestamp.batch),
+                "tokens": int(state.timestamp.token),
+                "loss": float(loss),
+            }
+        )

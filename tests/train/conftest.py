@@ -1,0 +1,66 @@
+"""Hydra composition helpers and a tiny, fast pretraining config for the training tests."""
+
+from __future__ import annotations
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from flexbert.train.paths import conf_dir, register_overlays
+
+# ModernBERT's tokenizer: what `from_tokenizer` resolves to for a config-only check.
+MODERNBERT_IDS = dict(
+    vocab_size=50368,
+    pad_token_id=50283,
+    cls_token_id=50281,
+    sep_token_id=50282,
+    mask_token_id=50284,
+)
+
+# A few seconds of CPU: 150 KB of stdlib, a 512-token BPE, 64-token rows, 2 x 4-row microbatches.
+TINY_RUN = [
+    "data.corpus.max_bytes=150000",
+    "data.tokenizer.vocab_size=512",
+    "data.tokenizer.num_unused=4",
+    "data.seq_len=64",
+    "data.batch_size=8",
+    "data.micro_batch_size=4",
+    "data.eval_micro_batch_size=8",
+    "data.mds.val_fraction=0.05",
+    "data.buffer_size=32",
+    "data.progress=false",
+    "callbacks.batch_size_warmup.start_batch_size=4",
+    "callbacks.batch_size_warmup.warmup_tokens=600",
+    "callbacks.speed_monitor=null",
+    "trainer.max_duration=6ba",
+    "trainer.eval_interval=6ba",
+    "trainer.eval_subset_num_batches=2",
+    "trainer.save_interval=3ba",
+    "trainer.save_num_checkpoints_to_keep=-1",
+    "trainer.progress_bar=false",
+    "model.attention_pattern.window=16",
+]
+
+
+def compose_config(overrides: list[str] | None = None, return_hydra: bool = False) -> DictConfig:
+    """Compose conf/pretrain.yaml (plus experiments/ablations) the way flexbert-train does."""
+    register_overlays()
+    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
+        return compose("pretrain", overrides=overrides or [], return_hydra_config=return_hydra)
+
+
+@pytest.fixture
+def tiny_run_config(tmp_path):
+    def make(*extra: str) -> DictConfig:
+        return compose_config([*TINY_RUN, f"paths.cache_dir={tmp_path / 'cache'}", *extra])
+
+    return make
+
+
+@pytest.fixture(autouse=True)
+def _clean_streaming_shm():
+    """Streaming keeps per-dataset state in shared memory; drop leftovers between tests."""
+    yield
+    from streaming.base.util import clean_stale_shared_memory
+
+    clean_stale_shared_memory()

@@ -1,0 +1,129 @@
+"""Every Hydra config composes and its model node validates into a ModelConfig."""
+
+from __future__ import annotations
+
+import pytest
+from hydra.utils import instantiate
+
+from flexbert import ConfigError, ModelConfig
+from flexbert.train.model_config import resolve_model_config
+from flexbert.train.paths import conf_dir, overlay_dir, register_overlays
+from tests.train.conftest import MODERNBERT_IDS, compose_config
+
+EXPERIMENTS = sorted(p.stem for p in overlay_dir("experiment").glob("*.yaml"))
+ABLATIONS = sorted(p.stem for p in overlay_dir("ablation").glob("*.yaml"))
+
+
+def test_overlay_folders_are_registered_as_groups():
+    names = register_overlays()
+    assert names["experiment"] == EXPERIMENTS
+    assert {"modernbert_base_pretrain", "modernbert_large_pretrain", "context_extension"} <= set(
+        EXPERIMENTS
+    )
+    assert names["ablation"] == ABLATIONS and ABLATIONS
+    assert (conf_dir() / "pretrain.yaml").exists()
+
+
+def test_quickstart_default_is_a_tiny_model_on_the_stdlib_corpus():
+    cfg = compose_config()
+    model = resolve_model_config(cfg.model, MODERNBERT_IDS)
+    assert (model.hidden_size, model.num_layers) == (64, 4)
+    assert cfg.data.corpus.source == "stdlib" and cfg.trainer.device == "cpu"
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_experiment_composes_and_validates(name):
+    cfg = compose_config([f"experiment={name}"])
+    model = resolve_model_config(cfg.model, MODERNBERT_IDS)
+    assert isinstance(model, ModelConfig)
+    instantiate(cfg.scheduler)
+
+
+def test_paper_recipes_carry_the_paper_settings():
+    base = compose_config(["experiment=modernbert_base_pretrain"])
+    m = resolve_model_config(base.model, MODERNBERT_IDS)
+    assert (m.hidden_size, m.num_layers, m.intermediate_size) == (768, 22, 1152)
+    assert base.optimizer._target_ == "optimi.StableAdamW" and base.optimizer.lr == 8e-4
+    assert base.data.mlm_probability == 0.3 and base.data.seq_len == 1024
+    large = resolve_model_config(
+        compose_config(["experiment=modernbert_large_pretrain"]).model, MODERNBERT_IDS
+    )
+    assert (large.hidden_size, large.num_layers) == (1024, 28)
+    ext = compose_config(["experiment=context_extension"])
+    e = resolve_model_config(ext.model, MODERNBERT_IDS)
+    assert e.position.global_theta == 160_000 and e.position.local_theta == 10_000
+    assert ext.data.seq_len == 8192 and ext.optimizer.lr < base.optimizer.lr
+
+
+@pytest.mark.parametrize("name", ABLATIONS)
+def test_every_ablation_and_each_of_its_sweep_points_composes(name):
+    cfg = compose_config([f"ablation={name}"], return_hydra=True)
+    params = cfg.hydra.sweeper.params
+    assert params
+    for key, values in params.items():
+        for value in str(values).split(","):
+            point = compose_config([f"ablation={name}", f"{key}={value}"])
+            resolve_model_config(point.model, MODERNBERT_IDS)
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "optimizer=adamw",
+        "scheduler=cosine",
+        "scheduler=linear",
+        "trainer=gpu",
+        "logger=wandb",
+        "callbacks=none",
+        "model/norm=rmsnorm",
+        "model/attention_pattern=global",  # tiny names local_global: no keys leak across
+        "model/position=absolute",
+        "model/size=base",
+        "model.padding=padded",
+    ],
+)
+def test_group_options_compose(override):
+    cfg = compose_config([override])
+    resolve_model_config(cfg.model, MODERNBERT_IDS)
+    instantiate(cfg.scheduler)
+
+
+def test_data_mds_needs_its_paths():
+    cfg = compose_config(["data=mds"])
+    assert cfg.data.corpus is None
+    assert cfg.data.mds._get_node("dir")._is_missing()
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("+model.hidden_sise=64", "hidden_sise"),
+        ("+model.norm.epsilon=0.1", "epsilon"),
+        ("model/norm=rmsnorm", None),
+    ],
+)
+def test_a_bad_model_key_is_named(override, needle):
+    cfg = compose_config([override])
+    if needle is None:
+        resolve_model_config(cfg.model, MODERNBERT_IDS)
+        return
+    with pytest.raises(ConfigError, match=needle):
+        resolve_model_config(cfg.model, MODERNBERT_IDS)
+
+
+def test_from_tokenizer_fields_need_a_tokenizer():
+    with pytest.raises(ValueError, match="vocab_size"):
+        resolve_model_config(compose_config().model)
+    tokenizer_ids = dict(vocab_size=512, pad_token_id=0, cls_token_id=1, sep_token_id=2)
+    fixed = compose_config(["model.vocab_size=1024", "model.mask_token_id=7"])
+    model = resolve_model_config(fixed.model, tokenizer_ids)
+    assert (model.vocab_size, model.pad_token_id, model.mask_token_id) == (1024, 0, 7)
+
+
+def test_wandb_logger_config_is_offline_and_works_with_current_wandb():
+    cfg = compose_config(["logger=wandb"])
+    assert cfg.logger.wandb.init_kwargs.mode == "offline"
+    logger = instantiate(cfg.logger.wandb)
+    from wandb.sdk.wandb_run import Run
+
+    assert hasattr(Run, "get_url") and type(logger).__name__ == "WandBLogger"

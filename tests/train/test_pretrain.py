@@ -1,0 +1,130 @@
+"""End to end: a few-batch pretraining run, its checkpoint, resumption, HF export and golden losses."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from flexbert.train.export import load_checkpoint_model, read_model_config
+from flexbert.train.export import main as export_main
+from flexbert.train.pretrain import report, train
+
+GOLDEN = Path(__file__).with_name("golden_loss.json")
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    """One 6-batch run (checkpoints at batches 3 and 6), shared by the tests below."""
+    from tests.train.conftest import TINY_RUN, compose_config
+
+    root = tmp_path_factory.mktemp("pretrain")
+    cfg = compose_config([*TINY_RUN, f"paths.cache_dir={root / 'cache'}"])
+    summary = train(cfg, root / "run")
+    return root, cfg, summary
+
+
+def test_run_writes_summary_checkpoints_and_hf_export(first_run):
+    root, _, summary = first_run
+    run = root / "run"
+    on_disk = json.loads((run / "summary.json").read_text())
+    assert on_disk["train"]["batches"] == 6 and on_disk["train"]["tokens"] > 0
+    assert on_disk["train"]["tokens_per_second"] > 0
+    assert len(on_disk["train"]["loss_curve"]) == 6
+    assert {"MaskedAccuracy", "LanguageCrossEntropy", "Perplexity"} <= set(on_disk["eval"])
+    assert on_disk["config"]["model"]["vocab_size"] == "from_tokenizer"
+    assert on_disk["model_config"]["vocab_size"] == 512  # set from the trained tokenizer
+    assert (run / "checkpoints" / "ep0-ba3-rank0.pt").exists()
+    assert on_disk["paths"]["last_checkpoint"].endswith("ep0-ba6-rank0.pt")
+    assert (run / "hf" / "config.json").exists() and (run / "hf" / "tokenizer.json").exists()
+    assert str(run) in report(summary)
+    # batch-size warmup: 4 rows (one microbatch) at first, then the full 8 rows (two)
+    counts = [s["tokens"] for s in on_disk["train"]["loss_curve"]]
+    per_step = [b - a for a, b in zip([0, *counts], counts)]
+    assert per_step[0] < per_step[-1]
+
+
+def test_hf_export_loads_with_transformers_and_gives_the_same_logits(first_run):
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    root, _, summary = first_run
+    run = root / "run"
+    ours = load_checkpoint_model(
+        summary["paths"]["last_checkpoint"], read_model_config(run / "model_config.json")
+    )
+    hf = AutoModelForMaskedLM.from_pretrained(run / "hf").eval()
+    tok = AutoTokenizer.from_pretrained(run / "hf")
+    enc = tok(
+        ["def add(a, b):\n    return a + b", "The quick brown fox."],
+        padding=True,
+        return_tensors="pt",
+    )
+    with torch.no_grad():
+        expected = ours(enc["input_ids"], attention_mask=enc["attention_mask"]).logits
+        got = hf(**enc).logits
+    mask = enc["attention_mask"].bool()
+    torch.testing.assert_close(got[mask], expected[mask], rtol=1e-4, atol=1e-4)
+
+
+def test_resuming_from_a_checkpoint_continues_at_the_right_batch(first_run, tiny_run_config):
+    root, _, first = first_run
+    ckpt = root / "run" / "checkpoints" / "ep0-ba3-rank0.pt"
+    cfg = tiny_run_config(f"trainer.load_path={ckpt}", f"paths.cache_dir={root / 'cache'}")
+    again = train(cfg, root / "resumed")
+    assert again["train"]["batches"] == 6 and again["train"]["batches_this_run"] == 3
+    resumed = [(s["batch"], s["tokens"], s["loss"]) for s in again["train"]["loss_curve"]]
+    original = [(s["batch"], s["tokens"], s["loss"]) for s in first["train"]["loss_curve"][3:]]
+    assert [r[:2] for r in resumed] == [o[:2] for o in original]  # same batches, same tokens
+    assert [r[2] for r in resumed] == pytest.approx([o[2] for o in original], rel=1e-5)
+
+
+def test_flexbert_export_turns_a_checkpoint_into_an_hf_directory(first_run, tmp_path, capsys):
+    from transformers import AutoModelForMaskedLM
+
+    root, _, _ = first_run
+    ckpt = root / "run" / "checkpoints" / "ep0-ba3-rank0.pt"
+    assert export_main([str(ckpt), "--out", str(tmp_path / "hf")]) == 0
+    assert "hf" in capsys.readouterr().out
+    model = AutoModelForMaskedLM.from_pretrained(tmp_path / "hf")
+    assert model.config.vocab_size == 512 and (tmp_path / "hf" / "tokenizer.json").exists()
+    lonely = tmp_path / "lonely.pt"
+    shutil.copy(ckpt, lonely)
+    assert export_main([str(lonely), "--out", str(tmp_path / "x")]) == 2  # no model config
+
+
+def _environment() -> dict:
+    return {"python": platform.python_version(), "torch": torch.__version__.split("+")[0]}
+
+
+def test_golden_losses_of_the_short_deterministic_run(first_run):
+    """torchtitan-style: the first steps' losses are pinned (FLEXBERT_UPDATE_GOLDEN=1 rewrites).
+
+    The corpus is this interpreter's stdlib, so the file only applies to the Python and torch
+    versions it records; elsewhere the test is skipped.
+    """
+    _, _, summary = first_run
+    losses = [round(s["loss"], 6) for s in summary["train"]["loss_curve"]]
+    if os.environ.get("FLEXBERT_UPDATE_GOLDEN") or not GOLDEN.exists():
+        GOLDEN.write_text(json.dumps({**_environment(), "losses": losses}, indent=2) + "\n")
+    golden = json.loads(GOLDEN.read_text())
+    if {k: golden[k] for k in _environment()} != _environment():
+        pytest.skip(f"golden losses recorded with {golden['python']} / torch {golden['torch']}")
+    assert losses == pytest.approx(golden["losses"], rel=1e-4)
+
+
+def test_padded_layout_trains_through_the_same_entry_point(tiny_run_config, tmp_path):
+    cfg = tiny_run_config(
+        "model.padding=padded",
+        "trainer.max_duration=2ba",
+        "trainer.eval_interval=2ba",
+        "callbacks.batch_size_warmup=null",
+        "export_hf=false",
+    )
+    summary = train(cfg, tmp_path / "padded")
+    assert summary["train"]["batches"] == 2 and summary["paths"]["hf"] is None
+    assert summary["model_config"]["padding"] == "padded"
