@@ -22,8 +22,8 @@ def padded_mask(layout: Layout, half: int | None) -> torch.Tensor | None:
             return None
         # An all-padding row would leave its queries nothing to attend: open it instead.
         return (mask | ~mask.any(dim=-1, keepdim=True))[:, None, None, :]
-    idx = torch.arange(seqlen, device=mask.device)
-    band = ((idx[:, None] - idx[None, :]).abs() <= half)[None, None]  # (1, 1, L, L)
+    ones = torch.ones(seqlen, seqlen, dtype=torch.bool, device=mask.device)
+    band = ones.triu(-half).tril(half)[None, None]  # (1, 1, L, L): |i - j| <= half
     if not layout.has_padding:
         return band
     return (band & mask[:, None, None, :]) | ~mask[:, None, :, None]

@@ -68,23 +68,25 @@ class RotaryPosition(NoPosition):
             inv_freq = 1.0 / (theta**exponents)  # (D/2,)
             freqs = position_ids[..., None].float() * inv_freq  # (..., D/2)
             emb = torch.cat((freqs, freqs), dim=-1)  # (..., D)
-            out[layer_type] = (emb.cos().to(dtype), emb.sin().to(dtype))
+            sin = emb.sin().to(dtype)
+            # rotate_half(x) * sin == roll(x, D/2) * [-sin_1, sin_2]: fold the sign into sin once
+            # per forward instead of negating q and k in every layer (bit-identical results).
+            signed_sin = torch.cat((-sin[..., : dim // 2], sin[..., dim // 2 :]), dim=-1)
+            out[layer_type] = (emb.cos().to(dtype), signed_sin)
         return out
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 def apply_rotary(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """q, k: (..., H, D); cos, sin: (..., D). Computed in fp32 like Hugging Face ModernBERT."""
-    cos, sin = cos.unsqueeze(-2).float(), sin.unsqueeze(-2).float()  # (..., 1, D)
+    """q, k: (..., H, D); cos, signed_sin: (..., D) from `RotaryPosition.rotary`.
+
+    Computed in fp32 like Hugging Face ModernBERT: x * cos + rotate_half(x) * sin."""
+    cos, sin = cos.unsqueeze(-2).float(), signed_sin.unsqueeze(-2).float()  # (..., 1, D)
+    half = q.shape[-1] // 2
     q32, k32 = q.float(), k.float()
-    q_out = q32 * cos + rotate_half(q32) * sin
-    k_out = k32 * cos + rotate_half(k32) * sin
+    q_out = q32 * cos + q32.roll(half, dims=-1) * sin
+    k_out = k32 * cos + k32.roll(half, dims=-1) * sin
     return q_out.to(q.dtype), k_out.to(k.dtype)
 
 
