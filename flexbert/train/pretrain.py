@@ -208,7 +208,16 @@ def report(summary: dict[str, Any]) -> str:
 def _hydra_task(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
 
-    summary = train(cfg, HydraConfig.get().runtime.output_dir)
+    from flexbert import ConfigError
+    from flexbert.data.errors import DataError
+    from flexbert.hf import CheckpointError
+
+    try:
+        summary = train(cfg, HydraConfig.get().runtime.output_dir)
+    except (ConfigError, DataError, CheckpointError, FileNotFoundError) as err:
+        # A bad setting or input: say what is wrong, without a traceback, and exit non-zero.
+        print(f"flexbert-train: error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
     print(report(summary), flush=True)
     return summary["eval"].get("LanguageCrossEntropy")  # what a sweeper would minimise
 
