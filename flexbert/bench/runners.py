@@ -135,7 +135,9 @@ def build_model(
         model = _construct(spec, mlm, sparse_prediction, train_len)
     model = model.to(dtype)
     model.train(mlm)
-    if spec.compile:
+    if spec.compile and spec.family == "flexbert":
+        model.compile_layers(dynamic=True)  # the layer stack; unpadding stays eager
+    elif spec.compile:
         model = torch.compile(model, dynamic=True)
     return model
 
