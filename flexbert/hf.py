@@ -33,9 +33,10 @@ HEAD_ARCHITECTURES = {
     "FlexBertForMultipleChoice": "ModernBertForMultipleChoice",
 }
 # Keys a head may lack in a checkpoint of another head (a fresh classifier for fine-tuning),
-# and keys a checkpoint may hold that this head does not use (the MLM decoder).
+# and keys a checkpoint may hold that this model does not use (the MLM decoder, or a
+# prediction head when loading into a model without one, such as sentence embeddings).
 NEW_HEAD_PREFIXES = ("classifier.",)
-DROPPABLE_PREFIXES = ("decoder.", "classifier.")
+DROPPABLE_PREFIXES = ("decoder.", "classifier.", "head.")
 
 
 class CheckpointError(ValueError):

@@ -1,21 +1,188 @@
-"""`flexbert-finetune`: GLUE-style classification/regression, token classification, retrieval.
+"""`flexbert-finetune`: fine-tune a pretrained encoder with Composer (conf/finetune.yaml).
 
-The Hydra-driven fine-tuning recipes land with their own issue; the heads they train exist
-today (FlexBertForSequenceClassification, ...ForTokenClassification, ...ForSentenceEmbedding).
+Sequence classification / regression (GLUE-style, one or two text fields) and token
+classification, from local files, a saved `datasets` directory or a Hub dataset name. The run
+evaluates each epoch, checkpoints, saves the fine-tuned model as a Hugging Face directory
+(`<run_dir>/hf`, loadable with AutoModelForSequenceClassification / ...TokenClassification)
+and writes `summary.json`. `train(cfg, run_dir)` is the same run without Hydra's command line.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from flexbert.train.app import eval_metrics, instantiate_all, run_app, trainer_kwargs
 
 
-def main(argv: list[str] | None = None) -> int:
-    print(
-        "flexbert-finetune: fine-tuning recipes are not implemented yet. The heads exist: "
-        "FlexBertForSequenceClassification.from_hf(dir, num_labels=N) loads a pretrained encoder."
+def _loader(rows: list[dict[str, Any]], batch_size: int, collate: Any, shuffle: bool) -> Any:
+    from composer.utils import dist
+    from torch.utils.data import DataLoader
+
+    sampler = dist.get_sampler(rows, shuffle=shuffle)  # type: ignore[arg-type]
+    return DataLoader(rows, batch_size=batch_size, sampler=sampler, collate_fn=collate)  # type: ignore[arg-type]
+
+
+def _in_batches(kwargs: dict[str, Any], per_epoch: int) -> dict[str, Any]:
+    """max_duration "Nep" -> batches, so scheduler fractions (0.06dur) are not rounded to 0ep."""
+    duration = str(kwargs.get("max_duration", ""))
+    if duration.endswith("ep") and duration[:-2].isdigit():
+        kwargs["max_duration"] = f"{int(duration[:-2]) * per_epoch}ba"
+    return kwargs
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path) -> tuple[Any, dict[str, Any]]:
+    """Model, data and a ready `composer.Trainer`; returns it and the facts for the summary."""
+    from composer import Evaluator, Trainer
+    from composer.utils import dist, reproducibility
+    from hydra.utils import instantiate
+
+    from flexbert.data.tokenizer import check_tokenizer_matches, load_tokenizer
+    from flexbert.train.callbacks import LossHistory
+    from flexbert.train.data_spec import flexbert_data_spec
+    from flexbert.train.finetune_model import EvalHistory, composer_parts, load_task_model
+    from flexbert.train.model_config import TOKENIZER_FIELDS
+    from flexbert.train.optim import build_optimizer
+    from flexbert.train.tasks import build_examples
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    reproducibility.seed_all(cfg.seed)
+    model = load_task_model(cfg)
+    tok_path = cfg.get("tokenizer", {}).get("path") or cfg.model.path
+    tokenizer = load_tokenizer(tok_path)
+    check_tokenizer_matches(tokenizer, **{k: getattr(model.config, k) for k in TOKENIZER_FIELDS})
+    max_len = min(int(cfg.data.max_seq_len), model.config.max_seq_len)
+    examples, label_names = build_examples(cfg.task, tokenizer, max_len)
+    composer_model, collate = composer_parts(cfg.task, model, tokenizer.pad_token_id)
+    world = dist.get_world_size()
+    train_loader = _loader(examples["train"], cfg.data.batch_size // world, collate, True)
+    eval_loader = _loader(examples["eval"], cfg.data.eval_batch_size // world, collate, False)
+
+    os.environ.setdefault("WANDB_DIR", str(run_dir))
+    history, evals = LossHistory(), EvalHistory()
+    trainer = Trainer(
+        model=composer_model,
+        train_dataloader=flexbert_data_spec(train_loader),
+        eval_dataloader=Evaluator(
+            label="eval",
+            dataloader=flexbert_data_spec(eval_loader),
+            metric_names=list(composer_model.val_metrics),
+        ),
+        optimizers=build_optimizer(
+            cfg.optimizer, composer_model, cfg.trainer.get("device") or "cpu"
+        ),
+        schedulers=instantiate(cfg.scheduler),
+        callbacks=[*instantiate_all(cfg.get("callbacks")), history, evals],
+        loggers=instantiate_all(cfg.get("logger")),
+        save_folder=str(run_dir / "checkpoints"),
+        run_name=cfg.get("run_name") or run_dir.name,
+        seed=cfg.seed,
+        **_in_batches(trainer_kwargs(cfg), len(train_loader)),
     )
-    return 0
+    facts = {
+        "tokenizer": tokenizer,
+        "tokenizer_source": str(tok_path),
+        "label_names": label_names,
+        "history": history,
+        "evals": evals,
+        "counts": {k: len(v) for k, v in examples.items()},
+    }
+    return trainer, facts
+
+
+def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
+    """Fine-tune as `cfg` says; write checkpoints, `hf/` and summary.json into run_dir."""
+    from flexbert.train.finetune_model import save_task_model
+
+    run_dir = Path(run_dir).resolve()
+    trainer, facts = build_trainer(cfg, run_dir)
+    state = trainer.state
+    t0 = time.perf_counter()
+    trainer.fit()
+    seconds = time.perf_counter() - t0
+    metrics = eval_metrics(trainer)
+    if not metrics:  # no eval ran during fit (eval_interval longer than the run)
+        trainer.eval()
+        metrics = eval_metrics(trainer)
+    model = state.model.model
+    hf_dir = run_dir / "hf"
+    if cfg.get("export_hf", True):
+        save_task_model(model, facts["tokenizer"], hf_dir, facts["label_names"])
+    steps = facts["history"].steps
+    checkpoints = sorted((run_dir / "checkpoints").glob("ep*-ba*-rank0.pt"))
+    summary = {
+        "command": " ".join(["flexbert-finetune", *sys.argv[1:]]),
+        "run_dir": str(run_dir),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "task": {"name": cfg.task.name, "type": cfg.task.type, "labels": facts["label_names"]},
+        "model_config": model.config.to_dict(),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "data": {"tokenizer": facts["tokenizer_source"], "examples": facts["counts"]},
+        "train": {
+            "epochs": int(state.timestamp.epoch),
+            "batches": int(state.timestamp.batch),
+            "seconds": round(seconds, 2),
+            "loss_first": steps[0]["loss"] if steps else None,
+            "loss_last": steps[-1]["loss"] if steps else None,
+            "loss_curve": steps,
+        },
+        "eval": metrics,
+        "eval_history": facts["evals"].evals,
+        "paths": {
+            "run_dir": str(run_dir),
+            "checkpoints": str(run_dir / "checkpoints"),
+            "last_checkpoint": str(checkpoints[-1]) if checkpoints else None,
+            "hf": str(hf_dir) if cfg.get("export_hf", True) else None,
+            "summary": str(run_dir / "summary.json"),
+        },
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    trainer.close()
+    return summary
+
+
+def report(summary: dict[str, Any]) -> str:
+    """The closing console message: what was fine-tuned, how well, and where it went."""
+    t, e, p, task = summary["train"], summary["eval"], summary["paths"], summary["task"]
+    auto = {
+        "token_classification": "AutoModelForTokenClassification",
+        "retrieval": "AutoModel",
+    }.get(task["type"], "AutoModelForSequenceClassification")
+    lines = [
+        "",
+        f"flexbert-finetune: {task['name']} ({task['type']}) done in {t['seconds']:.0f}s, "
+        f"{t['epochs']} epochs, {t['batches']} batches",
+        f"  train loss   {t['loss_first']:.3f} -> {t['loss_last']:.3f}"
+        if t["loss_first"] is not None
+        else "  train loss   (no steps this run)",
+        "  eval         " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(e.items())),
+        f"  run dir      {p['run_dir']}",
+        f"  checkpoint   {p['last_checkpoint']}",
+        f"  HF model     {p['hf'] or 'not exported (export_hf=false)'}",
+        f"  summary      {p['summary']}",
+    ]
+    if p["hf"]:
+        lines.append(f"  load it:     {auto}.from_pretrained('{p['hf']}')")
+    return "\n".join(lines)
+
+
+def _run(cfg: DictConfig, run_dir: Path) -> float | None:
+    summary = train(cfg, run_dir)
+    print(report(summary), flush=True)
+    metrics = summary["eval"]
+    return metrics.get(cfg.task.metrics[0]) if cfg.task.metrics else None  # what a sweep maximises
+
+
+def main() -> None:
+    """Console entry point: Hydra parses the command line (`--help` lists the groups)."""
+    run_app("flexbert-finetune", "finetune", _run)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

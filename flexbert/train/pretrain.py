@@ -18,20 +18,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from flexbert.train.paths import conf_dir, register_overlays
+from flexbert.train.app import eval_metrics, instantiate_all, run_app, trainer_kwargs
 
 log = logging.getLogger("flexbert.train")
-
-
-def _instantiate_all(node: DictConfig | None) -> list[Any]:
-    from hydra.utils import instantiate
-
-    return [instantiate(v) for v in (node or {}).values() if v is not None]
-
-
-def _trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
-    kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
-    return {k: v for k, v in kwargs.items() if not (k == "compile_config" and v is None)}
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path) -> tuple[Any, dict[str, Any]]:
@@ -77,13 +66,13 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> tuple[Any, dict[str, Any]]:
         ),
         optimizers=build_optimizer(cfg.optimizer, model, cfg.trainer.get("device") or "cpu"),
         schedulers=instantiate(cfg.scheduler),
-        callbacks=[*_instantiate_all(cfg.get("callbacks")), history],
-        loggers=_instantiate_all(cfg.get("logger")),
+        callbacks=[*instantiate_all(cfg.get("callbacks")), history],
+        loggers=instantiate_all(cfg.get("logger")),
         save_folder=str(run_dir / "checkpoints"),
         run_name=cfg.get("run_name") or run_dir.name,
         seed=cfg.seed,
         device_train_microbatch_size=cfg.data.micro_batch_size // world,
-        **_trainer_kwargs(cfg),
+        **trainer_kwargs(cfg),
     )
     facts = {
         "model_config": model_cfg,
@@ -100,9 +89,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> tuple[Any, dict[str, Any]]:
 def _metrics(trainer: Any) -> dict[str, float]:
     import math
 
-    out = {}
-    for name, metric in trainer.state.eval_metrics.get("eval", {}).items():
-        out[name] = float(metric.compute())
+    out = eval_metrics(trainer)
     if "LanguageCrossEntropy" in out:
         out["Perplexity"] = math.exp(min(out["LanguageCrossEntropy"], 50.0))
     return out
@@ -205,31 +192,15 @@ def report(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _hydra_task(cfg: DictConfig) -> float | None:
-    from hydra.core.hydra_config import HydraConfig
-
-    from flexbert import ConfigError
-    from flexbert.data.errors import DataError
-    from flexbert.hf import CheckpointError
-
-    try:
-        summary = train(cfg, HydraConfig.get().runtime.output_dir)
-    except (ConfigError, DataError, CheckpointError, FileNotFoundError) as err:
-        # A bad setting or input: say what is wrong, without a traceback, and exit non-zero.
-        print(f"flexbert-train: error: {err}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
+def _run(cfg: DictConfig, run_dir: Path) -> float | None:
+    summary = train(cfg, run_dir)
     print(report(summary), flush=True)
     return summary["eval"].get("LanguageCrossEntropy")  # what a sweeper would minimise
 
 
 def main() -> None:
     """Console entry point: Hydra parses the command line (`--help` lists the groups)."""
-    import hydra
-
-    register_overlays()
-    hydra.main(config_path=str(conf_dir()), config_name="pretrain", version_base="1.3")(
-        _hydra_task
-    )()
+    run_app("flexbert-train", "pretrain", _run)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from transformers import (
 from flexbert import (
     ConfigError,
     FlexBertForMaskedLM,
+    FlexBertForSentenceEmbedding,
     FlexBertForSequenceClassification,
     FlexBertForTokenClassification,
     FlexBertModel,
@@ -146,6 +147,10 @@ def test_classifier_fine_tuning_starts_from_a_masked_lm_checkpoint(tmp_path):
     assert clf.classifier.out_features == 5
     encoder = FlexBertModel.from_hf(tmp_path)
     torch.testing.assert_close(encoder.final_norm.weight, mlm.model.final_norm.weight)
+    embedder = FlexBertForSentenceEmbedding.from_hf(tmp_path)  # no prediction head of its own
+    torch.testing.assert_close(
+        embedder.model.layers[1].attn.Wo.weight, mlm.model.layers[1].attn.Wo.weight
+    )
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,54 @@
+"""What the Hydra entry points (`flexbert-train`, `flexbert-finetune`) share: Composer pieces
+from config nodes, eval metrics, and running a task with one clear line for bad input."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from flexbert.train.paths import conf_dir, register_overlays
+
+
+def instantiate_all(node: DictConfig | None) -> list[Any]:
+    """Every `_target_` entry of a group node (callbacks, loggers); null entries are skipped."""
+    from hydra.utils import instantiate
+
+    return [instantiate(v) for v in (node or {}).values() if v is not None]
+
+
+def trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
+    """The `trainer` node as composer.Trainer keyword arguments."""
+    kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    return {k: v for k, v in kwargs.items() if not (k == "compile_config" and v is None)}
+
+
+def eval_metrics(trainer: Any) -> dict[str, float]:
+    """The last values of the `eval` evaluator's metrics."""
+    return {k: float(m.compute()) for k, m in trainer.state.eval_metrics.get("eval", {}).items()}
+
+
+def run_app(prog: str, config_name: str, task: Callable[[DictConfig, Path], Any]) -> None:
+    """Run `task(cfg, run_dir)` under Hydra; a bad setting or input ends with one line, exit 2."""
+    import hydra
+
+    def hydra_task(cfg: DictConfig) -> Any:
+        from hydra.core.hydra_config import HydraConfig
+
+        from flexbert import ConfigError
+        from flexbert.data.errors import DataError
+        from flexbert.hf import CheckpointError
+
+        try:
+            return task(cfg, Path(HydraConfig.get().runtime.output_dir))
+        except (ConfigError, DataError, CheckpointError, FileNotFoundError) as err:
+            print(f"{prog}: error: {err}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
+
+    register_overlays()
+    hydra.main(config_path=str(conf_dir()), config_name=config_name, version_base="1.3")(
+        hydra_task
+    )()

@@ -1,0 +1,190 @@
+"""Composer wrapper and metrics for fine-tuning FlexBERT task heads.
+
+Metrics are torchmetrics objects fed with predictions, not logits, so one `update_metric`
+serves classification (argmax), regression (the single output) and token classification
+(argmax per token, -100 positions dropped).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from composer.core import Callback, State
+from composer.loggers import Logger
+from composer.models import ComposerModel
+from torchmetrics import Metric
+
+from flexbert.heads import IGNORE_INDEX
+from flexbert.outputs import FlexBertOutput
+from flexbert.train.composer_model import model_inputs
+
+
+class EntityF1(Metric):
+    """Token-level micro F1 over the labels other than `outside` (an "O" tag): seqeval-free.
+
+    Precision = correct non-O predictions / non-O predictions; recall = correct / gold non-O.
+    """
+
+    def __init__(self, outside: int = 0) -> None:
+        super().__init__()
+        self.outside = outside
+        for name in ("correct", "predicted", "gold"):
+            self.add_state(name, default=torch.tensor(0.0), dist_reduce_fx="sum")
+
+    def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
+        pred_entity, gold_entity = preds != self.outside, target != self.outside
+        self.correct += (pred_entity & (preds == target)).sum()
+        self.predicted += pred_entity.sum()
+        self.gold += gold_entity.sum()
+
+    def compute(self) -> torch.Tensor:
+        denom = self.predicted + self.gold
+        return 2 * self.correct / denom if denom > 0 else torch.tensor(0.0)
+
+
+def build_metrics(kind: str, num_labels: int, names: Sequence[str]) -> dict[str, Metric]:
+    """The task's metrics by name: accuracy, f1, matthews, pearson, spearman, entity_f1."""
+    from torchmetrics.classification import (
+        BinaryF1Score,
+        MulticlassAccuracy,
+        MulticlassF1Score,
+        MulticlassMatthewsCorrCoef,
+    )
+    from torchmetrics.regression import PearsonCorrCoef, SpearmanCorrCoef
+
+    n = max(num_labels, 2)
+    factories = {
+        "accuracy": lambda: MulticlassAccuracy(num_classes=n, average="micro"),
+        "f1": lambda: BinaryF1Score() if n == 2 else MulticlassF1Score(n, average="macro"),
+        "matthews": lambda: MulticlassMatthewsCorrCoef(num_classes=n),
+        "pearson": PearsonCorrCoef,
+        "spearman": SpearmanCorrCoef,
+        "entity_f1": EntityF1,
+    }
+    allowed = {
+        "sequence_classification": ("accuracy", "f1", "matthews"),
+        "regression": ("pearson", "spearman"),
+        "token_classification": ("accuracy", "f1", "matthews", "entity_f1"),
+    }[kind]
+    bad = [m for m in names if m not in allowed]
+    if bad:
+        from flexbert import ConfigError
+
+        raise ConfigError(f"task.metrics: {bad} do not apply to {kind}; choose from {allowed}")
+    return {m: factories[m]() for m in names}
+
+
+class ComposerFlexBertClassifier(ComposerModel):
+    """Sequence classification/regression or token classification; loss from the head."""
+
+    def __init__(self, model: torch.nn.Module, kind: str, metrics: Sequence[str]) -> None:
+        super().__init__()
+        self.model = model
+        self.kind = kind
+        self.val_metrics = build_metrics(kind, model.config.num_labels, metrics)
+
+    def forward(self, batch: dict[str, Any]) -> FlexBertOutput:
+        return self.model(**model_inputs(batch))
+
+    def loss(self, outputs: FlexBertOutput, batch: dict[str, Any]) -> torch.Tensor:
+        return outputs.loss
+
+    def eval_forward(self, batch: dict[str, Any], outputs: Any | None = None) -> FlexBertOutput:
+        return outputs if outputs is not None else self.forward(batch)
+
+    def get_metrics(self, is_train: bool = False) -> dict[str, Metric]:
+        return {} if is_train else self.val_metrics
+
+    def predictions(
+        self, outputs: FlexBertOutput, batch: dict[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(predictions, targets) as flat tensors, padding and continuation tokens dropped."""
+        logits, labels = outputs.logits.detach(), batch["labels"]
+        if self.kind == "regression":
+            return logits.float().reshape(labels.shape), labels.float()
+        preds = logits.argmax(-1)
+        if self.kind == "token_classification":
+            keep = labels != IGNORE_INDEX
+            return preds[keep], labels[keep]
+        return preds, labels
+
+    def update_metric(self, batch: dict[str, Any], outputs: FlexBertOutput, metric) -> None:
+        preds, target = self.predictions(outputs, batch)
+        metric.update(preds, target)
+
+
+class EvalHistory(Callback):
+    """Keep every evaluation's metrics (one per epoch by default): the curve in summary.json."""
+
+    def __init__(self) -> None:
+        self.evals: list[dict[str, Any]] = []
+
+    def eval_end(self, state: State, logger: Logger) -> None:
+        metrics = state.eval_metrics.get("eval", {})
+        values = {name: round(float(m.compute()), 6) for name, m in metrics.items()}
+        self.evals.append(
+            {"epoch": int(state.timestamp.epoch), "batch": int(state.timestamp.batch), **values}
+        )
+
+
+def load_task_model(cfg: Any) -> Any:
+    """The task head on the pretrained encoder in `model.path` (a fresh classifier)."""
+    from omegaconf import OmegaConf
+
+    from flexbert import ConfigError, FlexBertForSequenceClassification
+    from flexbert.heads import FlexBertForTokenClassification
+    from flexbert.train.finetune_retrieval import load_embedding_model
+
+    path, task = cfg.model.get("path"), cfg.task
+    if not path:
+        raise ConfigError("model.path: set it to a Hugging Face ModernBERT directory")
+    node = cfg.model.get("overrides")
+    overrides = OmegaConf.to_container(node, resolve=True) if node else {}
+    if task.type == "retrieval":
+        return load_embedding_model(path, **overrides)  # type: ignore[arg-type]
+    head = (
+        FlexBertForTokenClassification
+        if task.type == "token_classification"
+        else FlexBertForSequenceClassification
+    )
+    problem = {"regression": "regression", "sequence_classification": "single_label_classification"}
+    return head.from_hf(
+        path,
+        num_labels=int(task.num_labels),
+        problem_type=problem.get(task.type),
+        **overrides,  # type: ignore[arg-type]
+    )
+
+
+def composer_parts(task: Any, model: torch.nn.Module, pad_id: int) -> tuple[ComposerModel, Any]:
+    """The Composer wrapper and the batch collator for the task type."""
+    from flexbert.train.finetune_retrieval import ComposerFlexBertRetrieval, PairCollator
+    from flexbert.train.tasks import Collator
+
+    if task.type == "retrieval":
+        return ComposerFlexBertRetrieval(model), PairCollator(pad_id)
+    wrapper = ComposerFlexBertClassifier(model, task.type, list(task.metrics))
+    return wrapper, Collator(pad_id, regression=task.type == "regression")
+
+
+def save_task_model(model: Any, tokenizer: Any, out: Path, label_names: list[str] | None) -> None:
+    """HF directory with the fine-tuned model, tokenizer files and, when known, id2label.
+
+    A sentence-embedding model is saved as its encoder (ModernBertModel, for AutoModel).
+    """
+    import json
+
+    from flexbert.data.tokenizer import save_tokenizer
+    from flexbert.heads import FlexBertForSentenceEmbedding
+
+    (model.model if isinstance(model, FlexBertForSentenceEmbedding) else model).save_hf(out)
+    save_tokenizer(tokenizer, out)
+    if label_names:
+        cfg_file = out / "config.json"
+        hf = json.loads(cfg_file.read_text())
+        hf["id2label"] = {str(i): n for i, n in enumerate(label_names)}
+        hf["label2id"] = {n: i for i, n in enumerate(label_names)}
+        cfg_file.write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")

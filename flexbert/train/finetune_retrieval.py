@@ -1,0 +1,108 @@
+"""Retrieval fine-tuning: (query, positive) pairs, in-batch InfoNCE, recall@1 on eval batches.
+
+Every other positive in a batch is a negative for a query, so recall@1 is measured among the
+`data.eval_batch_size` candidates of each eval batch (a quick, comparable signal, not a full
+corpus search). The encoder is exported as a plain ModernBertModel (`AutoModel`) directory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from composer.models import ComposerModel
+from torchmetrics import Metric
+
+from flexbert.outputs import FlexBertOutput
+
+
+def load_embedding_model(path: str | Path, **overrides: Any) -> Any:
+    """FlexBertForSentenceEmbedding over the encoder of any ModernBERT checkpoint (MLM too)."""
+    from flexbert.heads import FlexBertForSentenceEmbedding
+
+    return FlexBertForSentenceEmbedding.from_hf(path, **overrides)  # drops MLM/classifier heads
+
+
+def encode_pairs(
+    ds: Any, task: Mapping[str, Any], tokenizer: Any, max_len: int, split: str
+) -> list[dict[str, Any]]:
+    """Rows {query ids, positive ids} from task.text_fields = [query_field, positive_field]."""
+    from flexbert.data.errors import DataError
+    from flexbert.train.tasks import check_fields
+
+    fields = list(task["text_fields"])
+    if len(fields) != 2:
+        raise DataError(f"task.text_fields: retrieval needs [query, positive], got {fields}")
+    check_fields(ds, fields, split)
+    q, p = ([str(t) for t in ds[f]] for f in fields)
+    q_ids = tokenizer(q, truncation=True, max_length=max_len)["input_ids"]
+    p_ids = tokenizer(p, truncation=True, max_length=max_len)["input_ids"]
+    return [{"input_ids": a, "cand_ids": b} for a, b in zip(q_ids, p_ids)]
+
+
+def _pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)], mask[i, : len(s)] = torch.tensor(s), 1
+    return ids, mask
+
+
+class PairCollator:
+    """Queries and positives padded separately, each to its own longest row."""
+
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        ids, mask = _pad([r["input_ids"] for r in rows], self.pad_id)
+        cand, cand_mask = _pad([r["cand_ids"] for r in rows], self.pad_id)
+        return {"input_ids": ids, "attention_mask": mask, "cand_ids": cand, "cand_mask": cand_mask}
+
+
+class RecallAt1(Metric):
+    """Share of queries whose own positive scores highest among the batch's candidates."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("hits", default=torch.tensor(0.0), dist_reduce_fx="sum")
+        self.add_state("total", default=torch.tensor(0.0), dist_reduce_fx="sum")
+
+    def update(self, scores: torch.Tensor) -> None:
+        target = torch.arange(scores.shape[0], device=scores.device)
+        self.hits += (scores.argmax(-1) == target).sum()
+        self.total += scores.shape[0]
+
+    def compute(self) -> torch.Tensor:
+        return self.hits / self.total.clamp(min=1)
+
+
+class ComposerFlexBertRetrieval(ComposerModel):
+    """In-batch InfoNCE over (query, positive) pairs; recall@1 on eval."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.val_metrics = {"recall_at_1": RecallAt1()}
+
+    def forward(self, batch: dict[str, Any]) -> FlexBertOutput:
+        return self.model(
+            batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            candidates=(batch["cand_ids"], batch["cand_mask"]),
+        )
+
+    def loss(self, outputs: FlexBertOutput, batch: dict[str, Any]) -> torch.Tensor:
+        return outputs.loss
+
+    def eval_forward(self, batch: dict[str, Any], outputs: Any | None = None) -> FlexBertOutput:
+        return outputs if outputs is not None else self.forward(batch)
+
+    def get_metrics(self, is_train: bool = False) -> dict[str, Metric]:
+        return {} if is_train else self.val_metrics
+
+    def update_metric(self, batch: dict[str, Any], outputs: FlexBertOutput, metric) -> None:
+        metric.update(outputs.logits.detach())

@@ -1,0 +1,193 @@
+"""Fine-tuning data: read a task's splits, check its fields and labels, tokenize, pad batches.
+
+Sources (the `task.dataset` node): local files (`files: {train: a.csv, validation: b.csv}`;
+CSV, TSV, JSON/JSONL, Parquet by extension), a `datasets` directory saved with
+`save_to_disk` (`path`), or a Hub dataset by name (`name` + `config`). Every problem found in
+the data raises DataError naming the file, split or field, before any training starts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flexbert.data.errors import DataError, DataFileNotFoundError
+from flexbert.heads import IGNORE_INDEX
+
+TASK_TYPES = ("sequence_classification", "regression", "token_classification", "retrieval")
+FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+def _file_format(files: Mapping[str, str]) -> tuple[str, dict[str, Any]]:
+    """The `datasets` builder for these files (one format for all splits) and its options."""
+    suffixes = set()
+    for split, f in files.items():
+        p = Path(f)
+        if not p.exists():
+            raise DataFileNotFoundError(f"task.dataset.files.{split}: file not found: {p}")
+        if p.suffix.lower() not in FORMATS:
+            raise DataError(f"{p}: unknown format '{p.suffix}'; use one of {sorted(FORMATS)}")
+        suffixes.add(p.suffix.lower())
+    builders = {FORMATS[s] for s in suffixes}
+    if len(builders) > 1:
+        raise DataError(f"task.dataset.files mixes formats {sorted(suffixes)}; use one format")
+    return builders.pop(), ({"delimiter": "\t"} if suffixes == {".tsv"} else {})
+
+
+def load_splits(dataset: Mapping[str, Any], splits: Sequence[str]) -> dict[str, Any]:
+    """{split: datasets.Dataset} for the requested splits, from files, disk or the Hub."""
+    import datasets
+
+    files = {k: str(v) for k, v in (dataset.get("files") or {}).items() if v}
+    path, name = dataset.get("path"), dataset.get("name")
+    try:
+        if files:
+            builder, options = _file_format(files)
+            loaded = datasets.load_dataset(builder, data_files=files, **options)
+        elif path:
+            if not Path(path).exists():
+                raise DataFileNotFoundError(f"task.dataset.path: not found: {path}")
+            loaded = datasets.load_from_disk(str(path))
+        elif name:
+            loaded = datasets.load_dataset(name, dataset.get("config"))
+        else:
+            raise DataError("task.dataset: set files (local files), path (load_from_disk) or name")
+    except DataError:
+        raise
+    except Exception as e:  # noqa: BLE001 - datasets raises many types; one clear message
+        raise DataError(f"could not load task.dataset ({files or path or name}): {e}") from e
+    if isinstance(loaded, datasets.Dataset):
+        loaded = datasets.DatasetDict({"train": loaded})
+    missing = [s for s in splits if s not in loaded]
+    if missing:
+        raise DataError(f"dataset has no split(s) {missing}; it has {sorted(loaded)}")
+    return {s: loaded[s] for s in splits}
+
+
+def check_fields(ds: Any, fields: Sequence[str], split: str) -> None:
+    missing = [f for f in fields if f not in ds.column_names]
+    if missing:
+        raise DataError(
+            f"split '{split}' has no field(s) {missing} (task.text_fields / task.label_field); "
+            f"its fields are {ds.column_names}"
+        )
+
+
+def label_mapper(task: Mapping[str, Any], values: Sequence[Any]) -> tuple[Any, list[str] | None]:
+    """A function raw label -> target, and the label names (for id2label) when known."""
+    kind, num_labels = task["type"], int(task["num_labels"])
+    if kind == "regression":
+        return float, None
+    names = list(task.get("label_names") or [])
+    if not names and any(isinstance(v, str) for v in values):
+        names = sorted({str(v) for v in values})  # string labels: ids in sorted order
+    if len(names) > num_labels:
+        raise DataError(f"{len(names)} labels {names} but task.num_labels={num_labels}")
+    index = {n: i for i, n in enumerate(names)}
+
+    def to_id(v: Any) -> int:
+        if isinstance(v, str) and names:
+            if v not in index:
+                raise DataError(f"label '{v}' is not one of task.label_names {names}")
+            i = index[v]
+        else:
+            i = int(v)
+        if not 0 <= i < num_labels:
+            raise DataError(
+                f"label {v!r} is outside task.num_labels={num_labels} (0..{num_labels - 1})"
+            )
+        return i
+
+    return to_id, names or None
+
+
+def encode_sequences(
+    ds: Any, task: Mapping[str, Any], tokenizer: Any, max_len: int, split: str, to_label: Any
+) -> list[dict[str, Any]]:
+    """One or two text fields -> input_ids (CLS a SEP [b SEP]), truncated to max_len."""
+    fields = list(task["text_fields"])
+    if not 1 <= len(fields) <= 2:
+        raise DataError(f"task.text_fields: one or two fields, got {fields}")
+    check_fields(ds, [*fields, task["label_field"]], split)
+    columns = [[str(t) for t in ds[f]] for f in fields]
+    enc = tokenizer(*columns, truncation=True, max_length=max_len)
+    labels = [to_label(v) for v in ds[task["label_field"]]]
+    return [{"input_ids": ids, "labels": y} for ids, y in zip(enc["input_ids"], labels)]
+
+
+def encode_tokens(
+    ds: Any, task: Mapping[str, Any], tokenizer: Any, max_len: int, split: str, to_label: Any
+) -> list[dict[str, Any]]:
+    """Word lists -> sub-tokens; each word's label sits on its first sub-token, others -100."""
+    words_field, label_field = task["text_fields"][0], task["label_field"]
+    check_fields(ds, [words_field, label_field], split)
+    cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
+    out = []
+    for row, (words, tags) in enumerate(zip(ds[words_field], ds[label_field])):
+        if len(words) != len(tags):
+            raise DataError(f"split '{split}' row {row}: {len(words)} words but {len(tags)} labels")
+        ids, labels = [cls], [IGNORE_INDEX]
+        for i, (word, tag) in enumerate(zip(words, tags)):
+            pieces = tokenizer(str(word) if i == 0 else " " + str(word), add_special_tokens=False)
+            pieces = pieces["input_ids"] or [tokenizer.unk_token_id or sep]
+            ids += pieces
+            labels += [to_label(tag)] + [IGNORE_INDEX] * (len(pieces) - 1)
+        ids, labels = ids[: max_len - 1] + [sep], labels[: max_len - 1] + [IGNORE_INDEX]
+        out.append({"input_ids": ids, "labels": labels})
+    return out
+
+
+def build_examples(
+    task: Mapping[str, Any], tokenizer: Any, max_len: int
+) -> tuple[dict[str, list[dict[str, Any]]], list[str] | None]:
+    """{train, eval: encoded examples} and the label names, from the task config."""
+    kind = task["type"]
+    if kind not in TASK_TYPES:
+        raise DataError(f"task.type '{kind}' is not one of {list(TASK_TYPES)}")
+    names = {"train": task["train_split"], "eval": task["eval_split"]}
+    raw = load_splits(task["dataset"], list(dict.fromkeys(names.values())))
+    if kind == "retrieval":
+        from flexbert.train.finetune_retrieval import encode_pairs
+
+        out = {k: encode_pairs(raw[s], task, tokenizer, max_len, s) for k, s in names.items()}
+        return out, None
+    train = raw[names["train"]]
+    check_fields(train, [task["label_field"]], names["train"])
+    values = train[task["label_field"]]
+    if kind == "token_classification":
+        values = [v for tags in values for v in tags]
+    to_label, label_names = label_mapper(task, values)
+    encode = encode_tokens if kind == "token_classification" else encode_sequences
+    out = {}
+    for key, split in names.items():
+        out[key] = encode(raw[split], task, tokenizer, max_len, split, to_label)
+        if not out[key]:
+            raise DataError(f"split '{split}' is empty")
+    return out, label_names
+
+
+class Collator:
+    """Dynamic padding: each batch is padded to its longest row (labels with -100 per token)."""
+
+    def __init__(self, pad_id: int, regression: bool = False) -> None:
+        self.pad_id, self.regression = pad_id, regression
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        width = max(len(r["input_ids"]) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : len(r["input_ids"])] = torch.tensor(r["input_ids"])
+            mask[i, : len(r["input_ids"])] = 1
+        first = rows[0]["labels"]
+        if isinstance(first, list):
+            labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+            for i, r in enumerate(rows):
+                labels[i, : len(r["labels"])] = torch.tensor(r["labels"])
+        else:
+            dtype = torch.float if self.regression else torch.long
+            labels = torch.tensor([r["labels"] for r in rows], dtype=dtype)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}

@@ -1,0 +1,256 @@
+"""flexbert-finetune end to end on tiny synthetic tasks: a random tiny "pretrained" encoder
+learns whether a text contains a word, a regression and a token-tagging task, and its
+Hugging Face export gives the same logits in transformers."""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from flexbert.train.finetune import report, train
+from flexbert.train.paths import conf_dir
+
+WORDS = [
+    "apple",
+    "river",
+    "stone",
+    "cloud",
+    "green",
+    "quick",
+    "table",
+    "music",
+    "paper",
+    "light",
+    "house",
+    "dream",
+]
+KEY = "banana"
+TASKS = sorted(p.stem for p in (conf_dir() / "task").glob("*.yaml"))
+FAST = [
+    "data.batch_size=16",
+    "data.eval_batch_size=64",
+    "data.max_seq_len=32",
+    "optimizer.lr=2e-3",
+    "trainer.progress_bar=false",
+]
+
+
+def _sentences(rng: random.Random, n: int) -> list[list[str]]:
+    return [
+        [
+            rng.choice([*WORDS, KEY] if rng.random() < 0.5 else WORDS)
+            for _ in range(rng.randint(3, 7))
+        ]
+        for _ in range(n)
+    ]
+
+
+def _compose(overrides: list[str]):
+    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
+        return compose("finetune", overrides=overrides)
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory) -> Path:
+    """A tiny randomly initialised encoder + its tokenizer, saved like a pretraining export."""
+    from flexbert import FlexBertForMaskedLM, ModelConfig
+    from flexbert.data.tokenizer import save_tokenizer, special_token_ids, train_tokenizer
+
+    rng = random.Random(0)
+    texts = [" ".join(s) for s in _sentences(rng, 300)]
+    tok = train_tokenizer(texts, vocab_size=384, num_unused=4, min_frequency=1)
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset("tiny", **special_token_ids(tok))
+    out = tmp_path_factory.mktemp("pretrained") / "hf"
+    FlexBertForMaskedLM(cfg).save_hf(out)
+    save_tokenizer(tok, out)
+    return out
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def contains_word(tmp_path_factory) -> dict[str, Path]:
+    """CSV train/dev sets: label 1 when the text contains KEY (learnable, 50/50)."""
+    import csv
+
+    rng, root = random.Random(1), tmp_path_factory.mktemp("cls")
+    files = {}
+    for split, n in (("train", 320), ("validation", 128)):
+        files[split] = root / f"{split}.csv"
+        with files[split].open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["text", "label"])
+            for s in _sentences(rng, n):
+                w.writerow([" ".join(s), int(KEY in s)])
+    return files
+
+
+def _files(files: dict[str, Path]) -> list[str]:
+    return [f"task.dataset.files.{k}={v}" for k, v in files.items()]
+
+
+@pytest.fixture(scope="module")
+def classification_run(pretrained, contains_word, tmp_path_factory):
+    cfg = _compose(
+        [f"model.path={pretrained}", *_files(contains_word), *FAST, "trainer.max_duration=4ep"]
+    )
+    run = tmp_path_factory.mktemp("ft") / "run"
+    return run, train(cfg, run)
+
+
+def test_classification_learns_and_writes_summary(classification_run):
+    run, summary = classification_run
+    assert summary["eval"]["accuracy"] > 0.85, summary["eval"]
+    assert {"accuracy", "f1", "matthews"} <= set(summary["eval"])
+    on_disk = json.loads((run / "summary.json").read_text())
+    assert on_disk["train"]["epochs"] == 4 and on_disk["data"]["examples"]["eval"] == 128
+    assert [e["epoch"] for e in on_disk["eval_history"]] == [1, 2, 3, 4]  # eval each epoch
+    assert on_disk["paths"]["last_checkpoint"].endswith("-rank0.pt")
+    assert str(run / "hf") in report(summary)
+
+
+def test_hf_export_gives_the_same_logits_in_transformers(classification_run):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from flexbert import FlexBertForSequenceClassification
+
+    run, _ = classification_run
+    hf = AutoModelForSequenceClassification.from_pretrained(run / "hf").eval()
+    ours = FlexBertForSequenceClassification.from_hf(run / "hf").eval()
+    tok = AutoTokenizer.from_pretrained(run / "hf")
+    enc = tok([f"apple {KEY} stone", "river cloud green quick"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = ours(enc["input_ids"], attention_mask=enc["attention_mask"]).logits
+        got = hf(**enc).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert got.argmax(-1).tolist() == [1, 0]
+
+
+def test_regression_reports_pearson(pretrained, tmp_path):
+    rng = random.Random(2)
+    files = {}
+    for split, n in (("train", 96), ("validation", 48)):
+        rows = [
+            {"a": " ".join(s[:2]), "b": " ".join(s[2:]), "label": s.count(KEY) / len(s)}
+            for s in _sentences(rng, n)
+        ]
+        files[split] = _write_jsonl(tmp_path / f"{split}.jsonl", rows)
+    cfg = _compose(
+        [f"model.path={pretrained}", "task=local_regression", *_files(files), *FAST]
+        + ["trainer.max_duration=1ep", "task.text_fields=[a,b]"]  # sentence pairs
+    )
+    summary = train(cfg, tmp_path / "run")
+    from transformers import AutoConfig
+
+    hf_cfg = AutoConfig.from_pretrained(tmp_path / "run" / "hf")
+    assert hf_cfg.num_labels == 1 and hf_cfg.problem_type == "regression"
+    assert {"pearson", "spearman"} == set(summary["eval"])
+    assert (tmp_path / "run" / "hf" / "config.json").exists()
+
+
+def test_token_classification_runs_on_word_labels(pretrained, tmp_path):
+    rng = random.Random(3)
+    files = {}
+    for split, n in (("train", 96), ("validation", 32)):
+        rows = [{"tokens": s, "tags": [int(w == KEY) for w in s]} for s in _sentences(rng, n)]
+        files[split] = _write_jsonl(tmp_path / f"{split}.jsonl", rows)
+    cfg = _compose(
+        [f"model.path={pretrained}", "task=local_token_classification", *_files(files), *FAST]
+        + ["trainer.max_duration=1ep"]
+    )
+    summary = train(cfg, tmp_path / "run")
+    assert {"accuracy", "entity_f1"} == set(summary["eval"])
+    assert summary["eval"]["accuracy"] > 0.5
+    hf_cfg = json.loads((tmp_path / "run" / "hf" / "config.json").read_text())
+    assert hf_cfg["architectures"] == ["ModernBertForTokenClassification"]
+
+
+def test_retrieval_trains_on_pairs_and_exports_the_encoder(pretrained, tmp_path):
+    from transformers import AutoModel
+
+    rng = random.Random(4)
+    files = {}
+    for split, n in (("train", 64), ("validation", 32)):
+        rows = [{"query": " ".join(s), "positive": " ".join(s[::-1])} for s in _sentences(rng, n)]
+        files[split] = _write_jsonl(tmp_path / f"{split}.jsonl", rows)
+    cfg = _compose(
+        [f"model.path={pretrained}", "task=local_retrieval", *_files(files), *FAST]
+        + ["trainer.max_duration=1ep"]
+    )
+    summary = train(cfg, tmp_path / "run")
+    assert 0.0 <= summary["eval"]["recall_at_1"] <= 1.0
+    assert type(AutoModel.from_pretrained(tmp_path / "run" / "hf")).__name__ == "ModernBertModel"
+
+
+def test_word_labels_sit_on_the_first_sub_token(pretrained):
+    from flexbert.data.tokenizer import load_tokenizer
+    from flexbert.train.tasks import encode_tokens
+
+    tok = load_tokenizer(pretrained)
+    task = {"text_fields": ["tokens"], "label_field": "tags"}
+    ds = _Rows({"tokens": [["xyzzyq", KEY]], "tags": [[1, 0]]})
+    (row,) = encode_tokens(ds, task, tok, 64, "train", int)
+    word = tok("xyzzyq", add_special_tokens=False)["input_ids"]
+    assert len(word) > 1 and row["labels"][: len(word) + 2] == [-100, 1] + [-100] * (
+        len(word) - 1
+    ) + [0]
+
+
+class _Rows(dict):
+    """The slice of a datasets.Dataset that the encoders use."""
+
+    @property
+    def column_names(self) -> list[str]:
+        return list(self)
+
+
+@pytest.mark.parametrize("name", TASKS)
+def test_every_task_preset_composes(name):
+    cfg = _compose([f"task={name}"])
+    assert cfg.task.name == name and cfg.task.text_fields and cfg.task.metrics
+    kinds = ("sequence_classification", "regression", "token_classification", "retrieval")
+    assert cfg.task.type in kinds
+    assert cfg.task.type != "regression" or cfg.task.num_labels == 1
+
+
+def test_missing_text_field_is_one_clear_error(
+    pretrained, contains_word, tmp_path, monkeypatch, capsys
+):
+    from flexbert.train.finetune import main
+
+    args = [f"model.path={pretrained}", *_files(contains_word), "task.text_fields=[sentence]"]
+    monkeypatch.setattr(sys, "argv", ["flexbert-finetune", *args, f"hydra.run.dir={tmp_path}"])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("flexbert-finetune: error:") and "'sentence'" in last
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "bad, expected",
+    [
+        ("task.num_labels=1", "outside task.num_labels=1"),
+        ("model.path=/nonexistent/dir", "config.json is missing"),
+        ("task.dataset.files.train=/nonexistent/train.csv", "file not found"),
+    ],
+)
+def test_bad_input_raises_a_clear_error(pretrained, contains_word, tmp_path, bad, expected):
+    from flexbert import ConfigError
+    from flexbert.data.errors import DataError
+
+    cfg = _compose([f"model.path={pretrained}", *_files(contains_word), *FAST, bad])
+    with pytest.raises((DataError, ConfigError, FileNotFoundError), match=expected):
+        train(cfg, tmp_path / "run")
