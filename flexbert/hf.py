@@ -130,7 +130,7 @@ def config_to_hf(cfg: ModelConfig, architecture: str) -> Any:
             "this model cannot be saved as Hugging Face ModernBERT: " + "; ".join(problems)
         )
     window = cfg.attention_pattern.window or 128
-    return ModernBertConfig(
+    hf_config = ModernBertConfig(
         vocab_size=cfg.vocab_size,
         hidden_size=cfg.hidden_size,
         intermediate_size=cfg.intermediate_size,
@@ -167,8 +167,10 @@ def config_to_hf(cfg: ModelConfig, architecture: str) -> Any:
         num_labels=cfg.num_labels,
         problem_type=cfg.problem_type,
         architectures=[architecture],
-        mask_token_id=cfg.mask_token_id,
     )
+    # Not a ModernBertConfig field: kept as an extra attribute so from_hf restores it.
+    hf_config.mask_token_id = cfg.mask_token_id
+    return hf_config
 
 
 def unsupported_for_hf(cfg: ModelConfig) -> list[str]:

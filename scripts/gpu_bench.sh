@@ -12,7 +12,7 @@
 set -u
 cd "$(dirname "$0")/.."
 OUT="${OUT:-./bench_out}"
-PY="${PYTHON:-python}"
+PY="${PYTHON:-$(command -v python || command -v python3)}"
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}."
 mkdir -p "$OUT"
 BENCH=("$PY" -m flexbert.bench.cli --out "$OUT" --append)
