@@ -20,6 +20,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from flexbert.registry import ConfigError
 from flexbert.train.data_spec import num_tokens
 
 
@@ -33,9 +34,9 @@ class BatchSizeSchedule:
 
     def __post_init__(self) -> None:
         if not 1 <= self.start <= self.full:
-            raise ValueError(f"need 1 <= start <= full, got start={self.start}, full={self.full}")
+            raise ConfigError(f"need 1 <= start <= full, got start={self.start}, full={self.full}")
         if self.warmup_tokens < 0:
-            raise ValueError(f"warmup_tokens must be >= 0, got {self.warmup_tokens}")
+            raise ConfigError(f"warmup_tokens must be >= 0, got {self.warmup_tokens}")
 
     def rows(self, tokens_seen: int) -> int:
         """Rows for the next step after `tokens_seen` tokens."""
@@ -74,7 +75,7 @@ class StepBatcher:
         self, loader: Iterable[dict[str, Any]], rows_per_step: int, rows_per_microbatch: int
     ):
         if rows_per_step % rows_per_microbatch:
-            raise ValueError(
+            raise ConfigError(
                 f"rows per step ({rows_per_step}) must be a multiple of rows per microbatch "
                 f"({rows_per_microbatch})"
             )

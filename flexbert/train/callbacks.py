@@ -7,6 +7,7 @@ from typing import Any
 from composer.core import Callback, State
 from composer.loggers import Logger
 
+from flexbert.registry import ConfigError
 from flexbert.train.batching import StepBatcher
 
 
@@ -33,7 +34,7 @@ class BatchSizeWarmup(Callback):
     def fit_start(self, state: State, logger: Logger) -> None:
         batcher = _step_batcher(state)
         if batcher is None:
-            raise ValueError("BatchSizeWarmup needs the train loader to be a StepBatcher")
+            raise ConfigError("BatchSizeWarmup needs the train loader to be a StepBatcher")
         from composer.utils import dist
 
         self.world_size = dist.get_world_size()

@@ -26,6 +26,7 @@ from flexbert.data.loader import PackedMLMLoader, padded_loader, streaming_datas
 from flexbert.data.masking import MLMMasker
 from flexbert.data.mds import prepare_mds, read_manifest
 from flexbert.data.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
+from flexbert.registry import ConfigError
 from flexbert.train.batching import StepBatcher
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ def get_tokenizer(data: DictConfig, cache_dir: Path) -> tuple[Any, Path]:
         return load_tokenizer(tcfg.path), Path(tcfg.path)
     spec = corpus_spec(data)
     if spec is None:
-        raise ValueError("data.tokenizer.path is required when data.corpus is null")
+        raise ConfigError("data.tokenizer.path is required when data.corpus is null")
     settings = {k: tcfg[k] for k in ("vocab_size", "num_unused", "min_frequency")}
     out = cache_dir / f"tokenizer-{_key({'corpus': spec.fingerprint(), **settings})}"
     if (out / "tokenizer.json").exists():
@@ -76,7 +77,7 @@ def get_shards(data: DictConfig, tokenizer: Any, cache_dir: Path) -> tuple[Path,
     settings = {k: mds[k] for k in ("max_length", "val_fraction", "split_seed", "overflow")}
     if spec is None:
         if not mds.get("dir"):
-            raise ValueError("data.mds.dir is required when data.corpus is null")
+            raise ConfigError("data.mds.dir is required when data.corpus is null")
         return Path(mds["dir"]), read_manifest(mds["dir"]) if not mds.get("remote") else None
     tok_sha = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
     key = _key({"corpus": spec.fingerprint(), "tokenizer": tok_sha, **settings})
@@ -88,7 +89,7 @@ def get_shards(data: DictConfig, tokenizer: Any, cache_dir: Path) -> tuple[Path,
 
 def _rows_per_rank(rows: int, what: str, world_size: int) -> int:
     if rows % world_size:
-        raise ValueError(f"data.{what}={rows} must be divisible by the world size ({world_size})")
+        raise ConfigError(f"data.{what}={rows} must be divisible by the world size ({world_size})")
     return rows // world_size
 
 
@@ -102,7 +103,7 @@ def build_loaders(
 ) -> tuple[StepBatcher, Any]:
     """Train loader (optimizer steps of whole microbatches) and eval loader (microbatches)."""
     if data.seq_len > model_cfg.max_seq_len:
-        raise ValueError(
+        raise ConfigError(
             f"data.seq_len={data.seq_len} exceeds model.max_seq_len={model_cfg.max_seq_len}"
         )
     masker = MLMMasker.from_tokenizer(tokenizer, data.mlm_probability)

@@ -14,6 +14,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from flexbert import ModelConfig
+from flexbert.registry import ConfigError
 
 FROM_TOKENIZER = "from_tokenizer"
 TOKENIZER_FIELDS = ("vocab_size", "pad_token_id", "cls_token_id", "sep_token_id", "mask_token_id")
@@ -42,7 +43,9 @@ def resolve_model_config(
     values = model_node_dict(node)
     pending = needs_tokenizer(values)
     if pending and tokenizer_ids is None:
-        raise ValueError(f"model fields {pending} say '{FROM_TOKENIZER}' but no tokenizer is given")
+        raise ConfigError(
+            f"model fields {pending} say '{FROM_TOKENIZER}' but no tokenizer is given"
+        )
     for key in pending:
         values[key] = int(tokenizer_ids[key])  # type: ignore[index]
     return ModelConfig.from_dict(values)

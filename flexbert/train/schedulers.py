@@ -14,6 +14,8 @@ import math
 from composer.core import State, Time, TimeUnit
 from composer.optim.scheduler import ComposerScheduler, _convert_time
 
+from flexbert.registry import ConfigError
+
 DECAY_SHAPES = {
     "1-sqrt": lambda p: 1.0 - math.sqrt(p),
     "linear": lambda p: 1.0 - p,
@@ -36,7 +38,7 @@ class WarmupStableDecayScheduler(ComposerScheduler):
         decay_shape: str = "1-sqrt",
     ) -> None:
         if decay_shape not in DECAY_SHAPES:
-            raise ValueError(
+            raise ConfigError(
                 f"decay_shape must be one of {list(DECAY_SHAPES)}, got {decay_shape!r}"
             )
         self.t_warmup = t_warmup
@@ -50,7 +52,7 @@ class WarmupStableDecayScheduler(ComposerScheduler):
         decay = _convert_time(self.t_decay, state, ssr)
         total = _convert_time(Time(1.0, TimeUnit.DURATION), state, ssr)
         if decay.unit != total.unit:
-            raise ValueError(
+            raise ConfigError(
                 f"t_decay={self.t_decay} must be in max_duration's unit ({total.unit.value}) or dur"
             )
         now_w = state.timestamp.get(warmup.unit).value
