@@ -25,17 +25,17 @@ def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
     return inputs
 
 
-class ComposerFlexBertMLM(ComposerModel):
-    """Masked-LM pretraining: loss from the model, masked accuracy and cross-entropy metrics."""
+class FlexBertComposerModel(ComposerModel):
+    """What every FlexBERT Composer wrapper shares: the loss comes from the head's output.
 
-    def __init__(self, model: FlexBertForMaskedLM) -> None:
+    Subclasses set `val_metrics` (and `train_metrics` where training metrics are wanted) and
+    implement `update_metric`."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
         super().__init__()
         self.model = model
-        self.train_metrics = {"MaskedAccuracy": MaskedAccuracy(ignore_index=IGNORE_INDEX)}
-        self.val_metrics = {
-            "MaskedAccuracy": MaskedAccuracy(ignore_index=IGNORE_INDEX),
-            "LanguageCrossEntropy": LanguageCrossEntropy(ignore_index=IGNORE_INDEX),
-        }
+        self.train_metrics: dict[str, Any] = {}
+        self.val_metrics: dict[str, Any] = {}
 
     def forward(self, batch: dict[str, Any]) -> FlexBertOutput:
         return self.model(**model_inputs(batch))
@@ -48,6 +48,18 @@ class ComposerFlexBertMLM(ComposerModel):
 
     def get_metrics(self, is_train: bool = False) -> dict[str, Any]:
         return self.train_metrics if is_train else self.val_metrics
+
+
+class ComposerFlexBertMLM(FlexBertComposerModel):
+    """Masked-LM pretraining: loss from the model, masked accuracy and cross-entropy metrics."""
+
+    def __init__(self, model: FlexBertForMaskedLM) -> None:
+        super().__init__(model)
+        self.train_metrics = {"MaskedAccuracy": MaskedAccuracy(ignore_index=IGNORE_INDEX)}
+        self.val_metrics = {
+            "MaskedAccuracy": MaskedAccuracy(ignore_index=IGNORE_INDEX),
+            "LanguageCrossEntropy": LanguageCrossEntropy(ignore_index=IGNORE_INDEX),
+        }
 
     def update_metric(self, batch: dict[str, Any], outputs: FlexBertOutput, metric) -> None:
         labels = batch["labels"]

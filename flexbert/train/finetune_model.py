@@ -19,7 +19,7 @@ from torchmetrics import Metric
 
 from flexbert.heads import IGNORE_INDEX
 from flexbert.outputs import FlexBertOutput
-from flexbert.train.composer_model import model_inputs
+from flexbert.train.composer_model import FlexBertComposerModel
 
 
 class EntityF1(Metric):
@@ -77,26 +77,13 @@ def build_metrics(kind: str, num_labels: int, names: Sequence[str]) -> dict[str,
     return {m: factories[m]() for m in names}
 
 
-class ComposerFlexBertClassifier(ComposerModel):
+class ComposerFlexBertClassifier(FlexBertComposerModel):
     """Sequence classification/regression or token classification; loss from the head."""
 
     def __init__(self, model: torch.nn.Module, kind: str, metrics: Sequence[str]) -> None:
-        super().__init__()
-        self.model = model
+        super().__init__(model)
         self.kind = kind
         self.val_metrics = build_metrics(kind, model.config.num_labels, metrics)
-
-    def forward(self, batch: dict[str, Any]) -> FlexBertOutput:
-        return self.model(**model_inputs(batch))
-
-    def loss(self, outputs: FlexBertOutput, batch: dict[str, Any]) -> torch.Tensor:
-        return outputs.loss
-
-    def eval_forward(self, batch: dict[str, Any], outputs: Any | None = None) -> FlexBertOutput:
-        return outputs if outputs is not None else self.forward(batch)
-
-    def get_metrics(self, is_train: bool = False) -> dict[str, Metric]:
-        return {} if is_train else self.val_metrics
 
     def predictions(
         self, outputs: FlexBertOutput, batch: dict[str, Any]

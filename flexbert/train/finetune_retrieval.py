@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from composer.models import ComposerModel
 from torchmetrics import Metric
 
 from flexbert.outputs import FlexBertOutput
+from flexbert.train.composer_model import FlexBertComposerModel
 
 
 def load_embedding_model(path: str | Path, **overrides: Any) -> Any:
@@ -80,12 +80,11 @@ class RecallAt1(Metric):
         return self.hits / self.total.clamp(min=1)
 
 
-class ComposerFlexBertRetrieval(ComposerModel):
+class ComposerFlexBertRetrieval(FlexBertComposerModel):
     """In-batch InfoNCE over (query, positive) pairs; recall@1 on eval."""
 
     def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.model = model
+        super().__init__(model)
         self.val_metrics = {"recall_at_1": RecallAt1()}
 
     def forward(self, batch: dict[str, Any]) -> FlexBertOutput:
@@ -94,15 +93,6 @@ class ComposerFlexBertRetrieval(ComposerModel):
             attention_mask=batch["attention_mask"],
             candidates=(batch["cand_ids"], batch["cand_mask"]),
         )
-
-    def loss(self, outputs: FlexBertOutput, batch: dict[str, Any]) -> torch.Tensor:
-        return outputs.loss
-
-    def eval_forward(self, batch: dict[str, Any], outputs: Any | None = None) -> FlexBertOutput:
-        return outputs if outputs is not None else self.forward(batch)
-
-    def get_metrics(self, is_train: bool = False) -> dict[str, Metric]:
-        return {} if is_train else self.val_metrics
 
     def update_metric(self, batch: dict[str, Any], outputs: FlexBertOutput, metric) -> None:
         metric.update(outputs.logits.detach())
