@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from flexbert.data.errors import DataError
-from flexbert.data.masking import IGNORE_INDEX, MLMMasker
+from flexbert.data.masking import IGNORE_INDEX, MLMMasker, documents_generator
 
 
 class PaddedMLMCollator:
@@ -30,6 +30,7 @@ class PaddedMLMCollator:
         masker: MLMMasker | None = None,
         pad_to: int | None = None,
         generator: torch.Generator | None = None,
+        seed: int | None = None,
     ) -> None:
         if pad_to is not None and pad_to < max_seq_len:
             raise DataError(f"pad_to={pad_to} is shorter than max_seq_len={max_seq_len}")
@@ -38,6 +39,7 @@ class PaddedMLMCollator:
         self.masker = masker
         self.pad_to = pad_to
         self.generator = generator
+        self.seed = seed  # when set, masks are seeded per batch from its documents' indices
 
     def __call__(self, docs: Sequence[Any]) -> dict[str, torch.Tensor]:
         seqs = [
@@ -55,6 +57,9 @@ class PaddedMLMCollator:
         if self.masker is None:
             labels = torch.where(mask.bool(), ids, torch.full_like(ids, IGNORE_INDEX))
             return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-        masked, labels = self.masker(ids, self.generator)
+        generator = self.generator
+        if self.seed is not None and all(isinstance(d, dict) and "index" in d for d in docs):
+            generator = documents_generator(self.seed, [int(d["index"]) for d in docs])
+        masked, labels = self.masker(ids, generator)
         labels = labels.masked_fill(~mask.bool(), IGNORE_INDEX)
         return {"input_ids": masked, "attention_mask": mask, "labels": labels}

@@ -148,6 +148,7 @@ class PackedMLMLoader:
         prefetch: int = 2,
         num_workers: int = 0,
         read_batch_size: int | None = None,
+        fixed_masks: bool = False,
     ) -> None:
         # Streaming partitions samples by its batch_size; the reading DataLoader must match it.
         if dataset.batch_size is None:
@@ -159,6 +160,7 @@ class PackedMLMLoader:
         )
         self.masker = masker
         self.seed = seed
+        self.fixed_masks = fixed_masks  # eval: every pass masks the same positions
         self.prefetch = prefetch
         self.num_workers = num_workers
         self.read_batch_size = dataset.batch_size
@@ -200,7 +202,8 @@ class PackedMLMLoader:
             yield self._finish(packed, epoch, i)
 
     def _finish(self, packed: PackedBatch, epoch: int, index: int) -> tuple[dict[str, Any], dict]:
-        ids, labels = self.masker(packed.input_ids, batch_generator(self.seed, epoch, index))
+        mask_epoch = 0 if self.fixed_masks else epoch
+        ids, labels = self.masker(packed.input_ids, batch_generator(self.seed, mask_epoch, index))
         batch = {
             "input_ids": ids,
             "cu_seqlens": packed.cu_seqlens,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import numpy as np
 import torch
 
 from flexbert.data.errors import DataError
@@ -83,3 +84,10 @@ def batch_generator(seed: int, epoch: int, batch_index: int) -> torch.Generator:
     g = torch.Generator()
     g.manual_seed((seed * 1_000_003 + epoch) * 1_000_000_007 + batch_index & 0x7FFF_FFFF_FFFF_FFFF)
     return g
+
+
+def documents_generator(seed: int, indices: list[int]) -> torch.Generator:
+    """A generator seeded from (seed, the batch's sample indices): the same documents get the
+    same masks whatever epoch or position they come in, so padded batches resume exactly."""
+    state = np.random.SeedSequence([seed, *indices]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 31 | int(state[1]) >> 1)

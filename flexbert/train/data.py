@@ -16,7 +16,6 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from flexbert import ModelConfig
@@ -106,7 +105,10 @@ def build_loaders(
         raise ConfigError(
             f"data.seq_len={data.seq_len} exceeds model.max_seq_len={model_cfg.max_seq_len}"
         )
-    masker = MLMMasker.from_tokenizer(tokenizer, data.mlm_probability)
+    maskers = {
+        "train": MLMMasker.from_tokenizer(tokenizer, data.mlm_probability),
+        "val": MLMMasker.from_tokenizer(tokenizer, data.get("eval_mlm_probability", 0.15)),
+    }
     micro = _rows_per_rank(data.micro_batch_size, "micro_batch_size", world_size)
     step = _rows_per_rank(data.batch_size, "batch_size", world_size)
     eval_micro = _rows_per_rank(data.eval_micro_batch_size, "eval_micro_batch_size", world_size)
@@ -123,20 +125,20 @@ def build_loaders(
             batch_size=rows if padded else data.read_batch_size,
         )
         if padded:
-            gen = torch.Generator().manual_seed(split_seed)
             collator = PaddedMLMCollator(
-                model_cfg.pad_token_id, data.seq_len, masker, generator=gen
+                model_cfg.pad_token_id, data.seq_len, maskers[split], seed=split_seed
             )
             return padded_loader(ds, rows, collator)
         return PackedMLMLoader(
             ds,
             rows,
             data.seq_len,
-            masker,
+            maskers[split],
             model_cfg.pad_token_id,
             buffer_size=data.buffer_size,
             seed=split_seed,
             prefetch=data.prefetch,
+            fixed_masks=split == "val",
         )
 
     train = StepBatcher(loader("train", micro, True, seed), step, micro)

@@ -127,3 +127,25 @@ def test_corrupt_shard_bytes(mds_dir, tmp_path):
     ds = streaming_dataset(local, shuffle=False, batch_size=1)
     with pytest.raises(DataError, match="cannot read sample 0"):
         ds[0]
+
+
+@pytest.mark.parametrize("fixed", [True, False])
+def test_eval_passes_reuse_the_same_masks_only_with_fixed_masks(shards, tokenizer, fixed):
+    ds = streaming_dataset(shards, split="val", shuffle=False, batch_size=16)
+    masker = MLMMasker.from_tokenizer(tokenizer, 0.15)
+    loader = PackedMLMLoader(
+        ds, 2, 128, masker, tokenizer.pad_token_id, buffer_size=32, seed=3, fixed_masks=fixed
+    )
+    first, second = list(loader), list(loader)
+    assert len(first) == len(second) > 0
+    assert all(same(a, b) for a, b in zip(first, second)) is fixed
+
+
+def test_padded_masks_follow_the_documents_not_the_call_order():
+    masker = MLMMasker(mask_token_id=3, allowed_ids=range(10, 60), special_ids=[0, 1, 2])
+    collate = PaddedMLMCollator(pad_token_id=0, max_seq_len=40, masker=masker, seed=7)
+    docs = [{"input_ids": np.arange(10, 50), "index": i} for i in (4, 9)]
+    other = [{"input_ids": np.arange(10, 50), "index": i} for i in (5, 9)]
+    a, _, b = collate(docs), collate(other), collate(docs)
+    assert torch.equal(a["labels"], b["labels"]) and torch.equal(a["input_ids"], b["input_ids"])
+    assert not torch.equal(a["labels"], collate(other)["labels"])

@@ -128,3 +128,22 @@ def test_padded_layout_trains_through_the_same_entry_point(tiny_run_config, tmp_
     summary = train(cfg, tmp_path / "padded")
     assert summary["train"]["batches"] == 2 and summary["paths"]["hf"] is None
     assert summary["model_config"]["padding"] == "padded"
+
+
+def test_eval_split_masks_at_the_eval_rate_with_the_same_masks_every_time(
+    tiny_run_config, tmp_path
+):
+    from flexbert.data.tokenizer import special_token_ids
+    from flexbert.train.data import build_loaders, get_shards, get_tokenizer
+    from flexbert.train.model_config import resolve_model_config
+
+    cfg = tiny_run_config()
+    cache = tmp_path / "cache"
+    tokenizer, _ = get_tokenizer(cfg.data, cache)
+    model_cfg = resolve_model_config(cfg.model, special_token_ids(tokenizer))
+    mds_dir, _ = get_shards(cfg.data, tokenizer, cache)
+    train, val = build_loaders(cfg.data, model_cfg, tokenizer, mds_dir, cfg.seed, 1)
+    assert val.masker.mlm_probability == cfg.data.eval_mlm_probability == 0.15
+    assert train.loader.masker.mlm_probability == cfg.data.mlm_probability == 0.3
+    first, second = list(val), list(val)
+    assert all(torch.equal(a["labels"], b["labels"]) for a, b in zip(first, second))
