@@ -208,10 +208,14 @@ def _check_varlen(cfg: ModelConfig) -> None:
 def varlen_attention(q, k, v, layout: Layout, half, dropout_p: float, scale: float):
     from torch.nn.attention.varlen import varlen_attn
 
-    window = (-1, -1) if half is None else (half, half)
+    # Keyword arguments only where they differ from the defaults, so torch releases whose
+    # varlen_attn lacks one of them still run the common case.
+    kwargs = {} if half is None else {"window_size": (half, half)}
+    if scale != q.shape[-1] ** -0.5:
+        kwargs["scale"] = scale
     cu, m = layout.cu_seqlens, layout.max_seqlen
     # v is a strided view of the fused qkv projection; q and k are fresh after RoPE.
-    return varlen_attn(q, k, v.contiguous(), cu, cu, m, m, scale=scale, window_size=window)
+    return varlen_attn(q, k, v.contiguous(), cu, cu, m, m, **kwargs)
 
 
 # ---------------------------------------------------------------- flash-attn package

@@ -22,6 +22,7 @@ from flexbert.layout import Layout, positions_from_cu_seqlens
 
 def reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale=None, window_size=(-1, -1)):
     assert cu_q.dtype == torch.int32 and isinstance(max_q, int) and q.dim() == 3
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
     assert max_q == int((cu_q[1:] - cu_q[:-1]).max())
     out = torch.empty_like(q)
     left, right = window_size
@@ -50,21 +51,23 @@ def _inputs(lengths=(19, 40, 3)):
     return q, k, v, layout
 
 
-@pytest.mark.parametrize("half", [None, 4])
-def test_varlen_call_matches_eager(monkeypatch, half):
+@pytest.mark.parametrize(("half", "scale"), [(None, 0.25), (4, 0.25), (4, 0.3)])
+def test_varlen_call_matches_eager(monkeypatch, half, scale):
     import torch.nn.attention.varlen as varlen
 
     seen = {}
 
-    def fake(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1)):
-        seen["window_size"] = window_size
-        return reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale, window_size)
+    def fake(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs):
+        seen.update(kwargs)  # only what differs from varlen_attn's defaults is passed
+        window = kwargs.get("window_size", (-1, -1))
+        return reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, kwargs.get("scale"), window)
 
     monkeypatch.setattr(varlen, "varlen_attn", fake)
-    q, k, v, layout = _inputs()
-    got = backends.varlen_attention(q, k, v, layout, half, 0.0, 0.25)
-    expected = backends.eager_attention(q, k, v, layout, half, 0.0, 0.25)
-    assert seen["window_size"] == ((-1, -1) if half is None else (half, half))
+    q, k, v, layout = _inputs()  # head dim 16: the default scale is 0.25
+    got = backends.varlen_attention(q, k, v, layout, half, 0.0, scale)
+    expected = backends.eager_attention(q, k, v, layout, half, 0.0, scale)
+    assert seen.get("window_size") == (None if half is None else (half, half))
+    assert seen.get("scale") == (None if scale == 0.25 else scale)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
