@@ -109,22 +109,26 @@ def padded_loader(
     )
 
 
-class _StateAdapter:
-    """What Composer sees as `dataloader.dataset`: state calls go to the packed loader."""
+class ComposerStateAdapter:
+    """What Composer sees as `dataloader.dataset`: its `state_dict(num_samples, from_beginning)`
+    and `load_state_dict` calls go to `owner`'s own state methods (the sample count Composer
+    passes is ignored: packed and step batches hold no fixed number of documents). Any other
+    attribute is looked up on `fallback` (the underlying StreamingDataset), when given."""
 
-    def __init__(self, loader: PackedMLMLoader) -> None:
-        self._loader = loader
+    def __init__(self, owner: Any, fallback: Any = None) -> None:
+        self._owner = owner
+        self._fallback = fallback
 
     def state_dict(self, num_samples: int = 0, from_beginning: bool = True) -> dict[str, Any]:
-        return self._loader.state_dict()
+        return self._owner.state_dict()
 
     def load_state_dict(self, obj: dict[str, Any]) -> None:
-        self._loader.load_state_dict(obj)
+        self._owner.load_state_dict(obj)
 
     def __getattr__(self, name: str) -> Any:
-        if name == "_loader":  # not yet set (e.g. while unpickling): avoid recursion
+        if name.startswith("_") or self._fallback is None:  # also while unpickling
             raise AttributeError(name)
-        return getattr(self._loader.streaming_dataset, name)
+        return getattr(self._fallback, name)
 
 
 class PackedMLMLoader:
@@ -154,7 +158,7 @@ class PackedMLMLoader:
         if dataset.batch_size is None:
             dataset.batch_size = read_batch_size or 64
         self.streaming_dataset = dataset
-        self.dataset = _StateAdapter(self)
+        self.dataset = ComposerStateAdapter(self, dataset)
         self.packer = SequencePacker(
             micro_batch_size, max_seq_len, pad_token_id, buffer_size, pad_to_capacity
         )

@@ -20,6 +20,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from flexbert.data.loader import ComposerStateAdapter
 from flexbert.registry import ConfigError
 from flexbert.train.data_spec import num_tokens
 
@@ -50,19 +51,6 @@ class BatchSizeSchedule:
         return max(1, math.ceil(self.rows(tokens_seen) / rows_per_microbatch))
 
 
-class _StateAdapter:
-    """Composer saves `dataloader.dataset.state_dict(...)`: forward it to the batcher."""
-
-    def __init__(self, batcher: StepBatcher) -> None:
-        self._batcher = batcher
-
-    def state_dict(self, num_samples: int = 0, from_beginning: bool = True) -> dict[str, Any]:
-        return self._batcher.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._batcher.load_state_dict(state)
-
-
 class StepBatcher:
     """Group a microbatch loader's output into optimizer steps of `rows_per_step` rows.
 
@@ -82,7 +70,7 @@ class StepBatcher:
         self.loader = loader
         self.rows_per_microbatch = rows_per_microbatch
         self.schedule = BatchSizeSchedule(rows_per_step, rows_per_step, 0)
-        self.dataset = _StateAdapter(self)
+        self.dataset = ComposerStateAdapter(self)
         self.tokens_seen = 0
         self.steps = 0
         self.last_microbatches = 0
