@@ -1,6 +1,7 @@
 """FlexBERT: a config-driven framework for modern bidirectional encoders."""
 
 from flexbert.config import ModelConfig
+from flexbert.growth import GrowthReport, grow_model
 from flexbert.heads import (
     FlexBertForMaskedLM,
     FlexBertForMultipleChoice,
@@ -21,5 +22,7 @@ __all__ = [
     "FlexBertForTokenClassification",
     "FlexBertModel",
     "FlexBertOutput",
+    "GrowthReport",
     "ModelConfig",
+    "grow_model",
 ]

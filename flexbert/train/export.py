@@ -10,43 +10,8 @@ flexbert-train before training) or `--config`; the tokenizer from the run's `tok
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
-from typing import Any
-
-import torch
-
-
-def find_run_file(checkpoint: Path, name: str) -> Path | None:
-    """`name` in the checkpoint's run directory (the checkpoint's folder or the one above)."""
-    for folder in (checkpoint.parent, checkpoint.parent.parent):
-        if (folder / name).exists():
-            return folder / name
-    return None
-
-
-def read_model_config(path: Path) -> Any:
-    """A ModelConfig from model_config.json, or from a run's summary.json (`model_config`)."""
-    from flexbert import ModelConfig
-
-    values = json.loads(path.read_text())
-    return ModelConfig.from_dict(values.get("model_config", values))
-
-
-def load_checkpoint_model(checkpoint: str | Path, config: Any) -> Any:
-    """FlexBertForMaskedLM with the weights of a Composer checkpoint (ComposerFlexBertMLM)."""
-    from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
-
-    from flexbert import FlexBertForMaskedLM
-
-    blob = torch.load(str(checkpoint), map_location="cpu", weights_only=False)
-    state = dict(blob["state"]["model"])
-    consume_prefix_in_state_dict_if_present(state, "module.")  # DDP
-    consume_prefix_in_state_dict_if_present(state, "model.")  # ComposerFlexBertMLM.model
-    model = FlexBertForMaskedLM(config)
-    model.load_state_dict(state, strict=True)
-    return model.eval()
 
 
 def export(
@@ -57,16 +22,19 @@ def export(
 ) -> Path:
     """Write `out` (config.json, model.safetensors, tokenizer files); return it."""
     from flexbert.data.tokenizer import load_tokenizer, save_tokenizer
+    from flexbert.train.checkpoints import (
+        config_next_to,
+        find_run_file,
+        load_checkpoint_model,
+        read_model_config,
+    )
 
     ckpt = Path(checkpoint).resolve()
     if not ckpt.exists():
         raise FileNotFoundError(f"checkpoint not found: {ckpt}")
-    cfg_path = Path(config) if config else find_run_file(ckpt, "model_config.json")
-    if cfg_path is None or not cfg_path.exists():
-        raise FileNotFoundError(
-            f"no model_config.json next to {ckpt} or its parent; pass --config "
-            "(a run's model_config.json or summary.json)"
-        )
+    cfg_path = Path(config) if config else config_next_to(ckpt)
+    if not cfg_path.exists():
+        raise FileNotFoundError(f"--config {cfg_path}: no such file")
     tok_path = Path(tokenizer) if tokenizer else find_run_file(ckpt, "tokenizer")
     model = load_checkpoint_model(ckpt, read_model_config(cfg_path))
     out = model.save_hf(out)

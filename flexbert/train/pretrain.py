@@ -32,6 +32,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> tuple[Any, dict[str, Any]]:
     from flexbert import FlexBertForMaskedLM
     from flexbert.data.tokenizer import check_tokenizer_matches, save_tokenizer, special_token_ids
     from flexbert.train.callbacks import LossHistory
+    from flexbert.train.checkpoints import init_from
     from flexbert.train.composer_model import ComposerFlexBertMLM
     from flexbert.train.data import build_loaders, get_shards, get_tokenizer
     from flexbert.train.data_spec import flexbert_data_spec
@@ -53,7 +54,18 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> tuple[Any, dict[str, Any]]:
 
     os.environ.setdefault("WANDB_DIR", str(run_dir))  # offline W&B files stay with the run
     reproducibility.seed_all(cfg.seed)
-    model = ComposerFlexBertMLM(FlexBertForMaskedLM(model_cfg))
+    mlm = FlexBertForMaskedLM(model_cfg)
+    growth = init_from(cfg.get("init_from"), mlm)
+    if growth:
+        log.info(
+            "init_from %s: (layers, hidden, intermediate) %s -> %s, %s tiling, %s layer map",
+            growth["path"],
+            growth["source_shape"],
+            growth["target_shape"],
+            growth["tile_mode"],
+            growth["layer_map"],
+        )
+    model = ComposerFlexBertMLM(mlm)
     history = LossHistory()
     world = dist.get_world_size()
     trainer = Trainer(
@@ -82,6 +94,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> tuple[Any, dict[str, Any]]:
         "manifest": manifest,
         "history": history,
         "train_loader": train_loader,
+        "init_from": growth,
     }
     return trainer, facts
 
@@ -132,6 +145,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         "config": OmegaConf.to_container(cfg, resolve=True),
         "model_config": facts["model_config"].to_dict(),
         "parameters": sum(p.numel() for p in model.parameters()),
+        "init_from": facts["init_from"],
         "data": {
             "tokenizer": facts["tokenizer_source"],
             "tokenizer_size": len(facts["tokenizer"]),

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from flexbert.train.export import load_checkpoint_model, read_model_config
+from flexbert.train.checkpoints import load_checkpoint_model, read_model_config
 from flexbert.train.export import main as export_main
 from flexbert.train.pretrain import report, train
 
@@ -147,3 +147,49 @@ def test_eval_split_masks_at_the_eval_rate_with_the_same_masks_every_time(
     assert train.loader.masker.mlm_probability == cfg.data.mlm_probability == 0.3
     first, second = list(val), list(val)
     assert all(torch.equal(a["labels"], b["labels"]) for a, b in zip(first, second))
+
+
+@pytest.mark.parametrize("source", ["checkpoint", "hf"])
+def test_init_from_grows_a_trained_run_into_a_larger_model(first_run, tiny_run_config, source):
+    """A wider, deeper model starts from the first run's weights (center tiling, gopher map);
+    with lr 0 the weights after two steps are still exactly the grown ones."""
+    from flexbert.train.checkpoints import load_pretrained_mlm
+
+    root, _, first = first_run
+    path = first["paths"]["last_checkpoint"] if source == "checkpoint" else first["paths"]["hf"]
+    cfg = tiny_run_config(
+        f"init_from.path={path}",
+        f"paths.cache_dir={root / 'cache'}",
+        "model.hidden_size=96",
+        "model.num_heads=6",
+        "model.intermediate_size=144",
+        "model.num_layers=6",
+        "optimizer=adamw",
+        "optimizer.lr=0.0",
+        "trainer.max_duration=2ba",
+        "trainer.eval_interval=2ba",
+        "export_hf=false",
+    )
+    summary = train(cfg, root / f"grown_{source}")
+    grown = summary["init_from"]
+    assert grown["source_shape"] == [4, 64, 96] and grown["target_shape"] == [6, 96, 144]
+    assert grown["source_layer_of_each_layer"] == [0, 0, 1, 2, 2, 3]
+    assert grown["dropped"] == []
+    small = load_pretrained_mlm(path)
+    big = load_checkpoint_model(
+        summary["paths"]["last_checkpoint"],
+        read_model_config(root / f"grown_{source}" / "model_config.json"),
+    )
+    torch.testing.assert_close(
+        big.model.layers[5].mlp.Wo.weight[16:80, 24:120], small.model.layers[3].mlp.Wo.weight
+    )
+    torch.testing.assert_close(
+        big.model.embeddings.tok_embeddings.weight[:, 16:80],
+        small.model.embeddings.tok_embeddings.weight,
+    )
+
+
+def test_init_from_a_missing_path_says_what_it_expects(tiny_run_config, tmp_path):
+    cfg = tiny_run_config(f"init_from.path={tmp_path / 'nowhere'}", "trainer.max_duration=1ba")
+    with pytest.raises(FileNotFoundError, match="Hugging Face ModernBERT directory"):
+        train(cfg, tmp_path / "run")

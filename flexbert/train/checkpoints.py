@@ -1,0 +1,97 @@
+"""Reading trained weights back: Composer checkpoints of flexbert-train runs and HF directories.
+
+A Composer checkpoint holds the weights; the model config lives in the run directory
+(`model_config.json`, written by flexbert-train before training), found next to the
+checkpoint or one folder up.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def find_run_file(checkpoint: Path, name: str) -> Path | None:
+    """`name` in the checkpoint's run directory (the checkpoint's folder or the one above)."""
+    for folder in (checkpoint.parent, checkpoint.parent.parent):
+        if (folder / name).exists():
+            return folder / name
+    return None
+
+
+def read_model_config(path: Path) -> Any:
+    """A ModelConfig from model_config.json, or from a run's summary.json (`model_config`)."""
+    from flexbert import ModelConfig
+
+    values = json.loads(path.read_text())
+    return ModelConfig.from_dict(values.get("model_config", values))
+
+
+def load_checkpoint_model(checkpoint: str | Path, config: Any) -> Any:
+    """FlexBertForMaskedLM with the weights of a Composer checkpoint (ComposerFlexBertMLM)."""
+    from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
+
+    from flexbert import FlexBertForMaskedLM
+
+    blob = torch.load(str(checkpoint), map_location="cpu", weights_only=False)
+    state = dict(blob["state"]["model"])
+    consume_prefix_in_state_dict_if_present(state, "module.")  # DDP
+    consume_prefix_in_state_dict_if_present(state, "model.")  # ComposerFlexBertMLM.model
+    model = FlexBertForMaskedLM(config)
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def config_next_to(checkpoint: Path) -> Path:
+    """The run's model_config.json for a checkpoint, or a FileNotFoundError saying what to pass."""
+    path = find_run_file(checkpoint, "model_config.json")
+    if path is None:
+        raise FileNotFoundError(
+            f"no model_config.json next to {checkpoint} or its parent; pass the config "
+            "(a run's model_config.json or summary.json)"
+        )
+    return path
+
+
+def load_pretrained_mlm(path: str | Path) -> Any:
+    """A trained FlexBertForMaskedLM from a Hugging Face ModernBERT directory (config.json)
+    or a flexbert-train Composer checkpoint (.pt, config from its run directory)."""
+    from flexbert import FlexBertForMaskedLM
+
+    path = Path(path).expanduser().resolve()
+    if path.is_dir() and (path / "config.json").exists():
+        return FlexBertForMaskedLM.from_hf(path).eval()
+    if path.is_file():
+        return load_checkpoint_model(path, read_model_config(config_next_to(path)))
+    raise FileNotFoundError(
+        f"{path}: expected a Hugging Face ModernBERT directory (with config.json) or a "
+        "flexbert-train checkpoint file (runs/pretrain/<time>/checkpoints/ep0-ba<N>-rank0.pt)"
+    )
+
+
+def init_from(node: Any, model: Any) -> dict[str, Any] | None:
+    """Apply the `init_from` config node to a freshly built model: load the trained source
+    and grow it into `model` (a plain copy when the sizes match). Returns what was done, for
+    the run summary, or None when `init_from.path` is unset."""
+    from flexbert import grow_model
+
+    if not node or not node.get("path"):
+        return None
+    source = load_pretrained_mlm(node["path"])
+    tile_mode, layer_map = node.get("tile_mode", "center"), node.get("layer_map", "gopher")
+    grown = grow_model(model, source, tile_mode=tile_mode, layer_map=layer_map)
+    s, t = source.config, model.config
+    return {
+        "path": str(node["path"]),
+        "tile_mode": tile_mode,
+        "layer_map": layer_map,
+        "source_shape": [s.num_layers, s.hidden_size, s.intermediate_size],
+        "target_shape": [t.num_layers, t.hidden_size, t.intermediate_size],
+        "source_layer_of_each_layer": grown.layer_map,
+        "copied": len(grown.copied),
+        "kept_init": grown.kept_init,
+        "dropped": grown.dropped,
+    }
