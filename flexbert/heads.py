@@ -6,6 +6,8 @@ see real tokens (and with `sparse_prediction` only the tokens that carry a label
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -206,6 +208,14 @@ class FlexBertForSentenceEmbedding(FlexBertPreTrainedModel):
         self.model = FlexBertModel(cfg, initialize=False)
         self.temperature = temperature
         self.init_weights()
+
+    def save_hf(self, path: str | Path) -> Path:
+        """The encoder as a ModernBertModel directory (`AutoModel`) plus the
+        sentence-transformers module files: `SentenceTransformer(path)` gives these vectors."""
+        from flexbert import hf
+
+        hf.sentence_transformers_pooling(self.config)  # refuse before writing anything
+        return hf.write_sentence_transformers_modules(self.model.save_hf(path), self.config)
 
     def embed(
         self,

@@ -304,3 +304,61 @@ def save_hf(model: torch.nn.Module, path: str | Path) -> Path:
     save_file(state, str(tmp), metadata={"format": "pt"})
     tmp.replace(path / "model.safetensors")
     return path
+
+
+# ---------------------------------------------------------------------------- sentence-transformers
+# FlexBERT pooling -> the sentence-transformers Pooling mode that computes the same vector.
+ST_POOLING_MODES = {"cls": "pooling_mode_cls_token", "mean": "pooling_mode_mean_tokens"}
+ST_ALL_POOLING_MODES = (
+    "pooling_mode_cls_token",
+    "pooling_mode_mean_tokens",
+    "pooling_mode_max_tokens",
+    "pooling_mode_mean_sqrt_len_tokens",
+    "pooling_mode_weightedmean_tokens",
+    "pooling_mode_lasttoken",
+)
+
+
+def sentence_transformers_pooling(cfg: ModelConfig) -> str:
+    """The sentence-transformers Pooling mode for the config's pooling, or a ConfigError."""
+    mode = ST_POOLING_MODES.get(cfg.pooling.name)
+    if mode is None:
+        raise ConfigError(
+            f"pooling {cfg.pooling.name!r} has no sentence-transformers counterpart; "
+            f"use one of {sorted(ST_POOLING_MODES)}"
+        )
+    return mode
+
+
+def write_sentence_transformers_modules(path: str | Path, cfg: ModelConfig) -> Path:
+    """Beside a saved ModernBertModel, the module files that make `SentenceTransformer(path)`
+    compute FlexBertForSentenceEmbedding's vectors: encoder -> Pooling -> Normalize."""
+    mode = sentence_transformers_pooling(cfg)
+    path = Path(path)
+    modules = [
+        ("", "sentence_transformers.models.Transformer"),
+        ("1_Pooling", "sentence_transformers.models.Pooling"),
+        ("2_Normalize", "sentence_transformers.models.Normalize"),
+    ]
+    files = {
+        "modules.json": [
+            {"idx": i, "name": str(i), "path": sub, "type": kind}
+            for i, (sub, kind) in enumerate(modules)
+        ],
+        "sentence_bert_config.json": {"max_seq_length": cfg.max_seq_len, "do_lower_case": False},
+        "config_sentence_transformers.json": {
+            "similarity_fn_name": "cosine",
+            "prompts": {},
+            "default_prompt_name": None,
+        },
+        "1_Pooling/config.json": {
+            "word_embedding_dimension": cfg.hidden_size,
+            **{m: m == mode for m in ST_ALL_POOLING_MODES},
+            "include_prompt": True,
+        },
+    }
+    (path / "2_Normalize").mkdir(parents=True, exist_ok=True)  # Normalize has no settings
+    for name, content in files.items():
+        (path / name).parent.mkdir(parents=True, exist_ok=True)
+        (path / name).write_text(json.dumps(content, indent=2) + "\n")
+    return path

@@ -160,14 +160,14 @@ def composer_parts(task: Any, model: torch.nn.Module, pad_id: int) -> tuple[Comp
 def save_task_model(model: Any, tokenizer: Any, out: Path, label_names: list[str] | None) -> None:
     """HF directory with the fine-tuned model, tokenizer files and, when known, id2label.
 
-    A sentence-embedding model is saved as its encoder (ModernBertModel, for AutoModel).
+    A sentence-embedding model is saved as its encoder (ModernBertModel, for AutoModel) with
+    the sentence-transformers module files (`SentenceTransformer(out)`).
     """
     import json
 
     from flexbert.data.tokenizer import save_tokenizer
-    from flexbert.heads import FlexBertForSentenceEmbedding
 
-    (model.model if isinstance(model, FlexBertForSentenceEmbedding) else model).save_hf(out)
+    model.save_hf(out)
     save_tokenizer(tokenizer, out)
     if label_names:
         cfg_file = out / "config.json"

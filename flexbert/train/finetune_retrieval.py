@@ -2,7 +2,8 @@
 
 Every other positive in a batch is a negative for a query, so recall@1 is measured among the
 `data.eval_batch_size` candidates of each eval batch (a quick, comparable signal, not a full
-corpus search). The encoder is exported as a plain ModernBertModel (`AutoModel`) directory.
+corpus search). The export is a ModernBertModel (`AutoModel`) directory that is also a
+sentence-transformers model: `SentenceTransformer(dir).encode(texts)` gives the same vectors.
 """
 
 from __future__ import annotations

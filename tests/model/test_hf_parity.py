@@ -153,6 +153,45 @@ def test_classifier_fine_tuning_starts_from_a_masked_lm_checkpoint(tmp_path):
     )
 
 
+def _word_tokenizer(out):
+    """A whitespace word-level tokenizer with FlexBERT's tiny special ids, saved into `out`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[CLS]", "[SEP]", "[MASK]", "[UNK]"]
+    vocab = {t: i for i, t in enumerate(specials)} | {f"w{i}": i + 5 for i in range(200)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 1), ("[SEP]", 2)]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        **{f"{k}_token": f"[{k.upper()}]" for k in ("pad", "cls", "sep", "mask", "unk")},
+    )
+    fast.save_pretrained(out)
+    return fast
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_sentence_embeddings_load_in_sentence_transformers_with_the_same_vectors(tmp_path, pooling):
+    st = pytest.importorskip("sentence_transformers")
+    model = FlexBertForSentenceEmbedding(ModelConfig.preset("tiny", pooling=pooling)).eval()
+    model.save_hf(tmp_path)
+    tok = _word_tokenizer(tmp_path)
+    texts = ["w1 w7 w3 w9 w11 w4", "w5 w6", "w100 w20 w30"]
+    loaded = st.SentenceTransformer(str(tmp_path), device="cpu")
+    got = loaded.encode(texts, convert_to_tensor=True)
+    enc = tok(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = model.embed(enc["input_ids"], enc["attention_mask"])
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    other = FlexBertForSentenceEmbedding.from_hf(tmp_path)  # and back, pooling included
+    assert other.config.pooling.name == pooling
+    with torch.no_grad():
+        torch.testing.assert_close(other.embed(enc["input_ids"], enc["attention_mask"]), expected)
+
+
 @pytest.mark.parametrize(
     ("overrides", "needle"),
     [

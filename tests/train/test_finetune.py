@@ -190,6 +190,19 @@ def test_retrieval_trains_on_pairs_and_exports_the_encoder(pretrained, tmp_path)
     summary = train(cfg, tmp_path / "run")
     assert 0.0 <= summary["eval"]["recall_at_1"] <= 1.0
     assert type(AutoModel.from_pretrained(tmp_path / "run" / "hf")).__name__ == "ModernBertModel"
+    st = pytest.importorskip("sentence_transformers")
+    from flexbert import FlexBertForSentenceEmbedding
+    from flexbert.data.tokenizer import load_tokenizer
+
+    texts = [" ".join(s) for s in _sentences(random.Random(9), 3)]
+    vectors = st.SentenceTransformer(str(tmp_path / "run" / "hf"), device="cpu").encode(
+        texts, convert_to_tensor=True
+    )
+    enc = load_tokenizer(tmp_path / "run" / "hf")(texts, padding=True, return_tensors="pt")
+    ours = FlexBertForSentenceEmbedding.from_hf(tmp_path / "run" / "hf").eval()
+    with torch.no_grad():
+        expected = ours.embed(enc["input_ids"], enc["attention_mask"])
+    torch.testing.assert_close(vectors, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_word_labels_sit_on_the_first_sub_token(pretrained):
