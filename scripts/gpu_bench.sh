@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # All GPU measurements of flexbert-bench in one call (< 8 minutes), from the repo root, with
 # nothing installed: correctness checks first, then inference (base, max batch, large,
-# torch.compile) and MLM training. Each phase has its own `timeout`; results.json is rewritten
-# after every row, so a phase cut short keeps what it measured and the next phase still runs.
+# torch.compile) and MLM training, then the optional levers (bf16 RoPE, compiled training),
+# each only if it fits in what is left of BENCH_BUDGET seconds (default 480). Each phase has
+# its own `timeout`; results.json is rewritten after every row, so a phase cut short keeps
+# what it measured and the next phase still runs.
 #
 #   OUT=bench_out bash scripts/gpu_bench.sh          # on the GPU machine
 #   BENCH_CPU=1 PYTHON=.venv/bin/python bash scripts/gpu_bench.sh   # same logic, tiny, CPU
@@ -23,12 +25,14 @@ if [ "${BENCH_CPU:-0}" = "1" ]; then  # CPU dry run: every phase, tiny sizes, se
   BASE=(); LARGE=(--sizes tiny)
   FAST=sdpa; SLOW=; CAPS=8,2; TRAIN=(--train-steps 1 --train-rows 2 --train-len 128)
   T_CHECK=120; T_BASE=120; T_BATCH=60; T_LARGE=60; T_COMPILE=120; T_TRAIN=120
+  T_LEVERS=120; T_TRAIN_COMPILE=120; BUDGET=${BENCH_BUDGET:-100000}
 else
   DEV=(--device cuda --num-docs 512,32 --batch-size 256,16 --repeats 3 --warmup 1)
   CHECK_SIZES=tiny,base; CHECK_DEV=cuda
   BASE=(--sizes base); LARGE=(--sizes large)
   FAST=varlen; SLOW=,sdpa; CAPS=4096,512; TRAIN=(--train-steps 10 --train-rows 32 --train-len 1024)
   T_CHECK=45; T_BASE=125; T_BATCH=65; T_LARGE=65; T_COMPILE=90; T_TRAIN=50
+  T_LEVERS=80; T_TRAIN_COMPILE=90; BUDGET=${BENCH_BUDGET:-480}
 fi
 if "$PY" -c "import flash_attn" 2>/dev/null; then FAST="$FAST,flash_attn"; fi
 
@@ -39,6 +43,14 @@ phase() {  # phase NAME SECONDS CMD...: run with a time limit, log it, never sto
   timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$OUT/log_$name.txt"
   local rc=${PIPESTATUS[0]}
   echo "=== $name: exit $rc after $((SECONDS - start))s"
+}
+
+optional() {  # optional NAME SECONDS CMD...: a phase, only if it fits in the budget left
+  if (( SECONDS + $2 > BUDGET )); then
+    echo "=== $1: skipped (${SECONDS}s used; it needs $2s of the ${BUDGET}s budget)"
+    return
+  fi
+  phase "$@"
 }
 
 rm -f "$OUT/results.json"
@@ -63,5 +75,12 @@ phase compile "$T_COMPILE" "${BENCH[@]}" "${DEV[@]}" "${BASE[@]}" --backends "${
   --models flexbert --train-steps 0 --no-plot
 phase train "$T_TRAIN" "${BENCH[@]}" "${DEV[@]}" "${BASE[@]}" --backends "${FAST%%,*}" \
   --models flexbert,hf-modernbert,bert --workloads none "${TRAIN[@]}" --no-plot
+# Levers one at a time: RoPE in bf16 (eager and compiled), then compiled MLM training.
+optional levers "$T_LEVERS" "${BENCH[@]}" "${DEV[@]}" "${BASE[@]}" \
+  --backends "${FAST%%,*}+bf16rope,${FAST%%,*}+compile+bf16rope" --models flexbert \
+  --workloads fixed-short,var-short,fixed-long --train-steps 0 --no-plot
+optional train_compile "$T_TRAIN_COMPILE" "${BENCH[@]}" "${DEV[@]}" "${BASE[@]}" \
+  --backends "${FAST%%,*}+compile,${FAST%%,*}+compile+bf16rope" --models flexbert \
+  --workloads none "${TRAIN[@]}" --no-plot
 # The table, ratios and plot over every phase's rows (no model is built here).
 phase report 20 "${BENCH[@]}" "${DEV[@]}" --models none --workloads none --train-steps 0

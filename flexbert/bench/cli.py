@@ -33,7 +33,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--models", default="flexbert,hf-modernbert,bert", help="comma list")
     p.add_argument("--sizes", default=None, help="base,large (default: GPU both, CPU base)")
     p.add_argument("--tiny", action="store_true", help="tiny preset, 128/512-token sets")
-    p.add_argument("--backends", default=None, help="FlexBERT backends (default: per device)")
+    p.add_argument(
+        "--backends",
+        default=None,
+        help="FlexBERT backends, each with optional +compile / +bf16rope "
+        "(e.g. varlen,varlen+compile+bf16rope; default: per device)",
+    )
     p.add_argument("--workloads", default=",".join(workloads.WORKLOAD_KEYS), help="or 'none'")
     p.add_argument("--short-len", type=int, default=None, help="short set length (512)")
     p.add_argument("--long-len", type=int, default=None, help="long set length (8192)")

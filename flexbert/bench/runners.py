@@ -32,16 +32,22 @@ BERT_SIZES = {  # BertConfig keyword overrides per size; "base" is BertConfig()'
     "large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16),
 }
 BERT_MAX_LEN = 512
+# "<backend>+<tag>+..." options of a FlexBERT row, one GPU lever each, measured one at a time.
+VARIANT_TAGS = {
+    "compile": "torch.compile of the layer stack",
+    "bf16rope": "RoPE applied in the activations' dtype instead of fp32",
+}
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """One benchmarked model: family, size, attention backend and whether it is compiled."""
+    """One benchmarked model: family, size, attention backend and its `VARIANT_TAGS`."""
 
     family: str  # flexbert | hf-modernbert | bert
     size: str  # tiny | base | large
     backend: str  # FlexBERT backend name, or the transformers attn_implementation
     compile: bool = False
+    bf16_rope: bool = False  # FlexBERT only
 
     @property
     def name(self) -> str:
@@ -49,7 +55,19 @@ class ModelSpec:
 
     @property
     def variant(self) -> str:
-        return f"{self.backend}+compile" if self.compile else self.backend
+        tags = [t for t, on in (("compile", self.compile), ("bf16rope", self.bf16_rope)) if on]
+        return "+".join([self.backend, *tags])
+
+    @classmethod
+    def parse(cls, family: str, size: str, variant: str) -> ModelSpec:
+        """`varlen+compile+bf16rope` -> the spec with those options."""
+        backend, *tags = variant.split("+")
+        unknown = [t for t in tags if t not in VARIANT_TAGS]
+        if unknown:
+            raise ValueError(
+                f"unknown variant option(s) {unknown} in '{variant}'; valid: {sorted(VARIANT_TAGS)}"
+            )
+        return cls(family, size, backend, "compile" in tags, "bf16rope" in tags)
 
     @property
     def layout(self) -> str:
@@ -144,7 +162,8 @@ def build_model(
 
 def _construct(spec: ModelSpec, mlm: bool, sparse: bool, train_len: int) -> nn.Module:
     if spec.family == "flexbert":
-        cfg = flexbert_config(spec.size, spec.backend, sparse_prediction=sparse)
+        rope = {"position": {"name": "rope", "fp32": False}} if spec.bf16_rope else {}
+        cfg = flexbert_config(spec.size, spec.backend, sparse_prediction=sparse, **rope)
         return flexbert.FlexBertForMaskedLM(cfg) if mlm else flexbert.FlexBertModel(cfg)
     if spec.family == "hf-modernbert":
         from transformers import ModernBertForMaskedLM, ModernBertModel
@@ -180,8 +199,7 @@ def model_specs(
             if family == "flexbert":
                 names = backends or flexbert_backends(device)
                 for name in names:  # "varlen+compile" asks for the compiled variant alone
-                    base, _, suffix = name.partition("+")
-                    specs.append(ModelSpec(family, size, base, compile=suffix == "compile"))
+                    specs.append(ModelSpec.parse(family, size, name))
                 if compile_:
                     first = names[0].partition("+")[0]
                     specs.append(ModelSpec(family, size, first, compile=True))

@@ -202,16 +202,17 @@ def _max_batch(model, spec, w, s: Settings, ids, pad: int, cap: int) -> int:
 
 
 def train_specs(s: Settings) -> list[tuple[ModelSpec, bool]]:
-    """(model, sparse_prediction) pairs: the first spec of each family, dense and sparse."""
-    seen: set[tuple[str, str, bool]] = set()
+    """(model, sparse_prediction) pairs: the first backend of each family and option set,
+    dense and sparse (BERT has no sparse prediction)."""
+    seen: set[tuple[str, str, bool, bool]] = set()
     out = []
     for spec in s.specs:
-        key = (spec.family, spec.size, spec.compile)
+        key = (spec.family, spec.size, spec.compile, spec.bf16_rope)
         if key in seen or spec.backend == "flash_attention_2":
             continue
         seen.add(key)
         out.append((spec, False))
-        if spec.family != "bert" and not spec.compile:
+        if spec.family != "bert":
             out.append((spec, True))
     return out
 

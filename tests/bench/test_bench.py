@@ -110,6 +110,22 @@ def test_model_specs_expand_backends_and_compile():
     ]
     only = runners.model_specs(["flexbert"], ["large"], "cuda", False, ["varlen+compile"])
     assert only == [runners.ModelSpec("flexbert", "large", "varlen", compile=True)]
+    both = runners.ModelSpec.parse("flexbert", "base", "varlen+bf16rope+compile")
+    assert both.compile and both.bf16_rope and both.variant == "varlen+compile+bf16rope"
+    with pytest.raises(
+        ValueError, match="unknown variant option.*valid: \\['bf16rope', 'compile'\\]"
+    ):
+        runners.ModelSpec.parse("flexbert", "base", "varlen+cudagraphs")
+
+
+def test_bf16_rope_variant_builds_a_model_that_rotates_in_bf16():
+    spec = runners.ModelSpec.parse("flexbert", "tiny", "sdpa+bf16rope")
+    model = runners.build_model(spec, "cpu", torch.bfloat16)
+    assert model.config.position.fp32 is False
+    plain = runners.build_model(
+        runners.ModelSpec("flexbert", "tiny", "sdpa"), "cpu", torch.bfloat16
+    )
+    assert plain.config.position.fp32 is True
 
 
 def test_cli_tiny_run_writes_consistent_results(tmp_path, capsys):

@@ -97,3 +97,37 @@ def test_compiled_layers_match_eager_on_cpu():
         model.compile_layers()
         got = model(ids, attention_mask=mask).logits
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_rope_in_the_activation_dtype_rounds_like_bf16_math():
+    from flexbert.components.position import RotaryPosition, apply_rotary
+
+    gen = torch.Generator().manual_seed(3)
+    q, k = (torch.randn(10, 4, 16, generator=gen).bfloat16() for _ in range(2))
+    cos, sin, _ = RotaryPosition(16, {"global": 10_000.0}).rotary(torch.arange(10), torch.bfloat16)[
+        "global"
+    ]
+    c, s = cos[:, None], sin[:, None]
+    q16, _ = apply_rotary(q, k, cos, sin, fp32=False)
+    torch.testing.assert_close(q16, q * c + q.roll(8, dims=-1) * s, rtol=0, atol=0)
+    q32, _ = apply_rotary(q, k, cos, sin, fp32=True)
+    qf = q.float()
+    expected = (qf * c.float() + qf.roll(8, dims=-1) * s.float()).bfloat16()
+    torch.testing.assert_close(q32, expected, rtol=0, atol=0)
+    assert not torch.equal(q16, q32)  # the two really round differently
+    torch.testing.assert_close(q16.float(), q32.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_bf16_rope_model_stays_close_to_the_fp32_rope_model():
+    ids, mask = ragged_batch([24, 17])
+    exact = FlexBertForMaskedLM(ModelConfig.preset("tiny")).eval()
+    fast = FlexBertForMaskedLM(
+        ModelConfig.preset("tiny", position={"name": "rope", "fp32": False})
+    ).eval()
+    fast.load_state_dict(exact.state_dict())
+    with torch.no_grad():
+        same = fast(ids, attention_mask=mask).logits
+        torch.testing.assert_close(same, exact(ids, attention_mask=mask).logits)  # fp32 model
+        a = exact.bfloat16()(ids, attention_mask=mask).logits.float()
+        b = fast.bfloat16()(ids, attention_mask=mask).logits.float()
+    assert (a - b).abs().max() < 0.1 * a.abs().max()
