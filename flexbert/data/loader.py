@@ -8,13 +8,20 @@ resume mid-epoch exactly: the same next batches, the same masks. For Composer, w
 adapter that forwards to the loader's own state (the sample count Composer passes is ignored,
 because packed batches do not contain a fixed number of documents).
 
-The packer's state covers one process; with several ranks each rank packs its own partition,
-and a checkpoint taken on rank 0 resumes every rank from rank 0's document count.
+With several ranks (torch.distributed initialised) each rank packs its own partition of the
+shuffled documents. The state then holds every rank's packer state (gathered when it is taken,
+so all ranks must take it together, as Composer does): the dataset resumes at the count all
+ranks have read, and each rank re-reads its own extra documents and restores its own buffer,
+so every rank continues exactly. Ranks agree on the end of an epoch (one tiny all-reduce per
+batch): when one rank's documents run out, all stop, and no rank waits for a step the others
+never take. Resuming on a different number of ranks restarts the buffers (with a warning).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,9 +31,12 @@ import torch
 from streaming import StreamingDataLoader, StreamingDataset
 
 from flexbert.data.collate import PaddedMLMCollator
+from flexbert.data.distributed import all_ranks, gather_objects, rank_and_world
 from flexbert.data.errors import DataError, DataFileNotFoundError
 from flexbert.data.masking import MLMMasker, batch_generator
 from flexbert.data.packing import PackedBatch, Prefetcher, SequencePacker
+
+log = logging.getLogger(__name__)
 
 
 def _check_local_index(local: str | Path) -> None:
@@ -193,8 +203,11 @@ class PackedMLMLoader:
     def _batches_of_epoch(self, epoch: int, start: int, resume: dict | None) -> Iterator[Any]:
         buffer = []
         consumed = 0
+        documents: Iterator[tuple[int, np.ndarray]] = self._documents()
         if resume is not None:
             consumed = resume["consumed"]
+            # documents this rank read beyond the count the dataset resumed at
+            documents = itertools.islice(documents, resume["skip"], None)
             for key, chunk in resume["buffer"]:
                 ids = self.streaming_dataset[int(key)]["input_ids"]
                 pieces = [
@@ -202,12 +215,13 @@ class PackedMLMLoader:
                     for i in range(0, len(ids), self.packer.max_seq_len)
                 ]
                 buffer.append((int(key), int(chunk), pieces[chunk]))
-        for i, packed in enumerate(self.packer.pack(self._documents(), buffer, consumed), start):
+        for i, packed in enumerate(self.packer.pack(documents, buffer, consumed), start):
             yield self._finish(packed, epoch, i)
 
     def _finish(self, packed: PackedBatch, epoch: int, index: int) -> tuple[dict[str, Any], dict]:
         mask_epoch = 0 if self.fixed_masks else epoch
-        ids, labels = self.masker(packed.input_ids, batch_generator(self.seed, mask_epoch, index))
+        generator = batch_generator(self.seed, mask_epoch, index, rank_and_world()[0])
+        ids, labels = self.masker(packed.input_ids, generator)
         batch = {
             "input_ids": ids,
             "cu_seqlens": packed.cu_seqlens,
@@ -228,7 +242,11 @@ class PackedMLMLoader:
         if self.prefetch > 0:
             it = Prefetcher(it, self.prefetch)
         try:
-            for batch, state in it:
+            while True:
+                item = next(it, None)
+                if not all_ranks(item is not None):  # one rank ran out: the epoch ends for all
+                    break
+                batch, state = item
                 self._batches += 1
                 self._last = state
                 yield batch
@@ -237,14 +255,15 @@ class PackedMLMLoader:
                 it.close()
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue after the last yielded batch (small: ids, not tokens)."""
+        """Everything needed to continue after the last yielded batch (small: ids, not tokens).
+        With several ranks, every rank must call this together (it gathers their states)."""
+        ranks = gather_objects({"consumed": self._last["consumed"], "buffer": self._last["buffer"]})
+        common = min(r["consumed"] for r in ranks)  # read by every rank
         return {
             "epoch": self._epoch,
             "batches": self._batches,
-            "buffer": self._last["buffer"],
-            "dataset": self.streaming_dataset.state_dict(
-                self._last["consumed"], from_beginning=True
-            ),
+            "ranks": ranks,
+            "dataset": self.streaming_dataset.state_dict(common * len(ranks), from_beginning=True),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -252,4 +271,25 @@ class PackedMLMLoader:
         self.streaming_dataset.load_state_dict(state["dataset"])
         self._epoch = int(state["epoch"])
         self._batches = int(state["batches"])
-        self._resume = {"consumed": state["dataset"]["sample_in_epoch"], "buffer": state["buffer"]}
+        rank, world = rank_and_world()
+        ranks = state.get("ranks") or [  # a single-rank state of an earlier release
+            {"consumed": state["dataset"]["sample_in_epoch"], "buffer": state["buffer"]}
+        ]
+        per_rank = state["dataset"]["sample_in_epoch"] // world  # where this rank's reads resume
+        if len(ranks) == world:
+            mine = ranks[rank]
+            self._resume = {
+                "consumed": mine["consumed"],
+                "skip": mine["consumed"] - per_rank,
+                "buffer": mine["buffer"],
+            }
+            return
+        waiting = sum(len(r["buffer"]) for r in ranks)
+        log.warning(
+            "resuming on %d ranks from a state of %d: the dataset continues at its shared count; "
+            "%d buffered document pieces and each rank's extra reads are skipped",
+            world,
+            len(ranks),
+            waiting,
+        )
+        self._resume = {"consumed": per_rank, "skip": 0, "buffer": []}

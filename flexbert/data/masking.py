@@ -79,9 +79,13 @@ class MLMMasker:
         return out, labels
 
 
-def batch_generator(seed: int, epoch: int, batch_index: int) -> torch.Generator:
-    """A generator seeded from (seed, epoch, batch) so any batch's masks can be recomputed."""
+def batch_generator(seed: int, epoch: int, batch_index: int, rank: int = 0) -> torch.Generator:
+    """A generator seeded from (seed, epoch, batch, rank) so any batch's masks can be
+    recomputed; each rank draws its own masks."""
     g = torch.Generator()
+    if rank:
+        state = np.random.SeedSequence([seed, epoch, batch_index, rank]).generate_state(2)
+        return g.manual_seed(int(state[0]) << 31 | int(state[1]) >> 1)
     g.manual_seed((seed * 1_000_003 + epoch) * 1_000_000_007 + batch_index & 0x7FFF_FFFF_FFFF_FFFF)
     return g
 

@@ -149,3 +149,62 @@ def test_padded_masks_follow_the_documents_not_the_call_order():
     a, _, b = collate(docs), collate(other), collate(docs)
     assert torch.equal(a["labels"], b["labels"]) and torch.equal(a["input_ids"], b["input_ids"])
     assert not torch.equal(a["labels"], collate(other)["labels"])
+
+
+def test_two_ranks_resume_each_their_own_packer_exactly(shards, tokenizer_dir, tmp_path):
+    """Two processes (torch.distributed.run, gloo): every rank continues exactly after
+    resumption, and both ranks end the epoch at the same batch."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    worker = Path(__file__).with_name("multirank_resume_worker.py")
+    out = tmp_path / "ranks"
+    out.mkdir()
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd += [
+        "--master-port",
+        str(port),
+        str(worker),
+        str(shards),
+        str(tokenizer_dir),
+        str(out),
+        "20",
+    ]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    state = ranks[0]["state"]
+    assert len(state["ranks"]) == 2 and state == ranks[1]["state"]  # gathered, the same on all
+    consumed = [r["consumed"] for r in state["ranks"]]
+    assert consumed[0] != consumed[1]  # one rank re-reads documents beyond the shared count
+    assert state["dataset"]["sample_in_epoch"] == 2 * min(consumed)
+    for r in ranks:
+        assert len(r["again"]) == len(r["rest"]) > 0
+        assert all(same(a, b) for a, b in zip(r["rest"], r["again"]))
+    assert len(ranks[0]["rest"]) == len(ranks[1]["rest"])  # the epoch ends together
+    ids = [torch.cat([b["input_ids"] for b in r["first"] + r["rest"]]) for r in ranks]
+    assert not torch.equal(ids[0][:200], ids[1][:200])  # each rank reads its own documents
+
+
+def test_resuming_on_another_number_of_ranks_warns_and_continues(shards, tokenizer, caplog):
+    loader = make_loader(shards, tokenizer)
+    it = iter(loader)
+    next(it), next(it)
+    state = loader.state_dict()
+    rest = len(list(it))
+    del it, loader
+    two = {**state, "ranks": state["ranks"] * 2}  # as if saved by two ranks
+    two["dataset"] = {**state["dataset"], "sample_in_epoch": 2 * state["ranks"][0]["consumed"]}
+    resumed = make_loader(shards, tokenizer)
+    with caplog.at_level("WARNING", logger="flexbert.data.loader"):
+        resumed.load_state_dict(two)
+    assert "resuming on 1 ranks from a state of 2" in caplog.text
+    assert 0 < len(list(resumed)) < rest  # the buffered pieces are not read again

@@ -1,0 +1,55 @@
+"""One rank of the two-rank resumption test (run by torch.distributed.run from the test).
+
+Each rank reads packed batches, taking the loader state (a collective) after each, until the
+ranks have read different numbers of documents (at most `k` batches), reads the rest of the
+epoch, then a fresh loader resumes from that state and reads its epoch; everything is saved to
+OUT/rank<R>.pt for the test to compare.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from flexbert.data.loader import PackedMLMLoader, streaming_dataset
+from flexbert.data.masking import MLMMasker
+from flexbert.data.tokenizer import load_tokenizer
+
+
+def make_loader(shards: str, tokenizer) -> PackedMLMLoader:
+    ds = streaming_dataset(shards, split="train", shuffle=True, seed=5, batch_size=16)
+    masker = MLMMasker.from_tokenizer(tokenizer, 0.3)
+    return PackedMLMLoader(ds, 2, 100, masker, tokenizer.pad_token_id, buffer_size=32, seed=5)
+
+
+def main(shards: str, tokenizer_dir: str, out: str, k: int) -> None:
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    tokenizer = load_tokenizer(tokenizer_dir)
+    loader = make_loader(shards, tokenizer)
+    it = iter(loader)
+    first = []
+    for _ in range(k):  # the same decision on every rank: the state is gathered
+        first.append(next(it))
+        state = loader.state_dict()
+        if len({r["consumed"] for r in state["ranks"]}) > 1:
+            break
+    rest = list(it)
+    del it, loader
+    dist.barrier()
+    resumed = make_loader(shards, tokenizer)
+    resumed.load_state_dict(state)
+    again = list(resumed)
+    torch.save(
+        {"first": first, "rest": rest, "again": again, "state": state},
+        Path(out) / f"rank{rank}.pt",
+    )
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]))
