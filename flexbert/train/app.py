@@ -26,6 +26,38 @@ def trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
     return {k: v for k, v in kwargs.items() if not (k == "compile_config" and v is None)}
 
 
+def composer_trainer(
+    cfg: DictConfig,
+    run_dir: Path,
+    model: Any,
+    train_dataloader: Any,
+    evaluator: Any,
+    callbacks: list[Any],
+    **trainer_args: Any,
+) -> Any:
+    """A `composer.Trainer` from a run's config: optimizer, scheduler, the `callbacks` and
+    `logger` groups (plus the run's own `callbacks`), checkpoints in run_dir/checkpoints.
+    `trainer_args` are the remaining Trainer keywords (usually from `trainer_kwargs`)."""
+    from composer import Trainer
+    from hydra.utils import instantiate
+
+    from flexbert.train.optim import build_optimizer
+
+    return Trainer(
+        model=model,
+        train_dataloader=train_dataloader,
+        eval_dataloader=evaluator,
+        optimizers=build_optimizer(cfg.optimizer, model, cfg.trainer.get("device") or "cpu"),
+        schedulers=instantiate(cfg.scheduler),
+        callbacks=[*instantiate_all(cfg.get("callbacks")), *callbacks],
+        loggers=instantiate_all(cfg.get("logger")),
+        save_folder=str(run_dir / "checkpoints"),
+        run_name=cfg.get("run_name") or run_dir.name,
+        seed=cfg.seed,
+        **trainer_args,
+    )
+
+
 def eval_metrics(trainer: Any) -> dict[str, float]:
     """The last values of the `eval` evaluator's metrics."""
     return {k: float(m.compute()) for k, m in trainer.state.eval_metrics.get("eval", {}).items()}

@@ -18,7 +18,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from flexbert.train.app import eval_metrics, instantiate_all, run_app, trainer_kwargs
+from flexbert.train.app import composer_trainer, eval_metrics, run_app, trainer_kwargs
 
 
 def _loader(rows: list[dict[str, Any]], batch_size: int, collate: Any, shuffle: bool) -> Any:
@@ -39,16 +39,14 @@ def _in_batches(kwargs: dict[str, Any], per_epoch: int) -> dict[str, Any]:
 
 def build_trainer(cfg: DictConfig, run_dir: Path) -> tuple[Any, dict[str, Any]]:
     """Model, data and a ready `composer.Trainer`; returns it and the facts for the summary."""
-    from composer import Evaluator, Trainer
+    from composer import Evaluator
     from composer.utils import dist, reproducibility
-    from hydra.utils import instantiate
 
     from flexbert.data.tokenizer import check_tokenizer_matches, load_tokenizer
     from flexbert.train.callbacks import LossHistory
     from flexbert.train.data_spec import flexbert_data_spec
     from flexbert.train.finetune_model import EvalHistory, composer_parts, load_task_model
     from flexbert.train.model_config import TOKENIZER_FIELDS
-    from flexbert.train.optim import build_optimizer
     from flexbert.train.tasks import build_examples
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -66,23 +64,17 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> tuple[Any, dict[str, Any]]:
 
     os.environ.setdefault("WANDB_DIR", str(run_dir))
     history, evals = LossHistory(), EvalHistory()
-    trainer = Trainer(
-        model=composer_model,
-        train_dataloader=flexbert_data_spec(train_loader),
-        eval_dataloader=Evaluator(
+    trainer = composer_trainer(
+        cfg,
+        run_dir,
+        composer_model,
+        flexbert_data_spec(train_loader),
+        Evaluator(
             label="eval",
             dataloader=flexbert_data_spec(eval_loader),
             metric_names=list(composer_model.val_metrics),
         ),
-        optimizers=build_optimizer(
-            cfg.optimizer, composer_model, cfg.trainer.get("device") or "cpu"
-        ),
-        schedulers=instantiate(cfg.scheduler),
-        callbacks=[*instantiate_all(cfg.get("callbacks")), history, evals],
-        loggers=instantiate_all(cfg.get("logger")),
-        save_folder=str(run_dir / "checkpoints"),
-        run_name=cfg.get("run_name") or run_dir.name,
-        seed=cfg.seed,
+        [history, evals],
         **_in_batches(trainer_kwargs(cfg), len(train_loader)),
     )
     facts = {

@@ -18,16 +18,15 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from flexbert.train.app import eval_metrics, instantiate_all, run_app, trainer_kwargs
+from flexbert.train.app import composer_trainer, eval_metrics, run_app, trainer_kwargs
 
 log = logging.getLogger("flexbert.train")
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path) -> tuple[Any, dict[str, Any]]:
     """Everything up to a ready `composer.Trainer`; returns it and the facts for the summary."""
-    from composer import Evaluator, Trainer
+    from composer import Evaluator
     from composer.utils import dist, reproducibility
-    from hydra.utils import instantiate
 
     from flexbert import FlexBertForMaskedLM
     from flexbert.data.tokenizer import check_tokenizer_matches, save_tokenizer, special_token_ids
@@ -37,7 +36,6 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> tuple[Any, dict[str, Any]]:
     from flexbert.train.data import build_loaders, get_shards, get_tokenizer
     from flexbert.train.data_spec import flexbert_data_spec
     from flexbert.train.model_config import TOKENIZER_FIELDS, resolve_model_config
-    from flexbert.train.optim import build_optimizer
 
     run_dir.mkdir(parents=True, exist_ok=True)
     cache_dir = Path(cfg.paths.cache_dir)
@@ -68,21 +66,17 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> tuple[Any, dict[str, Any]]:
     model = ComposerFlexBertMLM(mlm)
     history = LossHistory()
     world = dist.get_world_size()
-    trainer = Trainer(
-        model=model,
-        train_dataloader=flexbert_data_spec(train_loader),
-        eval_dataloader=Evaluator(
+    trainer = composer_trainer(
+        cfg,
+        run_dir,
+        model,
+        flexbert_data_spec(train_loader),
+        Evaluator(
             label="eval",
             dataloader=flexbert_data_spec(eval_loader),
             device_eval_microbatch_size=cfg.data.eval_micro_batch_size // world,
         ),
-        optimizers=build_optimizer(cfg.optimizer, model, cfg.trainer.get("device") or "cpu"),
-        schedulers=instantiate(cfg.scheduler),
-        callbacks=[*instantiate_all(cfg.get("callbacks")), history],
-        loggers=instantiate_all(cfg.get("logger")),
-        save_folder=str(run_dir / "checkpoints"),
-        run_name=cfg.get("run_name") or run_dir.name,
-        seed=cfg.seed,
+        [history],
         device_train_microbatch_size=cfg.data.micro_batch_size // world,
         **trainer_kwargs(cfg),
     )
