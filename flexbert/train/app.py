@@ -26,6 +26,31 @@ def trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
     return {k: v for k, v in kwargs.items() if not (k == "compile_config" and v is None)}
 
 
+def start_distributed(cfg: DictConfig, run_dir: Path) -> Path:
+    """Under a multi-process launcher (`composer -n N`), initialise torch.distributed now, as
+    composer.Trainer would later, so data preparation can run on local rank 0 first; return
+    rank 0's run directory, which every rank then uses. One process: `run_dir` unchanged."""
+    from composer.utils import dist
+
+    if dist.get_world_size() == 1:
+        return run_dir
+    dist.initialize_dist(cfg.trainer.get("device"))
+    return Path(dist.all_gather_object(str(run_dir))[0])
+
+
+def is_main_process() -> bool:
+    """Global rank 0: the process that writes summaries, exports and prints."""
+    from composer.utils import dist
+
+    return dist.get_global_rank() == 0
+
+
+def trained_model(trainer: Any) -> Any:
+    """The FlexBERT model inside the trainer's ComposerModel (unwrapping DDP)."""
+    wrapper = trainer.state.model
+    return getattr(wrapper, "module", wrapper).model
+
+
 def composer_trainer(
     cfg: DictConfig,
     run_dir: Path,

@@ -18,7 +18,15 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from flexbert.train.app import composer_trainer, eval_metrics, run_app, trainer_kwargs
+from flexbert.train.app import (
+    composer_trainer,
+    eval_metrics,
+    is_main_process,
+    run_app,
+    start_distributed,
+    trained_model,
+    trainer_kwargs,
+)
 
 
 def _loader(rows: list[dict[str, Any]], batch_size: int, collate: Any, shuffle: bool) -> Any:
@@ -92,7 +100,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     """Fine-tune as `cfg` says; write checkpoints, `hf/` and summary.json into run_dir."""
     from flexbert.train.finetune_model import save_task_model
 
-    run_dir = Path(run_dir).resolve()
+    run_dir = start_distributed(cfg, Path(run_dir).resolve())
     trainer, facts = build_trainer(cfg, run_dir)
     state = trainer.state
     t0 = time.perf_counter()
@@ -102,9 +110,10 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     if not metrics:  # no eval ran during fit (eval_interval longer than the run)
         trainer.eval()
         metrics = eval_metrics(trainer)
-    model = state.model.model
+    model = trained_model(trainer)
+    main = is_main_process()
     hf_dir = run_dir / "hf"
-    if cfg.get("export_hf", True):
+    if cfg.get("export_hf", True) and main:
         save_task_model(model, facts["tokenizer"], hf_dir, facts["label_names"])
     steps = facts["history"].steps
     checkpoints = sorted((run_dir / "checkpoints").glob("ep*-ba*-rank0.pt"))
@@ -134,7 +143,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
             "summary": str(run_dir / "summary.json"),
         },
     }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if main:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     trainer.close()
     return summary
 
@@ -166,7 +176,8 @@ def report(summary: dict[str, Any]) -> str:
 
 def _run(cfg: DictConfig, run_dir: Path) -> float | None:
     summary = train(cfg, run_dir)
-    print(report(summary), flush=True)
+    if is_main_process():
+        print(report(summary), flush=True)
     metrics = summary["eval"]
     return metrics.get(cfg.task.metrics[0]) if cfg.task.metrics else None  # what a sweep maximises
 

@@ -18,7 +18,15 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from flexbert.train.app import composer_trainer, eval_metrics, run_app, trainer_kwargs
+from flexbert.train.app import (
+    composer_trainer,
+    eval_metrics,
+    is_main_process,
+    run_app,
+    start_distributed,
+    trained_model,
+    trainer_kwargs,
+)
 
 log = logging.getLogger("flexbert.train")
 
@@ -39,16 +47,18 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> tuple[Any, dict[str, Any]]:
 
     run_dir.mkdir(parents=True, exist_ok=True)
     cache_dir = Path(cfg.paths.cache_dir)
-    tokenizer, tokenizer_src = get_tokenizer(cfg.data, cache_dir)
-    model_cfg = resolve_model_config(cfg.model, special_token_ids(tokenizer))
-    check_tokenizer_matches(tokenizer, **{k: getattr(model_cfg, k) for k in TOKENIZER_FIELDS})
-    mds_dir, manifest = get_shards(cfg.data, tokenizer, cache_dir)
+    with dist.run_local_rank_zero_first():  # one process per node writes the cached data
+        tokenizer, tokenizer_src = get_tokenizer(cfg.data, cache_dir)
+        model_cfg = resolve_model_config(cfg.model, special_token_ids(tokenizer))
+        check_tokenizer_matches(tokenizer, **{k: getattr(model_cfg, k) for k in TOKENIZER_FIELDS})
+        mds_dir, manifest = get_shards(cfg.data, tokenizer, cache_dir)
     train_loader, eval_loader = build_loaders(
         cfg.data, model_cfg, tokenizer, mds_dir, cfg.seed, dist.get_world_size()
     )
     # What export and resumption need, written before training so any checkpoint is usable.
-    (run_dir / "model_config.json").write_text(json.dumps(model_cfg.to_dict(), indent=2) + "\n")
-    save_tokenizer(tokenizer, run_dir / "tokenizer")
+    if is_main_process():
+        (run_dir / "model_config.json").write_text(json.dumps(model_cfg.to_dict(), indent=2) + "\n")
+        save_tokenizer(tokenizer, run_dir / "tokenizer")
 
     os.environ.setdefault("WANDB_DIR", str(run_dir))  # offline W&B files stay with the run
     reproducibility.seed_all(cfg.seed)
@@ -118,7 +128,7 @@ def _export(model: Any, tokenizer: Any, out: Path) -> str | None:
 
 def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     """Pretrain as `cfg` says, write checkpoints, the HF export and summary.json into run_dir."""
-    run_dir = Path(run_dir).resolve()
+    run_dir = start_distributed(cfg, Path(run_dir).resolve())
     trainer, facts = build_trainer(cfg, run_dir)
     state = trainer.state
     start_batch, start_tokens = int(state.timestamp.batch), int(state.timestamp.token)
@@ -127,9 +137,11 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     seconds = time.perf_counter() - t0
     trainer.eval()
     metrics = _metrics(trainer)
-    model = state.model.model
+    model = trained_model(trainer)
+    main = is_main_process()
     hf_dir = run_dir / "hf"
-    skipped = _export(model, facts["tokenizer"], hf_dir) if cfg.get("export_hf", True) else "off"
+    export = cfg.get("export_hf", True) and main
+    skipped = _export(model, facts["tokenizer"], hf_dir) if export else "off"
     tokens = int(state.timestamp.token) - start_tokens
     steps = facts["history"].steps
     checkpoints = sorted((run_dir / "checkpoints").glob("ep*-ba*-rank0.pt"))
@@ -167,7 +179,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
             "summary": str(run_dir / "summary.json"),
         },
     }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if main:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     trainer.close()
     return summary
 
@@ -202,7 +215,8 @@ def report(summary: dict[str, Any]) -> str:
 
 def _run(cfg: DictConfig, run_dir: Path) -> float | None:
     summary = train(cfg, run_dir)
-    print(report(summary), flush=True)
+    if is_main_process():
+        print(report(summary), flush=True)
     return summary["eval"].get("LanguageCrossEntropy")  # what a sweeper would minimise
 
 

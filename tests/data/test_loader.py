@@ -151,6 +151,7 @@ def test_padded_masks_follow_the_documents_not_the_call_order():
     assert not torch.equal(a["labels"], collate(other)["labels"])
 
 
+@pytest.mark.slow
 def test_two_ranks_resume_each_their_own_packer_exactly(shards, tokenizer_dir, tmp_path):
     """Two processes (torch.distributed.run, gloo): every rank continues exactly after
     resumption, and both ranks end the epoch at the same batch."""

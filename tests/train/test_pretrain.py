@@ -193,3 +193,47 @@ def test_init_from_a_missing_path_says_what_it_expects(tiny_run_config, tmp_path
     cfg = tiny_run_config(f"init_from.path={tmp_path / 'nowhere'}", "trainer.max_duration=1ba")
     with pytest.raises(FileNotFoundError, match="Hugging Face ModernBERT directory"):
         train(cfg, tmp_path / "run")
+
+
+@pytest.mark.slow
+def test_two_ranks_train_and_resume_exactly_under_composers_launcher(first_run, tmp_path):
+    """`composer -n 2 flexbert-train` (DDP over gloo on the CPU): data prepared once, one
+    summary and export from rank 0, and a run resumed from its batch-2 checkpoint repeats the
+    uninterrupted run's losses."""
+    import socket
+    import subprocess
+    import sys
+
+    from tests.train.conftest import TINY_RUN
+
+    root, _, _ = first_run
+    bin_dir = Path(sys.executable).parent
+    common = [o for o in TINY_RUN if not o.startswith(("trainer.max_duration", "trainer.eval_i"))]
+    common += [
+        f"paths.cache_dir={root / 'cache'}",  # the first run's tokenizer and shards
+        "trainer.max_duration=4ba",
+        "trainer.eval_interval=4ba",
+        "trainer.save_interval=2ba",
+        "callbacks.batch_size_warmup=null",
+    ]
+
+    def launch(run: Path, *extra: str) -> dict:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        cmd = [str(bin_dir / "composer"), "-n", "2", "--master_port", str(port)]
+        cmd += [str(bin_dir / "flexbert-train"), *common, f"hydra.run.dir={run}", *extra]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+        assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+        assert done.stdout.count("flexbert-train: done") == 1  # only rank 0 reports
+        return json.loads((run / "summary.json").read_text())
+
+    full = launch(tmp_path / "full")
+    assert full["train"]["batches"] == 4 and (tmp_path / "full" / "hf" / "config.json").exists()
+    assert full["train"]["tokens"] == 4 * 8 * 64  # global rows x row length, both ranks
+    ckpt = tmp_path / "full" / "checkpoints" / "ep0-ba2-rank0.pt"
+    resumed = launch(tmp_path / "resumed", f"trainer.load_path={ckpt}")
+    tail = [s["loss"] for s in full["train"]["loss_curve"][2:]]
+    assert [s["batch"] for s in resumed["train"]["loss_curve"]] == [3, 4]
+    assert [s["loss"] for s in resumed["train"]["loss_curve"]] == pytest.approx(tail, rel=1e-5)
