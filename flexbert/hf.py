@@ -265,11 +265,49 @@ def match_state_dict(
 
 
 # ---------------------------------------------------------------------------- public
+# What a model directory needs from a Hub repository: config, weights, tokenizer files.
+HUB_FILES = [
+    "config.json",
+    "*.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "tokenizer*",
+    "special_tokens_map.json",
+    "vocab.*",
+    "merges.txt",
+]
+
+
+def resolve_model_dir(name_or_path: str | Path, revision: str | None = None) -> Path:
+    """A local model directory as given; otherwise a Hugging Face Hub id (`org/name`) fetched
+    into the Hugging Face cache (with HF_HUB_OFFLINE=1, found there without any network)."""
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return path
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    name = str(name_or_path)
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        raise FileNotFoundError(
+            f"{path}: no such directory (and not a Hugging Face Hub id like 'org/name')"
+        ) from None
+    try:
+        return Path(snapshot_download(name, revision=revision, allow_patterns=HUB_FILES))
+    except Exception as err:  # noqa: BLE001 - not found, offline, gated: one clear message
+        raise FileNotFoundError(
+            f"'{name}' is not a local directory, and the Hugging Face Hub model could not be "
+            f"fetched or found in the local cache: {type(err).__name__}: {err}"
+        ) from None
+
+
 def load_hf(cls: type, path: str | Path, **overrides: Any):
-    """Build `cls` from a Hugging Face ModernBERT directory."""
+    """Build `cls` from a Hugging Face ModernBERT directory or Hub id."""
     from transformers import AutoConfig
 
-    path = Path(path)
+    path = resolve_model_dir(path)
     if not (path / "config.json").exists():
         raise FileNotFoundError(
             f"{path} is not a Hugging Face model directory: config.json is missing"

@@ -13,7 +13,8 @@ from typing import Any
 class HFInteropMixin:
     @classmethod
     def from_hf(cls, path: str | Path, **overrides: Any):
-        """Load a Hugging Face ModernBERT directory (config.json + safetensors or bin)."""
+        """Load a Hugging Face ModernBERT directory (config.json + safetensors or bin), or a
+        Hub id such as "answerdotai/ModernBERT-base" (downloaded into the Hugging Face cache)."""
         from flexbert import hf
 
         return hf.load_hf(cls, path, **overrides)

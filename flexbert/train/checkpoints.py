@@ -57,19 +57,19 @@ def config_next_to(checkpoint: Path) -> Path:
 
 
 def load_pretrained_mlm(path: str | Path) -> Any:
-    """A trained FlexBertForMaskedLM from a Hugging Face ModernBERT directory (config.json)
-    or a flexbert-train Composer checkpoint (.pt, config from its run directory)."""
+    """A trained FlexBertForMaskedLM from a flexbert-train Composer checkpoint (.pt, config
+    from its run directory), a Hugging Face ModernBERT directory or a Hub id."""
     from flexbert import FlexBertForMaskedLM
 
-    path = Path(path).expanduser().resolve()
-    if path.is_dir() and (path / "config.json").exists():
-        return FlexBertForMaskedLM.from_hf(path).eval()
-    if path.is_file():
-        return load_checkpoint_model(path, read_model_config(config_next_to(path)))
-    raise FileNotFoundError(
-        f"{path}: expected a Hugging Face ModernBERT directory (with config.json) or a "
-        "flexbert-train checkpoint file (runs/pretrain/<time>/checkpoints/ep0-ba<N>-rank0.pt)"
-    )
+    local = Path(path).expanduser().resolve()
+    if local.is_file():
+        return load_checkpoint_model(local, read_model_config(config_next_to(local)))
+    if local.is_dir() and not (local / "config.json").exists():
+        raise FileNotFoundError(
+            f"{local}: expected a Hugging Face ModernBERT directory (with config.json) or a "
+            "flexbert-train checkpoint file (runs/pretrain/<time>/checkpoints/ep0-ba<N>-rank0.pt)"
+        )
+    return FlexBertForMaskedLM.from_hf(local if local.exists() else str(path)).eval()
 
 
 def init_from(node: Any, model: Any) -> dict[str, Any] | None:

@@ -51,6 +51,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> tuple[Any, dict[str, Any]]:
     from composer.utils import dist, reproducibility
 
     from flexbert.data.tokenizer import check_tokenizer_matches, load_tokenizer
+    from flexbert.hf import resolve_model_dir
     from flexbert.train.callbacks import LossHistory
     from flexbert.train.data_spec import flexbert_data_spec
     from flexbert.train.finetune_model import EvalHistory, composer_parts, load_task_model
@@ -60,7 +61,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> tuple[Any, dict[str, Any]]:
     run_dir.mkdir(parents=True, exist_ok=True)
     reproducibility.seed_all(cfg.seed)
     model = load_task_model(cfg)
-    tok_path = cfg.get("tokenizer", {}).get("path") or cfg.model.path
+    tok_path = cfg.get("tokenizer", {}).get("path") or resolve_model_dir(cfg.model.path)
     tokenizer = load_tokenizer(tok_path)
     check_tokenizer_matches(tokenizer, **{k: getattr(model.config, k) for k in TOKENIZER_FIELDS})
     max_len = min(int(cfg.data.max_seq_len), model.config.max_seq_len)

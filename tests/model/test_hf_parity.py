@@ -27,7 +27,7 @@ from flexbert import (
     ModelConfig,
 )
 from flexbert.hf import CheckpointError
-from tests.conftest import ragged_batch
+from tests.conftest import cache_hub_repo, offline_hub, ragged_batch
 
 TOKENS = dict(pad_token_id=0, cls_token_id=1, sep_token_id=2, bos_token_id=1, eos_token_id=2)
 
@@ -240,8 +240,9 @@ def test_checkpoint_with_other_shapes_or_from_another_model_is_refused(tmp_path)
 
 
 def test_missing_directory_or_weights_name_the_path(tmp_path):
+    (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="config.json is missing"):
-        FlexBertForMaskedLM.from_hf(tmp_path / "nowhere")
+        FlexBertForMaskedLM.from_hf(tmp_path / "empty")
     FlexBertForMaskedLM(ModelConfig.preset("tiny")).save_hf(tmp_path)
     (tmp_path / "model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(CheckpointError, match="cannot read weights"):
@@ -265,3 +266,26 @@ def test_from_hf_reads_pytorch_bin_and_sharded_safetensors(tmp_path):
         for sub in ("bin", "sharded"):
             ours = FlexBertForMaskedLM.from_hf(tmp_path / sub, mask_token_id=3).eval()
             assert _rel_err(expected, ours(ids, attention_mask=mask).logits[mask]) < 1e-4
+
+
+def test_hub_ids_load_from_the_hugging_face_cache(monkeypatch, tmp_path):
+    cache = offline_hub(monkeypatch, tmp_path)
+    mlm = FlexBertForMaskedLM(ModelConfig.preset("tiny")).eval()
+    mlm.save_hf(tmp_path / "export")
+    cache_hub_repo(cache, "flexbert-tests/tiny-mlm", tmp_path / "export")
+    loaded = FlexBertForMaskedLM.from_hf("flexbert-tests/tiny-mlm").eval()
+    ids, mask = ragged_batch([12, 9])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded(ids, attention_mask=mask).logits, mlm(ids, attention_mask=mask).logits
+        )
+    clf = FlexBertForSequenceClassification.from_hf("flexbert-tests/tiny-mlm", num_labels=2)
+    torch.testing.assert_close(clf.model.final_norm.weight, mlm.model.final_norm.weight)
+
+
+def test_missing_paths_and_uncached_hub_ids_say_what_was_tried(monkeypatch, tmp_path):
+    offline_hub(monkeypatch, tmp_path)
+    with pytest.raises(FileNotFoundError, match="no such directory.*Hub id"):
+        FlexBertForMaskedLM.from_hf(tmp_path / "not" / "there")
+    with pytest.raises(FileNotFoundError, match="'flexbert-tests/absent' is not a local directory"):
+        FlexBertForMaskedLM.from_hf("flexbert-tests/absent")

@@ -175,6 +175,20 @@ def test_token_classification_runs_on_word_labels(pretrained, tmp_path):
     assert hf_cfg["architectures"] == ["ModernBertForTokenClassification"]
 
 
+def test_model_path_may_be_a_hub_id(pretrained, contains_word, monkeypatch, tmp_path):
+    """model.path=org/name: encoder and tokenizer come from the Hugging Face cache."""
+    from tests.conftest import cache_hub_repo, offline_hub
+
+    cache_hub_repo(offline_hub(monkeypatch, tmp_path), "flexbert-tests/tiny", pretrained)
+    cfg = _compose(
+        ["model.path=flexbert-tests/tiny", *_files(contains_word), *FAST]
+        + ["trainer.max_duration=1ep", "export_hf=false"]
+    )
+    summary = train(cfg, tmp_path / "run")
+    assert summary["train"]["batches"] > 0
+    assert "models--flexbert-tests--tiny" in summary["data"]["tokenizer"]
+
+
 def test_retrieval_trains_on_pairs_and_exports_the_encoder(pretrained, tmp_path):
     from transformers import AutoModel
 
@@ -256,7 +270,7 @@ def test_missing_text_field_is_one_clear_error(
     "bad, expected",
     [
         ("task.num_labels=1", "outside task.num_labels=1"),
-        ("model.path=/nonexistent/dir", "config.json is missing"),
+        ("model.path=/nonexistent/dir", "no such directory"),
         ("task.dataset.files.train=/nonexistent/train.csv", "file not found"),
     ],
 )
