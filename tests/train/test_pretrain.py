@@ -237,3 +237,24 @@ def test_two_ranks_train_and_resume_exactly_under_composers_launcher(first_run, 
     tail = [s["loss"] for s in full["train"]["loss_curve"][2:]]
     assert [s["batch"] for s in resumed["train"]["loss_curve"]] == [3, 4]
     assert [s["loss"] for s in resumed["train"]["loss_curve"]] == pytest.approx(tail, rel=1e-5)
+
+
+def test_shards_stream_from_a_remote_into_the_local_cache(first_run, tiny_run_config, tmp_path):
+    """data.mds.remote (here a directory standing in for an object store) is read through
+    mosaicml-streaming's cache in data.mds.dir, as a multi-node run reads s3://..."""
+    root, _, first = first_run
+    cache = tmp_path / "mds_cache"
+    cfg = tiny_run_config(
+        "data.corpus=null",
+        f"data.tokenizer.path={root / 'run' / 'tokenizer'}",
+        f"data.mds.remote={first['data']['mds_dir']}",
+        f"data.mds.dir={cache}",
+        "trainer.max_duration=2ba",
+        "trainer.eval_interval=2ba",
+        "callbacks.batch_size_warmup=null",
+        "export_hf=false",
+    )
+    summary = train(cfg, tmp_path / "run")
+    assert summary["train"]["batches"] == 2
+    assert (cache / "train" / "index.json").exists() and (cache / "val" / "index.json").exists()
+    assert list((cache / "train").glob("shard.*.mds*"))  # shards were fetched into the cache
