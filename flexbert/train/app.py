@@ -20,10 +20,23 @@ def instantiate_all(node: DictConfig | None) -> list[Any]:
     return [instantiate(v) for v in (node or {}).values() if v is not None]
 
 
+FLEXBERT_TRAINER_KEYS = ("compile_layers",)  # in the trainer node, not composer.Trainer's
+
+
 def trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
     """The `trainer` node as composer.Trainer keyword arguments."""
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
-    return {k: v for k, v in kwargs.items() if not (k == "compile_config" and v is None)}
+    return {
+        k: v
+        for k, v in kwargs.items()
+        if k not in FLEXBERT_TRAINER_KEYS and not (k == "compile_config" and v is None)
+    }
+
+
+def maybe_compile_layers(cfg: DictConfig, model: Any) -> None:
+    """`trainer.compile_layers=true`: torch.compile every encoder layer of `model` in place."""
+    if cfg.trainer.get("compile_layers"):
+        model.compile_layers(dynamic=True)
 
 
 def start_distributed(cfg: DictConfig, run_dir: Path) -> Path:

@@ -22,6 +22,7 @@ from flexbert.train.app import (
     composer_trainer,
     eval_metrics,
     is_main_process,
+    maybe_compile_layers,
     run_app,
     start_distributed,
     trained_model,
@@ -61,6 +62,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> tuple[Any, dict[str, Any]]:
     run_dir.mkdir(parents=True, exist_ok=True)
     reproducibility.seed_all(cfg.seed)
     model = load_task_model(cfg)
+    maybe_compile_layers(cfg, model)
     tok_path = cfg.get("tokenizer", {}).get("path") or resolve_model_dir(cfg.model.path)
     tokenizer = load_tokenizer(tok_path)
     check_tokenizer_matches(tokenizer, **{k: getattr(model.config, k) for k in TOKENIZER_FIELDS})

@@ -22,6 +22,7 @@ from flexbert.train.app import (
     composer_trainer,
     eval_metrics,
     is_main_process,
+    maybe_compile_layers,
     run_app,
     start_distributed,
     trained_model,
@@ -73,6 +74,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> tuple[Any, dict[str, Any]]:
             growth["tile_mode"],
             growth["layer_map"],
         )
+    maybe_compile_layers(cfg, mlm)
     model = ComposerFlexBertMLM(mlm)
     history = LossHistory()
     world = dist.get_world_size()

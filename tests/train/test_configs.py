@@ -127,3 +127,28 @@ def test_wandb_logger_config_is_offline_and_works_with_current_wandb():
     from wandb.sdk.wandb_run import Run
 
     assert hasattr(Run, "get_url") and type(logger).__name__ == "WandBLogger"
+
+
+@pytest.mark.parametrize("trainer", ["cpu", "gpu"])
+def test_trainer_node_gives_composer_its_keywords_and_flexbert_its_own(trainer):
+    import inspect
+
+    from composer import Trainer
+
+    from flexbert.train.app import trainer_kwargs
+
+    cfg = compose_config([f"trainer={trainer}"])
+    kwargs = trainer_kwargs(cfg)
+    assert "compile_layers" not in kwargs and "compile_config" not in kwargs
+    assert set(kwargs) <= set(inspect.signature(Trainer).parameters)
+    assert cfg.trainer.compile_layers is (trainer == "gpu")
+
+
+def test_compile_layers_compiles_each_encoder_layer(tiny_run_config, tmp_path):
+    from flexbert.train.app import trained_model
+    from flexbert.train.pretrain import build_trainer
+
+    trainer, _ = build_trainer(tiny_run_config("trainer.compile_layers=true"), tmp_path / "run")
+    layers = trained_model(trainer).model.layers
+    assert all(layer._compiled_call_impl is not None for layer in layers)
+    trainer.close()
