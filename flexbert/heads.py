@@ -203,6 +203,8 @@ class FlexBertForSentenceEmbedding(FlexBertPreTrainedModel):
     the in-batch InfoNCE loss at `temperature`.
     """
 
+    POOLING_FROM_SENTENCE_TRANSFORMERS = True  # from_hf on an ST directory pools like it
+
     def __init__(self, cfg: ModelConfig, temperature: float = 0.05) -> None:
         super().__init__(cfg)
         self.model = FlexBertModel(cfg, initialize=False)

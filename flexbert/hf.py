@@ -275,6 +275,13 @@ HUB_FILES = [
     "special_tokens_map.json",
     "vocab.*",
     "merges.txt",
+    # sentence-transformers models: module list, pooling, an encoder in a subfolder
+    "modules.json",
+    "sentence_bert_config.json",
+    "config_sentence_transformers.json",
+    "*_Pooling/*",
+    "*_Normalize/*",
+    "0_Transformer/*",
 ]
 
 
@@ -304,10 +311,14 @@ def resolve_model_dir(name_or_path: str | Path, revision: str | None = None) -> 
 
 
 def load_hf(cls: type, path: str | Path, **overrides: Any):
-    """Build `cls` from a Hugging Face ModernBERT directory or Hub id."""
+    """Build `cls` from a Hugging Face ModernBERT directory or Hub id. In a sentence-transformers
+    directory the encoder is found through modules.json, and a class that pools like
+    sentence-transformers (`POOLING_FROM_SENTENCE_TRANSFORMERS`) takes its Pooling module's mode."""
     from transformers import AutoConfig
 
-    path = resolve_model_dir(path)
+    path, st_pooling = sentence_transformers_layout(resolve_model_dir(path))
+    if st_pooling and getattr(cls, "POOLING_FROM_SENTENCE_TRANSFORMERS", False):
+        overrides.setdefault("pooling", st_pooling)
     if not (path / "config.json").exists():
         raise FileNotFoundError(
             f"{path} is not a Hugging Face model directory: config.json is missing"
@@ -355,6 +366,34 @@ ST_ALL_POOLING_MODES = (
     "pooling_mode_weightedmean_tokens",
     "pooling_mode_lasttoken",
 )
+
+
+def sentence_transformers_layout(path: Path) -> tuple[Path, str | None]:
+    """(encoder folder, FlexBERT pooling) of a sentence-transformers directory, read from its
+    modules.json and Pooling config (old `pooling_mode_*` flags or the newer `pooling_mode`);
+    (path, None) for a plain model directory."""
+    modules_file = path / "modules.json"
+    if not modules_file.exists():
+        return path, None
+    encoder, pooling = path, None
+    from_st = {v: k for k, v in ST_POOLING_MODES.items()}
+    for module in json.loads(modules_file.read_text()):
+        kind, sub = module.get("type", ""), module.get("path", "")
+        if kind.endswith(".Transformer"):
+            encoder = path / sub
+        elif kind.endswith(".Pooling"):
+            settings = json.loads((path / sub / "config.json").read_text())
+            if "pooling_mode" in settings:  # sentence-transformers >= 6: the mode by name
+                modes = [settings["pooling_mode"]]
+            else:
+                modes = [from_st.get(m, m) for m in ST_ALL_POOLING_MODES if settings.get(m)]
+            if len(modes) != 1 or modes[0] not in ST_POOLING_MODES:
+                raise ConfigError(
+                    f"{path}: sentence-transformers pooling {settings} has no FlexBERT "
+                    f"counterpart; FlexBERT pools with {sorted(ST_POOLING_MODES)}"
+                )
+            pooling = modes[0]
+    return encoder, pooling
 
 
 def sentence_transformers_pooling(cfg: ModelConfig) -> str:

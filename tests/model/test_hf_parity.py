@@ -192,6 +192,33 @@ def test_sentence_embeddings_load_in_sentence_transformers_with_the_same_vectors
         torch.testing.assert_close(other.embed(enc["input_ids"], enc["attention_mask"]), expected)
 
 
+def test_a_sentence_transformers_directory_loads_with_its_own_pooling(tmp_path):
+    """A directory saved by sentence-transformers itself (its newer module format) whose
+    config.json still says cls pooling, as third-party embedding models do: the Pooling
+    module decides, and the vectors match sentence-transformers'."""
+    st = pytest.importorskip("sentence_transformers")
+    model = FlexBertForSentenceEmbedding(ModelConfig.preset("tiny", pooling="mean")).eval()
+    model.save_hf(tmp_path / "ours")
+    tok = _word_tokenizer(tmp_path / "ours")
+    st.SentenceTransformer(str(tmp_path / "ours"), device="cpu").save(str(tmp_path / "st"))
+    cfg_file = tmp_path / "st" / "config.json"
+    cfg_file.write_text(cfg_file.read_text().replace('"mean"', '"cls"'))
+    loaded = FlexBertForSentenceEmbedding.from_hf(tmp_path / "st").eval()
+    assert loaded.config.pooling.name == "mean"
+    texts = ["w3 w4 w5 w6 w7", "w8"]
+    enc = tok(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        got = loaded.embed(enc["input_ids"], enc["attention_mask"])
+    expected = st.SentenceTransformer(str(tmp_path / "st"), device="cpu").encode(
+        texts, convert_to_tensor=True
+    )
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    pooling = tmp_path / "st" / "1_Pooling" / "config.json"
+    pooling.write_text(pooling.read_text().replace('"mean"', '"max"'))
+    with pytest.raises(ConfigError, match="no FlexBERT counterpart"):
+        FlexBertForSentenceEmbedding.from_hf(tmp_path / "st")
+
+
 @pytest.mark.parametrize(
     ("overrides", "needle"),
     [
