@@ -258,3 +258,40 @@ def test_shards_stream_from_a_remote_into_the_local_cache(first_run, tiny_run_co
     assert summary["train"]["batches"] == 2
     assert (cache / "train" / "index.json").exists() and (cache / "val" / "index.json").exists()
     assert list((cache / "train").glob("shard.*.mds*"))  # shards were fetched into the cache
+
+
+@pytest.mark.slow
+def test_a_sweep_ends_with_one_table_of_its_jobs(first_run, tmp_path):
+    """`flexbert-train -m` over two activations: both jobs train, and the SweepReport callback
+    writes sweep_results.md with the swept key as a column and each job's metrics."""
+    import subprocess
+    import sys
+
+    from flexbert.train.sweep import main as sweep_main
+    from tests.train.conftest import TINY_RUN
+
+    root, _, _ = first_run
+    overrides = [
+        o for o in TINY_RUN if not o.startswith(("trainer.max_duration", "trainer.eval_i"))
+    ]
+    overrides += [
+        f"paths.cache_dir={root / 'cache'}",
+        "trainer.max_duration=2ba",
+        "trainer.eval_interval=2ba",
+        "callbacks.batch_size_warmup=null",
+        "export_hf=false",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        "model/activation=gelu,silu",
+    ]
+    cmd = [str(Path(sys.executable).parent / "flexbert-train"), "-m", *overrides]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    text = (tmp_path / "sweep" / "sweep_results.md").read_text()
+    lines = text.strip().splitlines()
+    assert lines[0].startswith("| job | model/activation | eval.LanguageCrossEntropy")
+    assert [line.split(" | ")[1] for line in lines[2:]] == ["gelu", "silu"]
+    assert "sweep results" in done.stdout
+    rows = json.loads((tmp_path / "sweep" / "sweep_results.json").read_text())
+    assert all(r["metrics"]["eval.LanguageCrossEntropy"] > 0 for r in rows)
+    assert sweep_main([str(tmp_path / "sweep")]) == 0  # the same table, rebuilt later
+    assert sweep_main([str(tmp_path / "nowhere")]) == 2
