@@ -295,3 +295,49 @@ def test_a_sweep_ends_with_one_table_of_its_jobs(first_run, tmp_path):
     assert all(r["metrics"]["eval.LanguageCrossEntropy"] > 0 for r in rows)
     assert sweep_main([str(tmp_path / "sweep")]) == 0  # the same table, rebuilt later
     assert sweep_main([str(tmp_path / "nowhere")]) == 2
+
+
+def test_context_extension_recipe_continues_from_phase_one_weights(first_run, tmp_path):
+    """experiment=context_extension on the tiny model: the phase-1 checkpoint's weights (and
+    nothing else: a fresh schedule and data position) continue at twice the sequence length
+    with the recipe's global RoPE theta; with lr 0 the weights stay exactly phase 1's."""
+    from tests.train.conftest import compose_config
+
+    root, _, first = first_run
+    ckpt = first["paths"]["last_checkpoint"]
+    cfg = compose_config(
+        [
+            "experiment=context_extension",
+            "model/size=tiny",
+            "trainer=cpu",
+            f"data.tokenizer.path={root / 'run' / 'tokenizer'}",
+            f"data.mds.dir={first['data']['mds_dir']}",
+            "data.seq_len=128",
+            "data.batch_size=4",
+            "data.micro_batch_size=2",
+            "data.eval_micro_batch_size=4",
+            "data.progress=false",
+            "model.attention_pattern.window=16",
+            f"trainer.load_path={ckpt}",
+            "trainer.max_duration=1024tok",  # two steps of 4 x 128 tokens
+            "scheduler.t_decay=512tok",
+            "trainer.eval_interval=2ba",
+            "trainer.eval_subset_num_batches=1",
+            "trainer.progress_bar=false",
+            "callbacks.speed_monitor=null",
+            "optimizer=adamw",
+            "optimizer.lr=0.0",
+            "export_hf=false",
+        ]
+    )
+    summary = train(cfg, tmp_path / "extended")
+    assert summary["train"]["batches"] == 2  # a new schedule, not phase 1's batch count
+    assert summary["model_config"]["position"]["global_theta"] == 160_000.0
+    assert summary["train"]["tokens"] == 2 * 4 * 128
+    before = load_checkpoint_model(ckpt, read_model_config(root / "run" / "model_config.json"))
+    after = load_checkpoint_model(
+        summary["paths"]["last_checkpoint"],
+        read_model_config(tmp_path / "extended" / "model_config.json"),
+    )
+    for (name, a), b in zip(before.named_parameters(), after.parameters()):
+        torch.testing.assert_close(a, b, msg=name)
