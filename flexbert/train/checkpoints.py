@@ -1,7 +1,8 @@
-"""Reading trained weights back: Composer checkpoints of flexbert-train runs and HF directories.
+"""Run files and reading trained weights back: Composer checkpoints and HF directories.
 
-A Composer checkpoint holds the weights; the model config lives in the run directory
-(`model_config.json`, written by flexbert-train before training), found next to the
+A Composer checkpoint holds the weights; what they belong to lives in the run directory,
+written before training (`write_run_files`): `model_config.json`, `tokenizer/` and, for a
+fine-tuning run, `task.json` (task type and label names). These are found next to a
 checkpoint or one folder up.
 """
 
@@ -12,6 +13,36 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+TASK_FILE = "task.json"
+
+
+def write_run_files(
+    run_dir: Path, model_cfg: Any, tokenizer: Any, task: dict[str, Any] | None = None
+) -> None:
+    """What export and resumption need, written before training so any checkpoint is usable."""
+    from flexbert.data.tokenizer import save_tokenizer
+
+    (run_dir / "model_config.json").write_text(json.dumps(model_cfg.to_dict(), indent=2) + "\n")
+    save_tokenizer(tokenizer, run_dir / "tokenizer")
+    if task is not None:
+        (run_dir / TASK_FILE).write_text(json.dumps(task, indent=2) + "\n")
+
+
+def task_model_class(task_type: str | None) -> type:
+    """The FlexBERT class a run trains: the MLM for pretraining, the task head otherwise."""
+    import flexbert
+
+    classes = {
+        None: flexbert.FlexBertForMaskedLM,
+        "sequence_classification": flexbert.FlexBertForSequenceClassification,
+        "regression": flexbert.FlexBertForSequenceClassification,
+        "token_classification": flexbert.FlexBertForTokenClassification,
+        "retrieval": flexbert.FlexBertForSentenceEmbedding,
+    }
+    if task_type not in classes:
+        raise ValueError(f"unknown task type {task_type!r}; known: {sorted(map(str, classes))}")
+    return classes[task_type]
 
 
 def find_run_file(checkpoint: Path, name: str) -> Path | None:
@@ -30,17 +61,18 @@ def read_model_config(path: Path) -> Any:
     return ModelConfig.from_dict(values.get("model_config", values))
 
 
-def load_checkpoint_model(checkpoint: str | Path, config: Any) -> Any:
-    """FlexBertForMaskedLM with the weights of a Composer checkpoint (ComposerFlexBertMLM)."""
+def load_checkpoint_model(
+    checkpoint: str | Path, config: Any, model_class: type | None = None
+) -> Any:
+    """`model_class` (default FlexBertForMaskedLM) with the weights of a Composer checkpoint
+    of one of FlexBERT's Composer wrappers."""
     from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
-
-    from flexbert import FlexBertForMaskedLM
 
     blob = torch.load(str(checkpoint), map_location="cpu", weights_only=False)
     state = dict(blob["state"]["model"])
     consume_prefix_in_state_dict_if_present(state, "module.")  # DDP
-    consume_prefix_in_state_dict_if_present(state, "model.")  # ComposerFlexBertMLM.model
-    model = FlexBertForMaskedLM(config)
+    consume_prefix_in_state_dict_if_present(state, "model.")  # the wrapper's .model
+    model = (model_class or task_model_class(None))(config)
     model.load_state_dict(state, strict=True)
     return model.eval()
 

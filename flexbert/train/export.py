@@ -1,15 +1,19 @@
 """`flexbert-export`: a Composer training checkpoint -> a Hugging Face ModernBERT directory.
 
     flexbert-export runs/pretrain/<time>/checkpoints/ep0-ba400-rank0.pt --out my-model
+    flexbert-export runs/finetune/<task>/<time>/checkpoints/ep1-ba80-rank0.pt --out my-classifier
 
-The model config comes from the run directory (`model_config.json`, written by
-flexbert-train before training) or `--config`; the tokenizer from the run's `tokenizer/` or
-`--tokenizer`. The result loads with `AutoModelForMaskedLM` and `AutoTokenizer`.
+The model config comes from the run directory (`model_config.json`, written by flexbert-train
+and flexbert-finetune before training) or `--config`; the tokenizer from the run's
+`tokenizer/` or `--tokenizer`; a fine-tuning run's `task.json` picks the task head and its
+label names. The result loads with `AutoModelForMaskedLM` (or the task's Auto class, or
+sentence-transformers for retrieval) and `AutoTokenizer`.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -23,11 +27,14 @@ def export(
     """Write `out` (config.json, model.safetensors, tokenizer files); return it."""
     from flexbert.data.tokenizer import load_tokenizer, save_tokenizer
     from flexbert.train.checkpoints import (
+        TASK_FILE,
         config_next_to,
         find_run_file,
         load_checkpoint_model,
         read_model_config,
+        task_model_class,
     )
+    from flexbert.train.finetune_model import write_label_names
 
     ckpt = Path(checkpoint).resolve()
     if not ckpt.exists():
@@ -36,17 +43,23 @@ def export(
     if not cfg_path.exists():
         raise FileNotFoundError(f"--config {cfg_path}: no such file")
     tok_path = Path(tokenizer) if tokenizer else find_run_file(ckpt, "tokenizer")
-    model = load_checkpoint_model(ckpt, read_model_config(cfg_path))
-    out = model.save_hf(out)
+    task_file = find_run_file(ckpt, TASK_FILE)
+    task = json.loads(task_file.read_text()) if task_file else {}
+    model_class = task_model_class(task.get("type"))
+    model = load_checkpoint_model(ckpt, read_model_config(cfg_path), model_class)
+    out = Path(model.save_hf(out))
+    write_label_names(out, task.get("labels"))
     if tok_path is not None:
         save_tokenizer(load_tokenizer(tok_path), out)
-    return Path(out)
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (separate so tests and docs can inspect it)."""
     p = argparse.ArgumentParser(prog="flexbert-export", description=__doc__.splitlines()[0])
-    p.add_argument("checkpoint", help="Composer checkpoint (.pt) written by flexbert-train")
+    p.add_argument(
+        "checkpoint", help="Composer checkpoint (.pt) of flexbert-train or flexbert-finetune"
+    )
     p.add_argument("--out", required=True, help="output directory for the Hugging Face model")
     p.add_argument("--config", default=None, help="model_config.json or summary.json of the run")
     p.add_argument("--tokenizer", default=None, help="tokenizer dir (default: the run's)")
@@ -64,7 +77,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"flexbert-export: error: {e}", file=sys.stderr)
         return 2
     print(f"flexbert-export: {args.checkpoint} -> {out}")
-    print(f"  AutoModelForMaskedLM.from_pretrained('{out}')")
+    arch = json.loads((out / "config.json").read_text())["architectures"][0]
+    auto = {"ModernBertModel": "AutoModel"}.get(arch, arch.replace("ModernBert", "AutoModel"))
+    print(f"  {auto}.from_pretrained('{out}')")
     return 0
 
 

@@ -54,6 +54,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> tuple[Any, dict[str, Any]]:
     from flexbert.data.tokenizer import check_tokenizer_matches, load_tokenizer
     from flexbert.hf import resolve_model_dir
     from flexbert.train.callbacks import LossHistory
+    from flexbert.train.checkpoints import write_run_files
     from flexbert.train.data_spec import flexbert_data_spec
     from flexbert.train.finetune_model import EvalHistory, composer_parts, load_task_model
     from flexbert.train.model_config import TOKENIZER_FIELDS
@@ -69,6 +70,9 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> tuple[Any, dict[str, Any]]:
     max_len = min(int(cfg.data.max_seq_len), model.config.max_seq_len)
     examples, label_names = build_examples(cfg.task, tokenizer, max_len)
     composer_model, collate = composer_parts(cfg.task, model, tokenizer.pad_token_id)
+    if is_main_process():
+        task = {"name": cfg.task.name, "type": cfg.task.type, "labels": label_names}
+        write_run_files(run_dir, model.config, tokenizer, task)
     world = dist.get_world_size()
     train_loader = _loader(examples["train"], cfg.data.batch_size // world, collate, True)
     eval_loader = _loader(examples["eval"], cfg.data.eval_batch_size // world, collate, False)

@@ -163,15 +163,21 @@ def save_task_model(model: Any, tokenizer: Any, out: Path, label_names: list[str
     A sentence-embedding model is saved as its encoder (ModernBertModel, for AutoModel) with
     the sentence-transformers module files (`SentenceTransformer(out)`).
     """
-    import json
-
     from flexbert.data.tokenizer import save_tokenizer
 
     model.save_hf(out)
     save_tokenizer(tokenizer, out)
-    if label_names:
-        cfg_file = out / "config.json"
-        hf = json.loads(cfg_file.read_text())
-        hf["id2label"] = {str(i): n for i, n in enumerate(label_names)}
-        hf["label2id"] = {n: i for i, n in enumerate(label_names)}
-        cfg_file.write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
+    write_label_names(out, label_names)
+
+
+def write_label_names(out: Path, label_names: list[str] | None) -> None:
+    """id2label / label2id into a saved config.json (nothing when there are no names)."""
+    import json
+
+    if not label_names:
+        return
+    cfg_file = Path(out) / "config.json"
+    hf = json.loads(cfg_file.read_text())
+    hf["id2label"] = {str(i): n for i, n in enumerate(label_names)}
+    hf["label2id"] = {n: i for i, n in enumerate(label_names)}
+    cfg_file.write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")

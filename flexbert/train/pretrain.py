@@ -38,9 +38,9 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> tuple[Any, dict[str, Any]]:
     from composer.utils import dist, reproducibility
 
     from flexbert import FlexBertForMaskedLM
-    from flexbert.data.tokenizer import check_tokenizer_matches, save_tokenizer, special_token_ids
+    from flexbert.data.tokenizer import check_tokenizer_matches, special_token_ids
     from flexbert.train.callbacks import LossHistory
-    from flexbert.train.checkpoints import init_from
+    from flexbert.train.checkpoints import init_from, write_run_files
     from flexbert.train.composer_model import ComposerFlexBertMLM
     from flexbert.train.data import build_loaders, get_shards, get_tokenizer
     from flexbert.train.data_spec import flexbert_data_spec
@@ -58,8 +58,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> tuple[Any, dict[str, Any]]:
     )
     # What export and resumption need, written before training so any checkpoint is usable.
     if is_main_process():
-        (run_dir / "model_config.json").write_text(json.dumps(model_cfg.to_dict(), indent=2) + "\n")
-        save_tokenizer(tokenizer, run_dir / "tokenizer")
+        write_run_files(run_dir, model_cfg, tokenizer)
 
     os.environ.setdefault("WANDB_DIR", str(run_dir))  # offline W&B files stay with the run
     reproducibility.seed_all(cfg.seed)

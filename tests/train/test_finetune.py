@@ -136,6 +136,26 @@ def test_hf_export_gives_the_same_logits_in_transformers(classification_run):
     assert got.argmax(-1).tolist() == [1, 0]
 
 
+def test_flexbert_export_turns_a_fine_tuning_checkpoint_into_the_task_model(
+    classification_run, tmp_path, capsys
+):
+    from transformers import AutoModelForSequenceClassification
+
+    from flexbert.train.export import main as export_main
+
+    run, summary = classification_run
+    task = json.loads((run / "task.json").read_text())
+    assert task["type"] == "sequence_classification"
+    assert export_main([summary["paths"]["last_checkpoint"], "--out", str(tmp_path / "x")]) == 0
+    assert "AutoModelForSequenceClassification.from_pretrained" in capsys.readouterr().out
+    exported = AutoModelForSequenceClassification.from_pretrained(tmp_path / "x").eval()
+    final = AutoModelForSequenceClassification.from_pretrained(run / "hf").eval()
+    assert exported.config.id2label == final.config.id2label
+    for a, b in zip(exported.state_dict().values(), final.state_dict().values()):
+        torch.testing.assert_close(a, b)  # the last checkpoint is the final model
+    assert (tmp_path / "x" / "tokenizer.json").exists()
+
+
 def test_regression_reports_pearson(pretrained, tmp_path):
     rng = random.Random(2)
     files = {}
