@@ -43,13 +43,19 @@ def _metrics(summary: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _job_order(job: Path) -> tuple[int, str]:
+    """Job folders are named by Hydra's job number (`3`, or `3_sst2`): numeric order."""
+    head = job.name.split("_", 1)[0]
+    return (int(head) if head.isdigit() else 1 << 30, job.name)
+
+
 def collect(sweep_dir: str | Path) -> list[dict[str, Any]]:
     """One row per job that finished (has a summary.json), in job order."""
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
         raise FileNotFoundError(f"sweep directory not found: {sweep_dir}")
     jobs = [p.parent for p in sweep_dir.glob("*/summary.json")]
-    jobs.sort(key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else 0, p.name))
+    jobs.sort(key=_job_order)
     rows = []
     for job in jobs:
         summary = json.loads((job / "summary.json").read_text())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from hydra.utils import instantiate
 
@@ -152,3 +154,20 @@ def test_compile_layers_compiles_each_encoder_layer(tiny_run_config, tmp_path):
     layers = trained_model(trainer).model.layers
     assert all(layer._compiled_call_impl is not None for layer in layers)
     trainer.close()
+
+
+def test_sweep_table_orders_jobs_by_number_and_shows_only_what_varies(tmp_path):
+    from flexbert.train.sweep import collect, table
+
+    for name, task, acc in (("10_sst2", "sst2", 0.9), ("2_cola", "cola", 0.5)):
+        job = tmp_path / name
+        (job / ".hydra").mkdir(parents=True)
+        (job / ".hydra" / "overrides.yaml").write_text(f"- task={task}\n- model.path=/m\n")
+        summary = {"eval": {"accuracy": acc}, "train": {"loss_last": 0.1}, "parameters": 7}
+        (job / "summary.json").write_text(json.dumps(summary))
+    (tmp_path / "3_unfinished" / ".hydra").mkdir(parents=True)  # no summary: left out
+    rows = collect(tmp_path)
+    assert [r["job"] for r in rows] == ["2_cola", "10_sst2"]
+    lines = table(rows).splitlines()
+    assert lines[0] == "| job | task | eval.accuracy | train.loss_last | parameters |"
+    assert lines[2] == "| 2_cola | cola | 0.5 | 0.1 | 7 |"
