@@ -81,19 +81,64 @@ def composer_trainer(
 
     from flexbert.train.optim import build_optimizer
 
-    return Trainer(
+    trainer = Trainer(
         model=model,
         train_dataloader=train_dataloader,
         eval_dataloader=evaluator,
         optimizers=build_optimizer(cfg.optimizer, model, cfg.trainer.get("device") or "cpu"),
         schedulers=instantiate(cfg.scheduler),
         callbacks=[*instantiate_all(cfg.get("callbacks")), *callbacks],
-        loggers=instantiate_all(cfg.get("logger")),
+        loggers=build_loggers(cfg, run_dir),
         save_folder=str(run_dir / "checkpoints"),
         run_name=cfg.get("run_name") or run_dir.name,
         seed=cfg.seed,
         **trainer_args,
     )
+    log_config_to_wandb(trainer, cfg)
+    return trainer
+
+
+def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Any]:
+    """The `logger` group; a W&B logger keeps its files in run_dir/wandb and, in a sweep,
+    groups its runs under the sweep directory's name (unless the config says otherwise)."""
+    from hydra.utils import instantiate
+
+    group = cfg.get("logger")
+    node = OmegaConf.to_container(group, resolve=True) if group else {}
+    loggers = []
+    for entry in node.values():  # type: ignore[union-attr]
+        if entry is None:
+            continue
+        if str(entry.get("_target_", "")).endswith("WandBLogger"):
+            init = entry.setdefault("init_kwargs", {}) or {}
+            entry["init_kwargs"] = init
+            init.setdefault("dir", str(run_dir))
+            group = sweep_name()
+            if group:
+                init.setdefault("group", group)
+        loggers.append(instantiate(entry))
+    return loggers
+
+
+def sweep_name() -> str | None:
+    """The sweep directory's name when running as a job of a Hydra multirun."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return None
+    hydra_cfg = HydraConfig.get()
+    return Path(hydra_cfg.sweep.dir).name if hydra_cfg.mode == RunMode.MULTIRUN else None
+
+
+def log_config_to_wandb(trainer: Any, cfg: DictConfig) -> None:
+    """The whole resolved run config as W&B hyperparameters (filter and compare runs by it)."""
+    from composer.loggers import WandBLogger
+
+    config = OmegaConf.to_container(cfg, resolve=True)
+    for destination in trainer.logger.destinations:
+        if isinstance(destination, WandBLogger):
+            destination.log_hyperparameters(config)
 
 
 def eval_metrics(trainer: Any) -> dict[str, float]:

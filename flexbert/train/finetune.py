@@ -10,7 +10,6 @@ and writes `summary.json`. `train(cfg, run_dir)` is the same run without Hydra's
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -77,7 +76,6 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> tuple[Any, dict[str, Any]]:
     train_loader = _loader(examples["train"], cfg.data.batch_size // world, collate, True)
     eval_loader = _loader(examples["eval"], cfg.data.eval_batch_size // world, collate, False)
 
-    os.environ.setdefault("WANDB_DIR", str(run_dir))
     history, evals = LossHistory(), EvalHistory()
     trainer = composer_trainer(
         cfg,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -60,7 +59,6 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> tuple[Any, dict[str, Any]]:
     if is_main_process():
         write_run_files(run_dir, model_cfg, tokenizer)
 
-    os.environ.setdefault("WANDB_DIR", str(run_dir))  # offline W&B files stay with the run
     reproducibility.seed_all(cfg.seed)
     mlm = FlexBertForMaskedLM(model_cfg)
     growth = init_from(cfg.get("init_from"), mlm)

@@ -341,3 +341,22 @@ def test_context_extension_recipe_continues_from_phase_one_weights(first_run, tm
     )
     for (name, a), b in zip(before.named_parameters(), after.parameters()):
         torch.testing.assert_close(a, b, msg=name)
+
+
+def test_wandb_offline_run_records_the_whole_config_in_the_run_dir(
+    first_run, tiny_run_config, tmp_path
+):
+    root, _, _ = first_run
+    cfg = tiny_run_config(
+        "logger=wandb",
+        f"paths.cache_dir={root / 'cache'}",
+        "trainer.max_duration=2ba",
+        "trainer.eval_interval=2ba",
+        "callbacks.batch_size_warmup=null",
+        "export_hf=false",
+    )
+    train(cfg, tmp_path / "run")
+    logs = list((tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(logs) == 1, "the offline W&B run belongs in the run directory"
+    record = logs[0].read_bytes()  # protobuf records; config values are stored as JSON text
+    assert b'"hidden_size"' in record and b'"mlm_probability"' in record
