@@ -105,20 +105,18 @@ def _tile_fused(source: torch.Tensor, target: torch.Tensor, parts: int, mode: st
     return torch.cat(pieces)
 
 
+# Modules whose projection packs several equal parts along dim 0: (class, Linear, parts).
+FUSED_PROJECTIONS = ((Attention, "Wqkv", 3), (GLU, "Wi", 2))  # q/k/v; input/gate
+
+
 def _fused_parts(model: nn.Module) -> dict[str, int]:
     """Normalised parameter name -> how many fused parts it holds along dim 0."""
     parts: dict[str, int] = {}
     for name, module in model.named_modules():
-        count, leaf = (
-            (3, "Wqkv")
-            if isinstance(module, Attention)
-            else (2, "Wi")
-            if isinstance(module, GLU)
-            else (0, "")
-        )
-        if count:
-            for pname, _ in getattr(module, leaf).named_parameters():
-                parts[_normalise(model, f"{name}.{leaf}.{pname}")] = count
+        for cls, leaf, count in FUSED_PROJECTIONS:
+            if isinstance(module, cls):
+                for pname, _ in getattr(module, leaf).named_parameters():
+                    parts[_normalise(model, f"{name}.{leaf}.{pname}")] = count
     return parts
 
 
