@@ -9,8 +9,8 @@
 #   OUT=bench_out bash scripts/gpu_bench.sh          # on the GPU machine
 #   BENCH_CPU=1 PYTHON=.venv/bin/python bash scripts/gpu_bench.sh   # same logic, tiny, CPU
 #
-# Writes into $OUT: gpu_checks.json, results.json, results.txt (the table), results.png (if
-# matplotlib is there) and one log per phase.
+# Writes into $OUT: gpu_checks.json, results.json, results.txt (the table), targets.md (each
+# target met or not), results.png (if matplotlib is there) and one log per phase.
 set -u
 cd "$(dirname "$0")/.."
 OUT="${OUT:-./bench_out}"

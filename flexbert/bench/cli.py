@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from flexbert.bench import report, runners, suite, workloads
+from flexbert.bench import report, runners, suite, targets, workloads
 
 DEFAULTS = {  # device kind -> (num docs, batch docs, max-batch cap) as (short, long)
     "cuda": {"num_docs": "1024,64", "batch_size": "256,16", "max_batch_search": "0"},
@@ -172,8 +172,12 @@ def main(argv: list[str] | None = None) -> int:
     if settings.train_steps > 0:
         suite.run_training(settings, on_row)
     table = report.format_table(rows) + "\n\n" + report.format_ratios(report.ratios(rows))
-    print(table)
+    checked = targets.format_markdown(
+        targets.check(rows, settings.device), settings.env["device_name"]
+    )
+    print(table + "\n\n" + checked)
     (out / "results.txt").write_text(table + "\n")
+    (out / "targets.md").write_text(checked + "\n")
     if not args.no_plot:
         png = report.plot(rows, out / "results.png")
         print(f"plot: {png}" if png else "plot skipped (matplotlib is not installed)")

@@ -134,6 +134,7 @@ def test_cli_tiny_run_writes_consistent_results(tmp_path, capsys):
     args += ["--repeats", "2", "--warmup", "0", "--train-steps", "1", "--train-rows", "2"]
     args += ["--train-len", "64", "--out", str(out), "--no-plot", "--threads", "1"]
     assert cli.main(args) == 0
+    assert (out / "targets.md").read_text().startswith("Targets on ")
     doc = json.loads((out / "results.json").read_text())
     rows = doc["rows"]
     assert all(set(r) == set(report.ROW_KEYS) for r in rows)
@@ -194,3 +195,51 @@ def test_gpu_checks_agree_on_cpu(tmp_path):
     assert gpu_checks.main(["--device", "cpu", "--sizes", "tiny", "--out", str(tmp_path)]) == 0
     doc = json.loads((tmp_path / "gpu_checks.json").read_text())
     assert doc["all_pass"] and {r["check"] for r in doc["results"]} >= {"backend"}
+
+
+def _row(family, mode, label, tps=None, size="base", max_batch=None, variant="varlen"):
+    return report.make_row(
+        model=f"{family}-{size}",
+        family=family,
+        size=size,
+        variant=variant,
+        mode=mode,
+        label=label,
+        tokens_per_s=tps,
+        max_batch_size=max_batch,
+        status="ok",
+    )
+
+
+def test_gpu_targets_are_met_missed_or_not_measured():
+    from flexbert.bench import targets
+
+    rows = [
+        _row("flexbert", "inference", "fixed-512", 2.5e6),
+        _row("flexbert", "inference", "fixed-512", 1.0e6, variant="sdpa"),  # the best counts
+        _row("hf-modernbert", "inference", "fixed-512", 6.0e5, variant="sdpa"),
+        _row("flexbert", "inference", "var-256", 1.7e6),
+        _row("flexbert", "max-batch", "fixed-8192", max_batch=40),
+        _row("hf-modernbert", "max-batch", "fixed-8192", max_batch=16),
+    ]
+    result = {r["target"]: r for r in targets.check(rows, "cuda")}
+    fixed = result["base inference, fixed 512"]
+    assert fixed["met"] is True and fixed["value"] == 2.5e6 and "HF 600,000" in fixed["detail"]
+    assert result["base inference, variable ~256"]["met"] is False
+    assert result["base inference, fixed 8192"]["met"] is None  # not measured
+    assert result["max batch at 8192, x HF ModernBERT"]["value"] == 2.5
+    text = targets.format_markdown(list(result.values()), "NVIDIA H200")
+    assert "| base inference, variable ~256 | 1,700,000 | 1,800,000 | **no** |" in text
+
+
+def test_cpu_target_is_parity_with_hf_on_every_workload():
+    from flexbert.bench import targets
+
+    rows = [
+        _row("flexbert", "inference", "fixed-128", 110.0, size="tiny", variant="sdpa"),
+        _row("hf-modernbert", "inference", "fixed-128", 100.0, size="tiny", variant="sdpa"),
+        _row("flexbert", "train", "mlm-256", 90.0, size="tiny", variant="sdpa"),
+        _row("hf-modernbert", "train", "mlm-256", 100.0, size="tiny", variant="sdpa"),
+    ]
+    met = {r["target"].split(":")[0]: r["met"] for r in targets.check(rows, "cpu")}
+    assert met == {"tiny inference fixed-128": True, "tiny train mlm-256": False}

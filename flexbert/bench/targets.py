@@ -1,0 +1,100 @@
+"""The efficiency targets, checked against a benchmark's rows: met, missed or not measured.
+
+GPU targets are ModernBERT-base figures (bf16, one GPU; HF ModernBERT from the same run is
+shown beside them); the CPU target is FlexBERT / HF ModernBERT >= 1.0 on every workload both
+ran. `flexbert-bench` writes the check as targets.md next to results.json.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from flexbert.bench.report import Row, ratios
+
+
+@dataclass(frozen=True)
+class Target:
+    what: str  # a short description
+    mode: str  # inference | train | max-batch
+    workload: str  # a row label: fixed-512, var-256, ..., mlm-1024
+    minimum: float  # tokens/s for inference/train; FlexBERT/HF for max-batch
+    size: str = "base"
+
+
+GPU_TARGETS = (
+    Target("base inference, fixed 512", "inference", "fixed-512", 2.0e6),
+    Target("base inference, variable ~256", "inference", "var-256", 1.8e6),
+    Target("base inference, fixed 8192", "inference", "fixed-8192", 1.0e6),
+    Target("base inference, variable ~4096", "inference", "var-4096", 1.2e6),
+    Target("max batch at 8192, x HF ModernBERT", "max-batch", "fixed-8192", 2.0),
+    Target("base MLM training, 1024 packed", "train", "mlm-1024", 5.0e5),
+)
+CPU_MIN_RATIO = 1.0
+
+
+def _best(rows: list[Row], family: str, target: Target) -> Row | None:
+    found = [
+        r
+        for r in rows
+        if r["status"] == "ok"
+        and r["family"] == family
+        and r["size"] == target.size
+        and r["mode"] == target.mode
+        and r["label"] == target.workload
+        and r.get("tokens_per_s")
+    ]
+    return max(found, key=lambda r: r["tokens_per_s"]) if found else None
+
+
+def check(rows: list[Row], device: str) -> list[dict[str, Any]]:
+    """One entry per target: value, minimum, `met` (None when it was not measured)."""
+    if not device.startswith("cuda"):
+        return [
+            {
+                "target": f"{e['size']} {e['mode']} {e['workload']}: FlexBERT / HF >= 1.0",
+                "value": e["speed_ratio"],
+                "minimum": CPU_MIN_RATIO,
+                "met": e["speed_ratio"] >= CPU_MIN_RATIO,
+                "detail": f"{e['flexbert_variant']} vs {e['hf_variant']}",
+            }
+            for e in ratios(rows)
+            if e["mode"] != "max-batch"
+        ]
+    out = []
+    batch = {(e["size"], e["workload"]): e for e in ratios(rows) if e["mode"] == "max-batch"}
+    for t in GPU_TARGETS:
+        if t.mode == "max-batch":
+            e = batch.get((t.size, t.workload))
+            value = e["max_batch_ratio"] if e else None
+            detail = f"{e['flexbert_max_batch']} vs {e['hf_max_batch']}" if e else ""
+        else:
+            ours, hf = _best(rows, "flexbert", t), _best(rows, "hf-modernbert", t)
+            value = ours["tokens_per_s"] if ours else None
+            detail = (f"[{ours['variant']}]" if ours else "") + (
+                f", HF {hf['tokens_per_s']:,.0f} [{hf['variant']}]" if hf else ""
+            )
+        met = None if value is None else value >= t.minimum
+        out.append(
+            {"target": t.what, "value": value, "minimum": t.minimum, "met": met, "detail": detail}
+        )
+    return out
+
+
+def format_markdown(results: list[dict[str, Any]], device_name: str) -> str:
+    """A Markdown table of the check, for docs/benchmarks.md."""
+    lines = [
+        f"Targets on {device_name}:",
+        "",
+        "| target | measured | minimum | met | detail |",
+        "|---|---|---|---|---|",
+    ]
+    for r in results:
+        value = "-" if r["value"] is None else _num(r["value"])
+        met = {True: "yes", False: "**no**", None: "not measured"}[r["met"]]
+        lines.append(f"| {r['target']} | {value} | {_num(r['minimum'])} | {met} | {r['detail']} |")
+    return "\n".join(lines)
+
+
+def _num(x: float) -> str:
+    return f"{x:,.0f}" if x >= 100 else f"{x:.2f}"
