@@ -47,10 +47,15 @@ def corpus_spec(data: DictConfig) -> CorpusSpec | None:
 
 
 def get_tokenizer(data: DictConfig, cache_dir: Path) -> tuple[Any, Path]:
-    """Load `data.tokenizer.path`, or train a tokenizer on the corpus (cached)."""
+    """Load `data.tokenizer.path` (a directory or a Hub id), or train one on the corpus (cached)."""
     tcfg = data.tokenizer
     if tcfg.get("path"):
-        return load_tokenizer(tcfg.path), Path(tcfg.path)
+        path = Path(tcfg.path)
+        if not path.exists():  # a Hugging Face Hub id (or a clear error naming the path)
+            from flexbert.hf import resolve_model_dir
+
+            path = resolve_model_dir(tcfg.path)
+        return load_tokenizer(path), path
     spec = corpus_spec(data)
     if spec is None:
         raise ConfigError("data.tokenizer.path is required when data.corpus is null")

@@ -360,3 +360,24 @@ def test_wandb_offline_run_records_the_whole_config_in_the_run_dir(
     assert len(logs) == 1, "the offline W&B run belongs in the run directory"
     record = logs[0].read_bytes()  # protobuf records; config values are stored as JSON text
     assert b'"hidden_size"' in record and b'"mlm_probability"' in record
+
+
+def test_hub_ids_for_init_from_and_the_tokenizer(first_run, tiny_run_config, monkeypatch, tmp_path):
+    """Continue pretraining a Hub model: weights and tokenizer both from a Hub id (here an
+    offline Hugging Face cache holding the first run's export)."""
+    from tests.conftest import cache_hub_repo, offline_hub
+
+    root, _, first = first_run
+    cache_hub_repo(offline_hub(monkeypatch, tmp_path), "flexbert-tests/mlm", first["paths"]["hf"])
+    cfg = tiny_run_config(
+        "init_from.path=flexbert-tests/mlm",
+        "data.tokenizer.path=flexbert-tests/mlm",
+        f"paths.cache_dir={root / 'cache'}",
+        "trainer.max_duration=2ba",
+        "trainer.eval_interval=2ba",
+        "callbacks.batch_size_warmup=null",
+        "export_hf=false",
+    )
+    summary = train(cfg, tmp_path / "run")
+    assert summary["init_from"]["copied"] > 0 and summary["train"]["batches"] == 2
+    assert "models--flexbert-tests--mlm" in summary["data"]["tokenizer"]
