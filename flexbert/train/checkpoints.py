@@ -108,13 +108,21 @@ def init_from(node: Any, model: Any) -> dict[str, Any] | None:
     """Apply the `init_from` config node to a freshly built model: load the trained source
     and grow it into `model` (a plain copy when the sizes match). Returns what was done, for
     the run summary, or None when `init_from.path` is unset."""
-    from flexbert import grow_model
+    from flexbert import ConfigError, grow_model
 
     if not node or not node.get("path"):
         return None
     source = load_pretrained_mlm(node["path"])
     tile_mode, layer_map = node.get("tile_mode", "center"), node.get("layer_map", "gopher")
-    grown = grow_model(model, source, tile_mode=tile_mode, layer_map=layer_map)
+    try:
+        grown = grow_model(model, source, tile_mode=tile_mode, layer_map=layer_map)
+    except ConfigError as err:
+        hint = (
+            "; train with the source's tokenizer (data.tokenizer.path=<its directory or Hub id>)"
+            if "vocab_size" in str(err)
+            else ""
+        )
+        raise ConfigError(f"init_from.path={node['path']}: {err}{hint}") from None
     s, t = source.config, model.config
     return {
         "path": str(node["path"]),

@@ -381,3 +381,16 @@ def test_hub_ids_for_init_from_and_the_tokenizer(first_run, tiny_run_config, mon
     summary = train(cfg, tmp_path / "run")
     assert summary["init_from"]["copied"] > 0 and summary["train"]["batches"] == 2
     assert "models--flexbert-tests--mlm" in summary["data"]["tokenizer"]
+
+
+def test_init_from_with_another_tokenizer_names_the_fix(first_run, tiny_run_config, tmp_path):
+    from flexbert import ConfigError
+
+    root, _, first = first_run
+    cfg = tiny_run_config(
+        f"init_from.path={first['paths']['hf']}",
+        "data.tokenizer.vocab_size=576",  # a fresh tokenizer of another size
+        f"paths.cache_dir={root / 'cache'}",
+    )
+    with pytest.raises(ConfigError, match="vocab_size differs.*data.tokenizer.path"):
+        train(cfg, tmp_path / "run")
