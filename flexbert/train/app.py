@@ -39,12 +39,27 @@ def maybe_compile_layers(cfg: DictConfig, model: Any) -> None:
         model.compile_layers(dynamic=True)
 
 
+def check_device(cfg: DictConfig) -> None:
+    """A GPU trainer config on a machine without CUDA fails here, in one line."""
+    import torch
+
+    from flexbert import ConfigError
+
+    if cfg.trainer.get("device") == "gpu" and not torch.cuda.is_available():
+        raise ConfigError(
+            "trainer.device=gpu (trainer=gpu, or an experiment that selects it) but torch sees "
+            "no CUDA GPU here; add trainer=cpu to run on the CPU"
+        )
+
+
 def start_distributed(cfg: DictConfig, run_dir: Path) -> Path:
-    """Under a multi-process launcher (`composer -n N`), initialise torch.distributed now, as
-    composer.Trainer would later, so data preparation can run on local rank 0 first; return
-    rank 0's run directory, which every rank then uses. One process: `run_dir` unchanged."""
+    """Check the trainer's device; under a multi-process launcher (`composer -n N`),
+    initialise torch.distributed now, as composer.Trainer would later, so data preparation can
+    run on local rank 0 first; return rank 0's run directory, which every rank then uses.
+    One process: `run_dir` unchanged."""
     from composer.utils import dist
 
+    check_device(cfg)
     if dist.get_world_size() == 1:
         return run_dir
     dist.initialize_dist(cfg.trainer.get("device"))

@@ -171,3 +171,11 @@ def test_sweep_table_orders_jobs_by_number_and_shows_only_what_varies(tmp_path):
     lines = table(rows).splitlines()
     assert lines[0] == "| job | task | eval.accuracy | train.loss_last | parameters |"
     assert lines[2] == "| 2_cola | cola | 0.5 | 0.1 | 7 |"
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the CPU-only case")
+def test_gpu_trainer_without_a_gpu_is_a_one_line_config_error(tiny_run_config, tmp_path):
+    from flexbert.train.pretrain import train
+
+    with pytest.raises(ConfigError, match="no CUDA GPU here; add trainer=cpu"):
+        train(tiny_run_config("trainer=gpu"), tmp_path / "run")
