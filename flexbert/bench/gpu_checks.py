@@ -5,6 +5,7 @@ celebrated. For each config (tiny, base) in the benchmark dtype, with one set of
 - every attention backend that runs here against `eager` on padded input (the ground truth);
 - packed (cu_seqlens) against padded input for every backend;
 - MLM gradients of every backend against eager's (tiny, packed input);
+- the fastest backend with RoPE in bf16 (the `+bf16rope` lever) against eager in fp32 RoPE;
 - FlexBERT against Hugging Face ModernBERT loaded through `save_hf` (if transformers exists).
 Differences are max/mean absolute over real tokens of last_hidden_state; a check passes when
 max_abs_diff <= rel_tol * max |reference|. Results go to gpu_checks.json.
@@ -122,6 +123,28 @@ def check_backward(size: str, device: str) -> list[dict[str, Any]]:
     return results
 
 
+def check_bf16_rope(size: str, device: str, dtype: torch.dtype) -> dict[str, Any]:
+    """The `+bf16rope` lever: fastest backend, RoPE in the activations' dtype, vs eager."""
+    backend = backends_here(device)[-1]
+    entry: dict[str, Any] = {"check": "bf16rope", "size": size, "backend": backend}
+    try:
+        torch.manual_seed(0)
+        with torch.device(device):
+            ref_model = flexbert.FlexBertModel(runners.flexbert_config(size, "eager"))
+            rope = {"name": "rope", "fp32": False}
+            model = flexbert.FlexBertModel(runners.flexbert_config(size, backend, position=rope))
+        model.load_state_dict(ref_model.state_dict())
+        ref_model, model = ref_model.to(dtype).eval(), model.to(dtype).eval()
+        inputs = sample_inputs(LENGTHS, size, device)
+        with torch.inference_mode():
+            ref = ref_model(**inputs["padded"]).last_hidden_state[inputs["mask"]]
+            ours = model(**inputs["packed"]).last_hidden_state
+        entry.update(compare(ours, ref, dtype))
+    except Exception as err:
+        entry.update({"pass": False, "error": f"{type(err).__name__}: {err}"[:300]})
+    return entry
+
+
 def check_hf_parity(size: str, device: str, dtype: torch.dtype) -> dict[str, Any]:
     """FlexBERT (packed, fastest backend) vs transformers ModernBertModel with its weights."""
     entry: dict[str, Any] = {"check": "hf_parity", "size": size}
@@ -150,6 +173,7 @@ def run_checks(sizes: list[str], device: str, dtype: torch.dtype) -> dict[str, A
         results += check_backends(size, device, dtype)
         if size == "tiny":
             results += check_backward(size, device)
+        results.append(check_bf16_rope(size, device, dtype))
         results.append(check_hf_parity(size, device, dtype))
     name = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
     return {
