@@ -1,8 +1,10 @@
 """The efficiency targets, checked against a benchmark's rows: met, missed or not measured.
 
 GPU targets are ModernBERT-base figures (bf16, one GPU; HF ModernBERT from the same run is
-shown beside them); the CPU target is FlexBERT / HF ModernBERT >= 1.0 on every workload both
-ran. `flexbert-bench` writes the check as targets.md next to results.json.
+shown beside them), and large's inference minima are base's scaled by the two models'
+forward FLOPs per token ("in proportion to its FLOPs"); the achieved TFLOP/s is shown beside
+each. The CPU target is FlexBERT / HF ModernBERT >= 1.0 on every workload both ran.
+`flexbert-bench` writes the check as targets.md next to results.json.
 """
 
 from __future__ import annotations
@@ -10,7 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from flexbert.bench.flops import forward_flops_per_token
 from flexbert.bench.report import Row, ratios
+from flexbert.config import ModelConfig
 
 
 @dataclass(frozen=True)
@@ -22,11 +26,33 @@ class Target:
     size: str = "base"
 
 
+# Mean attention context per token of each workload: a token sees its own document, so for
+# lengths N(m, (m/4)^2) that is E[L^2] / E[L] = m + m / 16.
+CONTEXT = {"fixed-512": 512, "var-256": 272, "fixed-8192": 8192, "var-4096": 4352, "mlm-1024": 1024}
+BASE_INFERENCE = (
+    ("fixed 512", "fixed-512", 2.0e6),
+    ("variable ~256", "var-256", 1.8e6),
+    ("fixed 8192", "fixed-8192", 1.0e6),
+    ("variable ~4096", "var-4096", 1.2e6),
+)
+
+
+def flops_per_token(size: str, workload: str) -> float:
+    return forward_flops_per_token(ModelConfig.preset(size), CONTEXT[workload])
+
+
 GPU_TARGETS = (
-    Target("base inference, fixed 512", "inference", "fixed-512", 2.0e6),
-    Target("base inference, variable ~256", "inference", "var-256", 1.8e6),
-    Target("base inference, fixed 8192", "inference", "fixed-8192", 1.0e6),
-    Target("base inference, variable ~4096", "inference", "var-4096", 1.2e6),
+    *(Target(f"base inference, {what}", "inference", w, m) for what, w, m in BASE_INFERENCE),
+    *(
+        Target(
+            f"large inference, {what} (base's x FLOPs ratio)",
+            "inference",
+            w,
+            round(m * flops_per_token("base", w) / flops_per_token("large", w), -3),
+            size="large",
+        )
+        for what, w, m in BASE_INFERENCE
+    ),
     Target("max batch at 8192, x HF ModernBERT", "max-batch", "fixed-8192", 2.0),
     Target("base MLM training, 1024 packed", "train", "mlm-1024", 5.0e5),
 )
@@ -74,6 +100,9 @@ def check(rows: list[Row], device: str) -> list[dict[str, Any]]:
             detail = (f"[{ours['variant']}]" if ours else "") + (
                 f", HF {hf['tokens_per_s']:,.0f} [{hf['variant']}]" if hf else ""
             )
+            if ours and t.mode == "inference":  # forward only; training would be ~3x
+                tflops = value * flops_per_token(t.size, t.workload) / 1e12
+                detail += f", {tflops:.0f} TFLOP/s"
         met = None if value is None else value >= t.minimum
         out.append(
             {"target": t.what, "value": value, "minimum": t.minimum, "met": met, "detail": detail}

@@ -226,6 +226,7 @@ def test_gpu_targets_are_met_missed_or_not_measured():
     result = {r["target"]: r for r in targets.check(rows, "cuda")}
     fixed = result["base inference, fixed 512"]
     assert fixed["met"] is True and fixed["value"] == 2.5e6 and "HF 600,000" in fixed["detail"]
+    assert "597 TFLOP/s" in fixed["detail"]  # 2.5M tokens/s x ~239 MFLOP per token
     assert result["base inference, variable ~256"]["met"] is False
     assert result["base inference, fixed 8192"]["met"] is None  # not measured
     assert result["max batch at 8192, x HF ModernBERT"]["value"] == 2.5
@@ -244,3 +245,18 @@ def test_cpu_target_is_parity_with_hf_on_every_workload():
     ]
     met = {r["target"].split(":")[0]: r["met"] for r in targets.check(rows, "cpu")}
     assert met == {"tiny inference fixed-128": True, "tiny train mlm-256": False}
+
+
+def test_flops_per_token_match_the_issue_figures_and_scale_the_large_targets():
+    from flexbert import ModelConfig
+    from flexbert.bench import targets
+    from flexbert.bench.flops import forward_flops_per_token
+
+    base = ModelConfig.preset("base")
+    # issue 4: "ModernBERT-base needs about 240 MFLOP per token at 512 and 430 at 8192"
+    assert abs(forward_flops_per_token(base, 512) / 240e6 - 1) < 0.02
+    assert abs(forward_flops_per_token(base, 8192) / 430e6 - 1) < 0.02
+    large = {t.workload: t.minimum for t in targets.GPU_TARGETS if t.size == "large"}
+    assert set(large) == {"fixed-512", "var-256", "fixed-8192", "var-4096"}
+    assert 0.3 < large["fixed-512"] / 2.0e6 < 0.36  # large costs ~3x base per token at 512
+    assert large["fixed-8192"] / 1.0e6 > large["fixed-512"] / 2.0e6  # attention shares more
