@@ -140,6 +140,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         },
         "eval": metrics,
         "eval_history": facts["evals"].evals,
+        "eval_best": best_eval(facts["evals"].evals, list(cfg.task.metrics)),
         "paths": {
             "run_dir": str(run_dir),
             "checkpoints": str(run_dir / "checkpoints"),
@@ -152,6 +153,19 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     trainer.close()
     return summary
+
+
+def best_eval(history: list[dict[str, Any]], metrics: list[str]) -> dict[str, Any] | None:
+    """The evaluation with the highest value of the task's first metric (the one a sweep
+    maximises), with its epoch and batch: what to report for GLUE-style fine-tuning."""
+    if not metrics or not history:
+        return None
+    key = metrics[0]
+    scored = [e for e in history if e.get(key) is not None]
+    if not scored:
+        return None
+    best = max(scored, key=lambda e: e[key])
+    return {"metric": key, "value": best[key], "epoch": best["epoch"], "batch": best["batch"]}
 
 
 def report(summary: dict[str, Any]) -> str:
@@ -169,6 +183,11 @@ def report(summary: dict[str, Any]) -> str:
         if t["loss_first"] is not None
         else "  train loss   (no steps this run)",
         "  eval         " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(e.items())),
+    ]
+    b = summary.get("eval_best")
+    if b:
+        lines.append(f"  best         {b['metric']} {b['value']:.4g} at epoch {b['epoch']}")
+    lines += [
         f"  run dir      {p['run_dir']}",
         f"  checkpoint   {p['last_checkpoint']}",
         f"  HF model     {p['hf'] or 'not exported (export_hf=false)'}",

@@ -39,6 +39,10 @@ def _metrics(summary: dict[str, Any]) -> dict[str, Any]:
     out["train.loss_last"] = train.get("loss_last")
     if train.get("tokens_per_second") is not None:
         out["train.tokens_per_second"] = train["tokens_per_second"]
+    best = summary.get("eval_best")  # fine-tuning: the best evaluation and when it came
+    if best:
+        out[f"best.{best['metric']}"] = best["value"]
+        out["best.epoch"] = best["epoch"]
     out["parameters"] = summary.get("parameters")
     return out
 

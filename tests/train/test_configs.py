@@ -163,14 +163,17 @@ def test_sweep_table_orders_jobs_by_number_and_shows_only_what_varies(tmp_path):
         job = tmp_path / name
         (job / ".hydra").mkdir(parents=True)
         (job / ".hydra" / "overrides.yaml").write_text(f"- task={task}\n- model.path=/m\n")
+        best = {"metric": "accuracy", "value": acc + 0.1, "epoch": 2, "batch": 9}
         summary = {"eval": {"accuracy": acc}, "train": {"loss_last": 0.1}, "parameters": 7}
+        summary["eval_best"] = best
         (job / "summary.json").write_text(json.dumps(summary))
     (tmp_path / "3_unfinished" / ".hydra").mkdir(parents=True)  # no summary: left out
     rows = collect(tmp_path)
     assert [r["job"] for r in rows] == ["2_cola", "10_sst2"]
     lines = table(rows).splitlines()
-    assert lines[0] == "| job | task | eval.accuracy | train.loss_last | parameters |"
-    assert lines[2] == "| 2_cola | cola | 0.5 | 0.1 | 7 |"
+    head = "| job | task | eval.accuracy | train.loss_last | best.accuracy | best.epoch |"
+    assert lines[0] == head + " parameters |"
+    assert lines[2] == "| 2_cola | cola | 0.5 | 0.1 | 0.6 | 2 | 7 |"
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the CPU-only case")

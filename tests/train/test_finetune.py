@@ -115,8 +115,13 @@ def test_classification_learns_and_writes_summary(classification_run):
     on_disk = json.loads((run / "summary.json").read_text())
     assert on_disk["train"]["epochs"] == 4 and on_disk["data"]["examples"]["eval"] == 128
     assert [e["epoch"] for e in on_disk["eval_history"]] == [1, 2, 3, 4]  # eval each epoch
+    best = on_disk["eval_best"]
+    assert best["metric"] == "accuracy"
+    assert best["value"] == max(e["accuracy"] for e in on_disk["eval_history"])
+    assert best["value"] >= summary["eval"]["accuracy"] - 1e-6 and best["epoch"] in (1, 2, 3, 4)
     assert on_disk["paths"]["last_checkpoint"].endswith("-rank0.pt")
     assert str(run / "hf") in report(summary)
+    assert f"best         accuracy {best['value']:.4g} at epoch {best['epoch']}" in report(summary)
 
 
 def test_hf_export_gives_the_same_logits_in_transformers(classification_run):
