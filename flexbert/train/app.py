@@ -39,46 +39,6 @@ def maybe_compile_layers(cfg: DictConfig, model: Any) -> None:
         model.compile_layers(dynamic=True)
 
 
-def check_device(cfg: DictConfig) -> None:
-    """A GPU trainer config on a machine without CUDA fails here, in one line."""
-    import torch
-
-    from flexbert import ConfigError
-
-    if cfg.trainer.get("device") == "gpu" and not torch.cuda.is_available():
-        raise ConfigError(
-            "trainer.device=gpu (trainer=gpu, or an experiment that selects it) but torch sees "
-            "no CUDA GPU here; add trainer=cpu to run on the CPU"
-        )
-
-
-def start_distributed(cfg: DictConfig, run_dir: Path) -> Path:
-    """Check the trainer's device; under a multi-process launcher (`composer -n N`),
-    initialise torch.distributed now, as composer.Trainer would later, so data preparation can
-    run on local rank 0 first; return rank 0's run directory, which every rank then uses.
-    One process: `run_dir` unchanged."""
-    from composer.utils import dist
-
-    check_device(cfg)
-    if dist.get_world_size() == 1:
-        return run_dir
-    dist.initialize_dist(cfg.trainer.get("device"))
-    return Path(dist.all_gather_object(str(run_dir))[0])
-
-
-def is_main_process() -> bool:
-    """Global rank 0: the process that writes summaries, exports and prints."""
-    from composer.utils import dist
-
-    return dist.get_global_rank() == 0
-
-
-def trained_model(trainer: Any) -> Any:
-    """The FlexBERT model inside the trainer's ComposerModel (unwrapping DDP)."""
-    wrapper = trainer.state.model
-    return getattr(wrapper, "module", wrapper).model
-
-
 def composer_trainer(
     cfg: DictConfig,
     run_dir: Path,
@@ -94,6 +54,7 @@ def composer_trainer(
     from composer import Trainer
     from hydra.utils import instantiate
 
+    from flexbert.train.loggers import build_loggers, log_config_to_wandb
     from flexbert.train.optim import build_optimizer
 
     trainer = Trainer(
@@ -111,49 +72,6 @@ def composer_trainer(
     )
     log_config_to_wandb(trainer, cfg)
     return trainer
-
-
-def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Any]:
-    """The `logger` group; a W&B logger keeps its files in run_dir/wandb and, in a sweep,
-    groups its runs under the sweep directory's name (unless the config says otherwise)."""
-    from hydra.utils import instantiate
-
-    group = cfg.get("logger")
-    node = OmegaConf.to_container(group, resolve=True) if group else {}
-    loggers = []
-    for entry in node.values():  # type: ignore[union-attr]
-        if entry is None:
-            continue
-        if str(entry.get("_target_", "")).endswith("WandBLogger"):
-            init = entry.setdefault("init_kwargs", {}) or {}
-            entry["init_kwargs"] = init
-            init.setdefault("dir", str(run_dir))
-            group = sweep_name()
-            if group:
-                init.setdefault("group", group)
-        loggers.append(instantiate(entry))
-    return loggers
-
-
-def sweep_name() -> str | None:
-    """The sweep directory's name when running as a job of a Hydra multirun."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    if not HydraConfig.initialized():
-        return None
-    hydra_cfg = HydraConfig.get()
-    return Path(hydra_cfg.sweep.dir).name if hydra_cfg.mode == RunMode.MULTIRUN else None
-
-
-def log_config_to_wandb(trainer: Any, cfg: DictConfig) -> None:
-    """The whole resolved run config as W&B hyperparameters (filter and compare runs by it)."""
-    from composer.loggers import WandBLogger
-
-    config = OmegaConf.to_container(cfg, resolve=True)
-    for destination in trainer.logger.destinations:
-        if isinstance(destination, WandBLogger):
-            destination.log_hyperparameters(config)
 
 
 def eval_metrics(trainer: Any) -> dict[str, float]:

@@ -20,13 +20,11 @@ from omegaconf import DictConfig, OmegaConf
 from flexbert.train.app import (
     composer_trainer,
     eval_metrics,
-    is_main_process,
     maybe_compile_layers,
     run_app,
-    start_distributed,
-    trained_model,
     trainer_kwargs,
 )
+from flexbert.train.runtime import is_main_process, start_distributed, trained_model
 
 
 def _loader(rows: list[dict[str, Any]], batch_size: int, collate: Any, shuffle: bool) -> Any:

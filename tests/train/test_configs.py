@@ -147,8 +147,8 @@ def test_trainer_node_gives_composer_its_keywords_and_flexbert_its_own(trainer):
 
 
 def test_compile_layers_compiles_each_encoder_layer(tiny_run_config, tmp_path):
-    from flexbert.train.app import trained_model
     from flexbert.train.pretrain import build_trainer
+    from flexbert.train.runtime import trained_model
 
     trainer, _ = build_trainer(tiny_run_config("trainer.compile_layers=true"), tmp_path / "run")
     layers = trained_model(trainer).model.layers

@@ -1,0 +1,53 @@
+"""Where a run executes: its device, its rank among several processes, its trained model.
+
+`start_distributed` runs first in both entry points: a GPU config on a machine without CUDA
+fails in one line, and under a multi-process launcher (`composer -n N`) torch.distributed is
+initialised early so local rank 0 can prepare data while the other ranks wait.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+
+def check_device(cfg: DictConfig) -> None:
+    """A GPU trainer config on a machine without CUDA fails here, in one line."""
+    import torch
+
+    from flexbert import ConfigError
+
+    if cfg.trainer.get("device") == "gpu" and not torch.cuda.is_available():
+        raise ConfigError(
+            "trainer.device=gpu (trainer=gpu, or an experiment that selects it) but torch sees "
+            "no CUDA GPU here; add trainer=cpu to run on the CPU"
+        )
+
+
+def start_distributed(cfg: DictConfig, run_dir: Path) -> Path:
+    """Check the trainer's device; under a multi-process launcher (`composer -n N`),
+    initialise torch.distributed now, as composer.Trainer would later, so data preparation can
+    run on local rank 0 first; return rank 0's run directory, which every rank then uses.
+    One process: `run_dir` unchanged."""
+    from composer.utils import dist
+
+    check_device(cfg)
+    if dist.get_world_size() == 1:
+        return run_dir
+    dist.initialize_dist(cfg.trainer.get("device"))
+    return Path(dist.all_gather_object(str(run_dir))[0])
+
+
+def is_main_process() -> bool:
+    """Global rank 0: the process that writes summaries, exports and prints."""
+    from composer.utils import dist
+
+    return dist.get_global_rank() == 0
+
+
+def trained_model(trainer: Any) -> Any:
+    """The FlexBERT model inside the trainer's ComposerModel (unwrapping DDP)."""
+    wrapper = trainer.state.model
+    return getattr(wrapper, "module", wrapper).model
