@@ -6,6 +6,7 @@ see real tokens (and with `sparse_prediction` only the tokens that carry a label
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -235,13 +236,20 @@ class FlexBertForSentenceEmbedding(FlexBertPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         candidates: tuple[torch.Tensor, torch.Tensor | None] | None = None,
         labels: torch.Tensor | None = None,
+        candidate_pool: Callable[[torch.Tensor], tuple[torch.Tensor, int]] | None = None,
     ) -> FlexBertOutput:
+        """`candidate_pool` widens the negatives: it maps this batch's candidate embeddings to
+        the pool scored against and this batch's offset in it (e.g. every rank's candidates;
+        default: this batch alone). Labels then default to each query's own positive."""
         emb = self.embed(input_ids, attention_mask)
         loss = logits = None
         if candidates is not None:
             cand = self.embed(*candidates)
+            offset = 0
+            if candidate_pool is not None:
+                cand, offset = candidate_pool(cand)
             logits = emb @ cand.T / self.temperature  # (B, N)
             if labels is None:
-                labels = torch.arange(emb.shape[0], device=emb.device)
+                labels = torch.arange(emb.shape[0], device=emb.device) + offset
             loss = F.cross_entropy(logits, labels)
         return FlexBertOutput(loss=loss, logits=logits, embeddings=emb)

@@ -152,7 +152,8 @@ def composer_parts(task: Any, model: torch.nn.Module, pad_id: int) -> tuple[Comp
     from flexbert.train.tasks import Collator
 
     if task.type == "retrieval":
-        return ComposerFlexBertRetrieval(model), PairCollator(pad_id)
+        gather = bool(task.get("gather_negatives", True))
+        return ComposerFlexBertRetrieval(model, gather), PairCollator(pad_id)
     wrapper = ComposerFlexBertClassifier(model, task.type, list(task.metrics))
     return wrapper, Collator(pad_id, regression=task.type == "regression")
 

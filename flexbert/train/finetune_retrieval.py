@@ -81,18 +81,37 @@ class RecallAt1(Metric):
         return self.hits / self.total.clamp(min=1)
 
 
-class ComposerFlexBertRetrieval(FlexBertComposerModel):
-    """In-batch InfoNCE over (query, positive) pairs; recall@1 on eval."""
+def gather_candidates(cand: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Every rank's candidate embeddings in rank order, and this rank's offset among them;
+    gradients flow back to each rank's own part. One process: `cand` itself, offset 0."""
+    import torch.distributed as dist
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return cand, 0
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(cand)), dist.get_rank() * cand.shape[0]
+
+
+class ComposerFlexBertRetrieval(FlexBertComposerModel):
+    """In-batch InfoNCE over (query, positive) pairs; recall@1 on eval.
+
+    With several ranks, training scores every query against every rank's positives
+    (`gather_negatives`, on by default): the negatives of one global batch, as one process with
+    the whole batch would see them. Evaluation stays per rank (recall@1 among its batch)."""
+
+    def __init__(self, model: torch.nn.Module, gather_negatives: bool = True) -> None:
         super().__init__(model)
+        self.gather_negatives = gather_negatives
         self.val_metrics = {"recall_at_1": RecallAt1()}
 
     def forward(self, batch: dict[str, Any]) -> FlexBertOutput:
+        pool = gather_candidates if self.training and self.gather_negatives else None
         return self.model(
             batch["input_ids"],
             attention_mask=batch["attention_mask"],
             candidates=(batch["cand_ids"], batch["cand_mask"]),
+            candidate_pool=pool,
         )
 
     def update_metric(self, batch: dict[str, Any], outputs: FlexBertOutput, metric) -> None:
