@@ -74,6 +74,15 @@ def composer_trainer(
     return trainer
 
 
+def finish_run(trainer: Any, run_dir: Path, summary: dict[str, Any], main: bool) -> None:
+    """Write summary.json (rank 0 only) and close the trainer."""
+    import json
+
+    if main:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    trainer.close()
+
+
 def eval_metrics(trainer: Any) -> dict[str, float]:
     """The last values of the `eval` evaluator's metrics."""
     return {k: float(m.compute()) for k, m in trainer.state.eval_metrics.get("eval", {}).items()}

@@ -9,6 +9,7 @@ checkpoint or one folder up.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,17 @@ def task_model_class(task_type: str | None) -> type:
     if task_type not in classes:
         raise ValueError(f"unknown task type {task_type!r}; known: {sorted(map(str, classes))}")
     return classes[task_type]
+
+
+def last_checkpoint(run_dir: Path) -> Path | None:
+    """The newest rank-0 Composer checkpoint of a run (ordered by epoch and batch as numbers:
+    ep0-ba10 comes after ep0-ba9), or None."""
+    found = []
+    for path in (Path(run_dir) / "checkpoints").glob("ep*-ba*-rank0.pt"):
+        match = re.fullmatch(r"ep(\d+)-ba(\d+)-rank0\.pt", path.name)
+        if match:
+            found.append((int(match[1]), int(match[2]), path))
+    return max(found)[2] if found else None
 
 
 def find_run_file(checkpoint: Path, name: str) -> Path | None:

@@ -9,7 +9,6 @@ and writes `summary.json`. `train(cfg, run_dir)` is the same run without Hydra's
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -20,10 +19,12 @@ from omegaconf import DictConfig, OmegaConf
 from flexbert.train.app import (
     composer_trainer,
     eval_metrics,
+    finish_run,
     maybe_compile_layers,
     run_app,
     trainer_kwargs,
 )
+from flexbert.train.checkpoints import last_checkpoint
 from flexbert.train.runtime import is_main_process, start_distributed, trained_model
 
 
@@ -119,7 +120,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     if cfg.get("export_hf", True) and main:
         save_task_model(model, facts["tokenizer"], hf_dir, facts["label_names"])
     steps = facts["history"].steps
-    checkpoints = sorted((run_dir / "checkpoints").glob("ep*-ba*-rank0.pt"))
+    last = last_checkpoint(run_dir)
     summary = {
         "command": " ".join(["flexbert-finetune", *sys.argv[1:]]),
         "run_dir": str(run_dir),
@@ -142,14 +143,12 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         "paths": {
             "run_dir": str(run_dir),
             "checkpoints": str(run_dir / "checkpoints"),
-            "last_checkpoint": str(checkpoints[-1]) if checkpoints else None,
+            "last_checkpoint": str(last) if last else None,
             "hf": str(hf_dir) if cfg.get("export_hf", True) else None,
             "summary": str(run_dir / "summary.json"),
         },
     }
-    if main:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    trainer.close()
+    finish_run(trainer, run_dir, summary, main)
     return summary
 
 

@@ -8,7 +8,6 @@ export and `summary.json`. Everything lands in the Hydra run directory (runs/pre
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
@@ -20,10 +19,12 @@ from omegaconf import DictConfig, OmegaConf
 from flexbert.train.app import (
     composer_trainer,
     eval_metrics,
+    finish_run,
     maybe_compile_layers,
     run_app,
     trainer_kwargs,
 )
+from flexbert.train.checkpoints import last_checkpoint
 from flexbert.train.runtime import is_main_process, start_distributed, trained_model
 
 log = logging.getLogger("flexbert.train")
@@ -141,7 +142,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     skipped = _export(model, facts["tokenizer"], hf_dir) if export else "off"
     tokens = int(state.timestamp.token) - start_tokens
     steps = facts["history"].steps
-    checkpoints = sorted((run_dir / "checkpoints").glob("ep*-ba*-rank0.pt"))
+    last = last_checkpoint(run_dir)
     summary = {
         "command": " ".join(["flexbert-train", *sys.argv[1:]]),
         "run_dir": str(run_dir),
@@ -169,16 +170,14 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         "paths": {
             "run_dir": str(run_dir),
             "checkpoints": str(run_dir / "checkpoints"),
-            "last_checkpoint": str(checkpoints[-1]) if checkpoints else None,
+            "last_checkpoint": str(last) if last else None,
             "hf": None if skipped else str(hf_dir),
             "hf_skipped": skipped,
             "tokenizer": str(run_dir / "tokenizer"),
             "summary": str(run_dir / "summary.json"),
         },
     }
-    if main:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    trainer.close()
+    finish_run(trainer, run_dir, summary, main)
     return summary
 
 

@@ -182,3 +182,16 @@ def test_gpu_trainer_without_a_gpu_is_a_one_line_config_error(tiny_run_config, t
 
     with pytest.raises(ConfigError, match="no CUDA GPU here; add trainer=cpu"):
         train(tiny_run_config("trainer=gpu"), tmp_path / "run")
+
+
+def test_last_checkpoint_orders_epochs_and_batches_as_numbers(tmp_path):
+    from flexbert.train.checkpoints import last_checkpoint
+
+    assert last_checkpoint(tmp_path) is None
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    for name in ("ep0-ba9-rank0.pt", "ep0-ba10-rank0.pt", "ep0-ba3-rank0.pt", "latest-rank0.pt"):
+        (folder / name).write_bytes(b"")
+    assert last_checkpoint(tmp_path).name == "ep0-ba10-rank0.pt"  # not ba9, as text sorts
+    (folder / "ep1-ba2-rank0.pt").write_bytes(b"")
+    assert last_checkpoint(tmp_path).name == "ep1-ba2-rank0.pt"
