@@ -5,7 +5,8 @@ plus the batch `Layout`, half the local window (None = global), dropout and scal
 returns the same layout. `check` refuses, at build time, a backend that cannot run here.
 
 - eager: plain math, the ground truth in tests (block-diagonal mask when unpadded).
-- sdpa: torch scaled_dot_product_attention with padding/window masks; the CPU default.
+- sdpa: torch scaled_dot_product_attention with padding/window masks (local layers of long
+  sequences attend chunk by chunk: `sliding_window.py`); the CPU default.
 - flex: FlexAttention with block masks built once per forward from the layout.
 - varlen: torch.nn.attention.varlen.varlen_attn (torch >= 2.10, CUDA, bf16/fp16, unpadded).
 - flash_attn: flash-attn's varlen kernels when the package is installed (unpadded).
@@ -24,6 +25,11 @@ import torch
 import torch.nn.functional as F
 
 from flexbert.attention.masks import block_diagonal_mask, padded_mask
+from flexbert.attention.sliding_window import (
+    chunked_window_mask,
+    chunked_window_sdpa,
+    worth_chunking,
+)
 from flexbert.layout import Layout
 from flexbert.registry import ComponentConfig, ConfigError, Registry
 
@@ -94,6 +100,11 @@ def _scatter_index(layout: Layout) -> torch.Tensor:
 
 
 def _sdpa_padded(q, k, v, layout: Layout, half, dropout_p, scale):
+    if half is not None and worth_chunking(q.shape[1], half):
+        mask = layout.cached(
+            ("chunked", half), lambda: chunked_window_mask(layout.attention_mask.bool(), half)
+        )
+        return chunked_window_sdpa(q, k, v, mask, half, dropout_p, scale)
     mask = layout.cached(("dense", half), lambda: padded_mask(layout, half))
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, L, D)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
