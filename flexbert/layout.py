@@ -89,5 +89,5 @@ def repad(x: torch.Tensor, layout: Layout, fill: float = 0.0) -> torch.Tensor:
     """(T, ...) unpadded values -> (B, L, ...) in the caller's padded shape."""
     batch, seqlen = layout.batch_shape
     out = x.new_full((batch * seqlen, *x.shape[1:]), fill)
-    out[layout.indices] = x
+    out.index_copy_(0, layout.indices, x)
     return out.view(batch, seqlen, *x.shape[1:])

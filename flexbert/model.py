@@ -135,13 +135,13 @@ class FlexBertModel(FlexBertPreTrainedModel):
         indices, cu, max_len = unpad(attention_mask)
         layout = Layout(
             False,
-            positions.flatten()[indices],
+            positions.flatten().index_select(0, indices),
             cu_seqlens=cu,
             max_seqlen=max_len,
             indices=indices,
             batch_shape=(batch, seqlen),
         )
-        return input_ids.flatten()[indices], layout
+        return input_ids.flatten().index_select(0, indices), layout
 
     # -------------------------------------------------------------------- forward
     def encode(
@@ -178,5 +178,5 @@ def to_caller_layout(x: torch.Tensor, layout: Layout) -> torch.Tensor:
 def labels_to_internal(labels: torch.Tensor, layout: Layout) -> torch.Tensor:
     """Per-token labels in the caller's layout -> flat, aligned with internal tokens."""
     if layout.indices is not None:
-        return labels.flatten()[layout.indices]
+        return labels.flatten().index_select(0, layout.indices)
     return labels.flatten()

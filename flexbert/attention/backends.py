@@ -126,10 +126,10 @@ def sdpa_attention(q, k, v, layout: Layout, half, dropout_p: float, scale: float
     padded = []
     for t in (q, k, v):
         buf = t.new_zeros(layout.num_seqs * layout.max_seqlen, *t.shape[1:])
-        buf[index] = t
+        buf.index_copy_(0, index, t)
         padded.append(buf.view(layout.num_seqs, layout.max_seqlen, *t.shape[1:]))
     out = _sdpa_padded(*padded, rows, half, dropout_p, scale)  # (B, Lmax, H, D)
-    return out.reshape(-1, *out.shape[2:])[index]
+    return out.reshape(-1, *out.shape[2:]).index_select(0, index)  # (T, H, D)
 
 
 def _rows_layout(layout: Layout) -> Layout:
