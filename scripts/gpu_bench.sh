@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # All GPU measurements of flexbert-bench in one call (< 8 minutes), from the repo root, with
 # nothing installed: correctness checks first, then inference (base, max batch, large,
-# torch.compile) and MLM training, then the optional levers (bf16 RoPE, compiled training),
+# torch.compile) and MLM training, then the optional levers (bf16 RoPE, compiled training,
+# CUDA graphs),
 # each only if it fits in what is left of BENCH_BUDGET seconds (default 480). Each phase has
 # its own `timeout`; results.json is rewritten after every row, so a phase cut short keeps
 # what it measured and the next phase still runs.
@@ -25,14 +26,14 @@ if [ "${BENCH_CPU:-0}" = "1" ]; then  # CPU dry run: every phase, tiny sizes, se
   BASE=(); LARGE=(--sizes tiny)
   FAST=sdpa; SLOW=; CAPS=8,2; TRAIN=(--train-steps 1 --train-rows 2 --train-len 128)
   T_CHECK=120; T_BASE=120; T_BATCH=60; T_LARGE=60; T_COMPILE=120; T_TRAIN=120
-  T_LEVERS=120; T_TRAIN_COMPILE=120; BUDGET=${BENCH_BUDGET:-100000}
+  T_LEVERS=120; T_TRAIN_COMPILE=120; T_GRAPH=0; BUDGET=${BENCH_BUDGET:-100000}
 else
   DEV=(--device cuda --num-docs 512,32 --batch-size 256,16 --repeats 3 --warmup 1)
   CHECK_SIZES=tiny,base; CHECK_DEV=cuda
   BASE=(--sizes base); LARGE=(--sizes large)
   FAST=varlen; SLOW=,sdpa; CAPS=4096,512; TRAIN=(--train-steps 10 --train-rows 32 --train-len 1024)
   T_CHECK=45; T_BASE=125; T_BATCH=65; T_LARGE=65; T_COMPILE=90; T_TRAIN=50
-  T_LEVERS=80; T_TRAIN_COMPILE=90; BUDGET=${BENCH_BUDGET:-480}
+  T_LEVERS=80; T_TRAIN_COMPILE=90; T_GRAPH=80; BUDGET=${BENCH_BUDGET:-480}
 fi
 if "$PY" -c "import flash_attn" 2>/dev/null; then FAST="$FAST,flash_attn"; fi
 
@@ -82,5 +83,13 @@ optional levers "$T_LEVERS" "${BENCH[@]}" "${DEV[@]}" "${BASE[@]}" \
 optional train_compile "$T_TRAIN_COMPILE" "${BENCH[@]}" "${DEV[@]}" "${BASE[@]}" \
   --backends "${FAST%%,*}+compile,${FAST%%,*}+compile+bf16rope" --models flexbert \
   --workloads none "${TRAIN[@]}" --no-plot
+# CUDA graphs (GPU only: each batch shape's forward captured once, then replayed).
+if [ "$CHECK_DEV" = cuda ]; then
+  optional cudagraph "$T_GRAPH" "${BENCH[@]}" "${DEV[@]}" "${BASE[@]}" \
+    --backends "${FAST%%,*}+cudagraph,${FAST%%,*}+compile+cudagraph" --models flexbert \
+    --workloads fixed-short,var-short,fixed-long --train-steps 0 --no-plot
+else
+  echo "=== cudagraph: skipped (CUDA graphs need a GPU)"
+fi
 # The table, ratios and plot over every phase's rows (no model is built here).
 phase report 20 "${BENCH[@]}" "${DEV[@]}" --models none --workloads none --train-steps 0

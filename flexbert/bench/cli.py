@@ -36,7 +36,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--backends",
         default=None,
-        help="FlexBERT backends, each with optional +compile / +bf16rope "
+        help="FlexBERT backends, each with optional +compile / +bf16rope / +cudagraph "
         "(e.g. varlen,varlen+compile+bf16rope; default: per device)",
     )
     p.add_argument("--workloads", default=",".join(workloads.WORKLOAD_KEYS), help="or 'none'")

@@ -6,6 +6,7 @@ celebrated. For each config (tiny, base) in the benchmark dtype, with one set of
 - packed (cu_seqlens) against padded input for every backend;
 - MLM gradients of every backend against eager's (tiny, packed input);
 - the fastest backend with RoPE in bf16 (the `+bf16rope` lever) against eager in fp32 RoPE;
+- the fastest backend through CUDA graphs (the `+cudagraph` lever), replayed on new ids;
 - FlexBERT against Hugging Face ModernBERT loaded through `save_hf` (if transformers exists).
 Differences are max/mean absolute over real tokens of last_hidden_state; a check passes when
 max_abs_diff <= rel_tol * max |reference|. Results go to gpu_checks.json.
@@ -145,6 +146,39 @@ def check_bf16_rope(size: str, device: str, dtype: torch.dtype) -> dict[str, Any
     return entry
 
 
+def check_cuda_graph(size: str, device: str, dtype: torch.dtype) -> dict[str, Any]:
+    """The `+cudagraph` lever: a captured forward, replayed on new ids, against eager."""
+    backend = backends_here(device)[-1]
+    entry: dict[str, Any] = {"check": "cudagraph", "size": size, "backend": backend}
+    if not device.startswith("cuda"):
+        return {**entry, "pass": None, "skipped": "CUDA graphs need a CUDA device"}
+    try:
+        from flexbert.bench.cuda_graphs import GraphedForward
+
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = flexbert.FlexBertModel(runners.flexbert_config(size, backend))
+        model = model.to(dtype).eval()
+        graphed = GraphedForward(model)
+        first = sample_inputs(LENGTHS, size, device)["packed"]
+        ids = runners.id_range([size])
+        second = {
+            **first,
+            "input_ids": torch.randint(*ids, first["input_ids"].shape, device=device),
+        }
+        with torch.inference_mode():
+            captured = compare(
+                graphed(**first).last_hidden_state, model(**first).last_hidden_state, dtype
+            )
+            replayed = graphed(**second).last_hidden_state  # same shape: a replay, new ids
+            entry.update(compare(replayed, model(**second).last_hidden_state, dtype))
+        entry["captured_vs_eager"] = captured
+        entry["pass"] = entry["pass"] and captured["pass"] and len(graphed.graphs) == 1
+    except Exception as err:
+        entry.update({"pass": False, "error": f"{type(err).__name__}: {err}"[:300]})
+    return entry
+
+
 def check_hf_parity(size: str, device: str, dtype: torch.dtype) -> dict[str, Any]:
     """FlexBERT (packed, fastest backend) vs transformers ModernBertModel with its weights."""
     entry: dict[str, Any] = {"check": "hf_parity", "size": size}
@@ -174,6 +208,7 @@ def run_checks(sizes: list[str], device: str, dtype: torch.dtype) -> dict[str, A
         if size == "tiny":
             results += check_backward(size, device)
         results.append(check_bf16_rope(size, device, dtype))
+        results.append(check_cuda_graph(size, device, dtype))
         results.append(check_hf_parity(size, device, dtype))
     name = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
     return {

@@ -36,6 +36,7 @@ BERT_MAX_LEN = 512
 VARIANT_TAGS = {
     "compile": "torch.compile of the layer stack",
     "bf16rope": "RoPE applied in the activations' dtype instead of fp32",
+    "cudagraph": "CUDA graphs: each batch shape's forward captured once, then replayed",
 }
 
 
@@ -48,6 +49,7 @@ class ModelSpec:
     backend: str  # FlexBERT backend name, or the transformers attn_implementation
     compile: bool = False
     bf16_rope: bool = False  # FlexBERT only
+    cuda_graph: bool = False  # FlexBERT inference on CUDA only
 
     @property
     def name(self) -> str:
@@ -55,8 +57,17 @@ class ModelSpec:
 
     @property
     def variant(self) -> str:
-        tags = [t for t, on in (("compile", self.compile), ("bf16rope", self.bf16_rope)) if on]
-        return "+".join([self.backend, *tags])
+        options = (
+            ("compile", self.compile),
+            ("bf16rope", self.bf16_rope),
+            ("cudagraph", self.cuda_graph),
+        )
+        return "+".join([self.backend, *(tag for tag, on in options if on)])
+
+    @property
+    def plain(self) -> bool:
+        """No compile and no CUDA graphs: the rows the max-batch search runs on."""
+        return not (self.compile or self.cuda_graph)
 
     @classmethod
     def parse(cls, family: str, size: str, variant: str) -> ModelSpec:
@@ -67,7 +78,9 @@ class ModelSpec:
             raise ValueError(
                 f"unknown variant option(s) {unknown} in '{variant}'; valid: {sorted(VARIANT_TAGS)}"
             )
-        return cls(family, size, backend, "compile" in tags, "bf16rope" in tags)
+        return cls(
+            family, size, backend, "compile" in tags, "bf16rope" in tags, "cudagraph" in tags
+        )
 
     @property
     def layout(self) -> str:
@@ -149,6 +162,11 @@ def build_model(
     train_len: int = BERT_MAX_LEN,
 ) -> nn.Module:
     """The bare encoder (or its MLM model), on `device`, in `dtype`, compiled if asked."""
+    if spec.cuda_graph and (mlm or not device.startswith("cuda")):
+        raise ValueError(
+            f"'{spec.variant}': CUDA graphs are an inference lever on a CUDA device "
+            f"(asked for {'training' if mlm else 'inference'} on '{device}')"
+        )
     with torch.device(device):
         model = _construct(spec, mlm, sparse_prediction, train_len)
     model = model.to(dtype)
@@ -157,6 +175,10 @@ def build_model(
         model.compile_layers(dynamic=True)  # the layer stack; unpadding stays eager
     elif spec.compile:
         model = torch.compile(model, dynamic=True)
+    if spec.cuda_graph:
+        from flexbert.bench.cuda_graphs import GraphedForward
+
+        model = GraphedForward(model)
     return model
 
 

@@ -158,7 +158,7 @@ def _time_group(models: dict, w: workloads.Workload, docs: list, s: Settings, id
             **result.spread(),
         )
         cap = s.max_batch_cap[w.long]
-        if cap > 0 and not w.variable and not spec.compile:
+        if cap > 0 and not w.variable and spec.plain:
             pad = runners.special_ids(spec)["pad"]
             row["max_batch_size"] = _max_batch(models[spec], spec, w, s, ids, pad, cap)
     return list(rows.values())
@@ -168,8 +168,8 @@ def _max_batch_row(model, spec: ModelSpec, w, docs: list, s: Settings, ids) -> R
     """A `max-batch` row: the search alone, on fixed sets only (no timing)."""
     row = {**_inference_row(spec, w, docs, s), "mode": "max-batch", "batch_size": None}
     cap = s.max_batch_cap[w.long]
-    if w.variable or spec.compile or cap <= 0:
-        return {**row, "status": "skipped", "note": "fixed sets, uncompiled, cap > 0 only"}
+    if w.variable or not spec.plain or cap <= 0:
+        return {**row, "status": "skipped", "note": "fixed sets, no compile/cudagraph, cap > 0"}
     if w.max_len > runners.max_len(spec):
         return {**row, "status": "skipped", "note": f"max {runners.max_len(spec)} positions"}
     pad = runners.special_ids(spec)["pad"]
@@ -203,12 +203,12 @@ def _max_batch(model, spec, w, s: Settings, ids, pad: int, cap: int) -> int:
 
 def train_specs(s: Settings) -> list[tuple[ModelSpec, bool]]:
     """(model, sparse_prediction) pairs: the first backend of each family and option set,
-    dense and sparse (BERT has no sparse prediction)."""
+    dense and sparse (BERT has no sparse prediction; CUDA graphs are for inference only)."""
     seen: set[tuple[str, str, bool, bool]] = set()
     out = []
     for spec in s.specs:
         key = (spec.family, spec.size, spec.compile, spec.bf16_rope)
-        if key in seen or spec.backend == "flash_attention_2":
+        if key in seen or spec.backend == "flash_attention_2" or spec.cuda_graph:
             continue
         seen.add(key)
         out.append((spec, False))

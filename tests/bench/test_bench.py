@@ -113,9 +113,9 @@ def test_model_specs_expand_backends_and_compile():
     both = runners.ModelSpec.parse("flexbert", "base", "varlen+bf16rope+compile")
     assert both.compile and both.bf16_rope and both.variant == "varlen+compile+bf16rope"
     with pytest.raises(
-        ValueError, match="unknown variant option.*valid: \\['bf16rope', 'compile'\\]"
+        ValueError, match="unknown variant option.*valid: \\['bf16rope', 'compile', 'cudagraph'\\]"
     ):
-        runners.ModelSpec.parse("flexbert", "base", "varlen+cudagraphs")
+        runners.ModelSpec.parse("flexbert", "base", "varlen+fp8")
 
 
 def test_bf16_rope_variant_builds_a_model_that_rotates_in_bf16():
