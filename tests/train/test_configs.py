@@ -195,3 +195,30 @@ def test_last_checkpoint_orders_epochs_and_batches_as_numbers(tmp_path):
     assert last_checkpoint(tmp_path).name == "ep0-ba10-rank0.pt"  # not ba9, as text sorts
     (folder / "ep1-ba2-rank0.pt").write_bytes(b"")
     assert last_checkpoint(tmp_path).name == "ep1-ba2-rank0.pt"
+
+
+@pytest.mark.parametrize(
+    ("config", "app"), [("pretrain", "flexbert-train"), ("finetune", "flexbert-finetune")]
+)
+def test_help_names_the_command_and_its_examples_compose(config, app):
+    """`--help` starts with what the command does; each example line in it composes."""
+    from hydra import compose, initialize_config_dir
+
+    register_overlays()
+    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
+        cfg = compose(
+            config,
+            overrides=["task=sst2"] if config == "finetune" else [],
+            return_hydra_config=True,
+        )
+        header = cfg.hydra.help.header
+        assert header.startswith(f"{app}: ") and cfg.hydra.help.app_name == app
+        examples = [
+            line.split("#")[0].split()[1:]
+            for line in header.splitlines()
+            if line.strip().startswith(f"{app} ")
+        ]
+        assert examples
+        for args in examples:
+            overrides = [a.split(",")[0] for a in args if a != "-m"]  # one point of a sweep
+            compose(config, overrides=overrides)
