@@ -7,7 +7,8 @@ returns the same layout. `check` refuses, at build time, a backend that cannot r
 - eager: plain math, the ground truth in tests (block-diagonal mask when unpadded).
 - sdpa: torch scaled_dot_product_attention with padding/window masks (local layers of long
   sequences attend chunk by chunk: `sliding_window.py`); the CPU default.
-- flex: FlexAttention with block masks built once per forward from the layout.
+- flex: FlexAttention with block masks built once per forward from the layout
+  (`block_masks.py`: from cu_seqlens directly for packed batches).
 - varlen: torch.nn.attention.varlen.varlen_attn (torch >= 2.10, CUDA, bf16/fp16, unpadded).
 - flash_attn: flash-attn's varlen kernels when the package is installed (unpadded).
 - auto: the fastest one that runs for the tensors it is given.
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from flexbert.attention.block_masks import packed_block_mask, padded_block_mask
 from flexbert.attention.masks import block_diagonal_mask, padded_mask
 from flexbert.attention.sliding_window import (
     chunked_window_mask,
@@ -142,29 +144,7 @@ def _rows_layout(layout: Layout) -> Layout:
 
 # ---------------------------------------------------------------- flex
 def _flex_block_mask(layout: Layout, half):
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    if layout.padded:
-        valid = layout.attention_mask.bool()
-        batch, seqlen = valid.shape
-
-        def mask_mod(b, h, q_idx, kv_idx):
-            keep = valid[b, kv_idx] | ~valid[b, q_idx]
-            if half is not None:
-                keep = keep & ((q_idx - kv_idx).abs() <= half)
-            return keep
-
-        return create_block_mask(mask_mod, batch, None, seqlen, seqlen, device=valid.device)
-    seq, pos = layout.seq_ids(), layout.pos_in_seq()
-    total = seq.shape[0]
-
-    def mask_mod(b, h, q_idx, kv_idx):
-        keep = seq[q_idx] == seq[kv_idx]
-        if half is not None:
-            keep = keep & ((pos[q_idx] - pos[kv_idx]).abs() <= half)
-        return keep
-
-    return create_block_mask(mask_mod, None, None, total, total, device=seq.device)
+    return padded_block_mask(layout, half) if layout.padded else packed_block_mask(layout, half)
 
 
 @functools.cache
