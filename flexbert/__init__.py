@@ -5,6 +5,7 @@ from flexbert.growth import GrowthReport, grow_model
 from flexbert.heads import (
     FlexBertForMaskedLM,
     FlexBertForMultipleChoice,
+    FlexBertForQuestionAnswering,
     FlexBertForSentenceEmbedding,
     FlexBertForSequenceClassification,
     FlexBertForTokenClassification,
@@ -17,6 +18,7 @@ __all__ = [
     "ConfigError",
     "FlexBertForMaskedLM",
     "FlexBertForMultipleChoice",
+    "FlexBertForQuestionAnswering",
     "FlexBertForSentenceEmbedding",
     "FlexBertForSequenceClassification",
     "FlexBertForTokenClassification",

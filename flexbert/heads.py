@@ -15,7 +15,7 @@ from torch import nn
 
 from flexbert.components import POOLINGS
 from flexbert.config import ModelConfig
-from flexbert.layout import Layout
+from flexbert.layout import Layout, to_rows
 from flexbert.model import (
     FlexBertModel,
     FlexBertPreTrainedModel,
@@ -23,6 +23,7 @@ from flexbert.model import (
     to_caller_layout,
 )
 from flexbert.outputs import FlexBertOutput
+from flexbert.registry import ConfigError
 
 IGNORE_INDEX = -100
 
@@ -195,6 +196,56 @@ class FlexBertForMultipleChoice(ClassifierModel):
         logits = self.classify(pooled).view(batch, choices)
         loss = None if labels is None else F.cross_entropy(logits.float(), labels)
         return FlexBertOutput(loss=loss, logits=logits)
+
+
+class FlexBertForQuestionAnswering(ClassifierModel):
+    """Extractive QA: a start and an end logit per token (SQuAD-style answer spans).
+
+    `start_logits` / `end_logits` come as (num_seqs, L) rows (the caller's padded length, or
+    max_seqlen for a packed batch) with the lowest float past each sequence's end, so padding
+    is never an answer. Positions index tokens within their own sequence; a position outside
+    the row (e.g. L for "no answer here") is ignored by the loss, as in Hugging Face."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        if cfg.num_labels != 2:
+            raise ConfigError(
+                f"num_labels: question answering predicts a start and an end logit, so "
+                f"num_labels must be 2, got {cfg.num_labels}"
+            )
+        super().__init__(cfg, 2)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
+        start_positions: torch.Tensor | None = None,
+        end_positions: torch.Tensor | None = None,
+    ) -> FlexBertOutput:
+        hidden, layout = self.model.encode(input_ids, attention_mask, cu_seqlens, max_seqlen)
+        logits = self.classify(hidden)  # internal layout, (..., 2)
+        rows = to_rows(logits, layout, fill=torch.finfo(logits.dtype).min)  # (B, L, 2)
+        start_logits, end_logits = rows.unbind(dim=-1)  # (B, L) each
+        loss = None
+        if start_positions is not None and end_positions is not None:
+            loss = (
+                span_loss(start_logits, start_positions) + span_loss(end_logits, end_positions)
+            ) / 2
+        return FlexBertOutput(
+            loss=loss,
+            logits=rows,
+            start_logits=start_logits,
+            end_logits=end_logits,
+            last_hidden_state=to_caller_layout(hidden, layout),
+        )
+
+
+def span_loss(logits: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of (B, L) position logits; positions outside [0, L) are ignored."""
+    outside = logits.shape[1]
+    positions = positions.view(-1).clamp(0, outside)
+    return F.cross_entropy(logits.float(), positions, ignore_index=outside)
 
 
 class FlexBertForSentenceEmbedding(FlexBertPreTrainedModel):

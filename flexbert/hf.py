@@ -31,6 +31,7 @@ HEAD_ARCHITECTURES = {
     "FlexBertForSequenceClassification": "ModernBertForSequenceClassification",
     "FlexBertForTokenClassification": "ModernBertForTokenClassification",
     "FlexBertForMultipleChoice": "ModernBertForMultipleChoice",
+    "FlexBertForQuestionAnswering": "ModernBertForQuestionAnswering",
 }
 # Keys a head may lack in a checkpoint of another head (a fresh classifier for fine-tuning),
 # and keys a checkpoint may hold that this model does not use (the MLM decoder, or a

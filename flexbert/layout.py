@@ -59,6 +59,12 @@ class Layout:
             )
         return self.cache["pos_in_seq"]
 
+    def row_index(self) -> torch.Tensor:
+        """(T,) flat index of each unpadded token in a (num_seqs * max_seqlen) row buffer."""
+        if "row_index" not in self.cache:
+            self.cache["row_index"] = self.seq_ids() * self.max_seqlen + self.pos_in_seq()
+        return self.cache["row_index"]
+
     def cached(self, key: Any, make) -> Any:
         if key not in self.cache:
             self.cache[key] = make()
@@ -91,3 +97,17 @@ def repad(x: torch.Tensor, layout: Layout, fill: float = 0.0) -> torch.Tensor:
     out = x.new_full((batch * seqlen, *x.shape[1:]), fill)
     out.index_copy_(0, layout.indices, x)
     return out.view(batch, seqlen, *x.shape[1:])
+
+
+def to_rows(x: torch.Tensor, layout: Layout, fill: float = 0.0) -> torch.Tensor:
+    """Per-token values in the internal layout -> (num_seqs, L, ...) rows, `fill` past each
+    sequence's end. L is the caller's padded length, or max_seqlen for a packed batch."""
+    if layout.padded:
+        return x.masked_fill(
+            ~layout.attention_mask.view(*layout.attention_mask.shape, *[1] * (x.dim() - 2)), fill
+        )
+    if layout.indices is not None:
+        return repad(x, layout, fill)
+    rows = x.new_full((layout.num_seqs * layout.max_seqlen, *x.shape[1:]), fill)
+    rows.index_copy_(0, layout.row_index(), x)
+    return rows.view(layout.num_seqs, layout.max_seqlen, *x.shape[1:])

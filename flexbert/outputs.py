@@ -13,6 +13,8 @@ class FlexBertOutput:
     logits: torch.Tensor | None = None
     last_hidden_state: torch.Tensor | None = None
     embeddings: torch.Tensor | None = None  # pooled sentence embeddings, where computed
+    start_logits: torch.Tensor | None = None  # question answering: (num_seqs, L)
+    end_logits: torch.Tensor | None = None
 
     def __getitem__(self, key: str) -> torch.Tensor | None:
         return getattr(self, key)

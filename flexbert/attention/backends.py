@@ -96,11 +96,6 @@ def eager_attention(q, k, v, layout: Layout, half, dropout_p: float, scale: floa
 
 
 # ---------------------------------------------------------------- sdpa
-def _scatter_index(layout: Layout) -> torch.Tensor:
-    """(T,) flat index of each unpadded token in a (B * max_seqlen) padded buffer."""
-    return layout.seq_ids() * layout.max_seqlen + layout.pos_in_seq()
-
-
 def _sdpa_padded(q, k, v, layout: Layout, half, dropout_p, scale):
     if half is not None and worth_chunking(q.shape[1], half):
         mask = layout.cached(
@@ -124,7 +119,7 @@ def sdpa_attention(q, k, v, layout: Layout, half, dropout_p: float, scale: float
             q.view(shape), k.view(shape), v.view(shape), rows, half, dropout_p, scale
         )
         return out.reshape(q.shape)
-    index = layout.cached("scatter_index", lambda: _scatter_index(layout))
+    index = layout.row_index()
     padded = []
     for t in (q, k, v):
         buf = t.new_zeros(layout.num_seqs * layout.max_seqlen, *t.shape[1:])
