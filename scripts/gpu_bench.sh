@@ -32,7 +32,7 @@ else
   CHECK_SIZES=tiny,base; CHECK_DEV=cuda
   BASE=(--sizes base); LARGE=(--sizes large)
   FAST=varlen; SLOW=,sdpa; CAPS=4096,512; TRAIN=(--train-steps 10 --train-rows 32 --train-len 1024)
-  T_CHECK=45; T_BASE=125; T_BATCH=65; T_LARGE=65; T_COMPILE=90; T_TRAIN=50
+  T_CHECK=60; T_BASE=125; T_BATCH=65; T_LARGE=65; T_COMPILE=90; T_TRAIN=50
   T_LEVERS=80; T_TRAIN_COMPILE=90; T_GRAPH=80; BUDGET=${BENCH_BUDGET:-480}
 fi
 if "$PY" -c "import flash_attn" 2>/dev/null; then FAST="$FAST,flash_attn"; fi

@@ -146,7 +146,9 @@ def _flex_block_mask(layout: Layout, half):
 def _compiled_flex_attention():
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=False)
+    # Default dynamism: the first shape compiles static, a second one recompiles with symbolic
+    # lengths, so packed batches of ever-new token counts do not recompile every time.
+    return torch.compile(flex_attention)
 
 
 def flex_attention_backend(q, k, v, layout: Layout, half, dropout_p: float, scale: float):

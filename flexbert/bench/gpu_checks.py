@@ -20,6 +20,7 @@ import argparse
 import json
 import sys
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -56,15 +57,24 @@ def compare(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> dict[st
 
 
 def backends_here(device: str) -> list[str]:
-    names = ["sdpa", "flex"] if device.startswith("cuda") else ["sdpa"]
-    if device.startswith("cuda") and varlen_available():
+    """Backends to check, the ones the benchmark times first (flex compiles slowest: last)."""
+    if not device.startswith("cuda"):
+        return ["sdpa"]
+    names = ["sdpa"]
+    if varlen_available():
         names.append("varlen")
-    if device.startswith("cuda") and flash_attn_available():
+    if flash_attn_available():
         names.append("flash_attn")
-    return names
+    return [*names, "flex"]
 
 
-def check_backends(size: str, device: str, dtype: torch.dtype) -> list[dict[str, Any]]:
+def fastest_backend(device: str) -> str:
+    """What `auto` runs here on packed input."""
+    names = backends_here(device)
+    return next((b for b in ("varlen", "flash_attn") if b in names), "sdpa")
+
+
+def check_backends(size: str, device: str, dtype: torch.dtype) -> Iterator[dict[str, Any]]:
     """Every backend (packed and padded) against eager on padded input, same weights."""
     torch.manual_seed(0)
     with torch.device(device):
@@ -74,7 +84,6 @@ def check_backends(size: str, device: str, dtype: torch.dtype) -> list[dict[str,
     mask = inputs["mask"]
     with torch.inference_mode():
         ref = ref_model(**inputs["padded"]).last_hidden_state[mask]  # (T, D) real tokens
-    results = []
     for backend in backends_here(device):
         entry: dict[str, Any] = {"check": "backend", "size": size, "backend": backend}
         try:
@@ -91,11 +100,10 @@ def check_backends(size: str, device: str, dtype: torch.dtype) -> list[dict[str,
             entry["pass"] = all(entry[k]["pass"] for k in entry if k.endswith("eager"))
         except Exception as err:  # report and go on: one broken kernel must not hide the rest
             entry.update({"pass": False, "error": f"{type(err).__name__}: {err}"[:300]})
-        results.append(entry)
-    return results
+        yield entry
 
 
-def check_backward(size: str, device: str) -> list[dict[str, Any]]:
+def check_backward(size: str, device: str) -> Iterator[dict[str, Any]]:
     """MLM gradients (bf16 autocast on GPU, fp32 weights) of every backend against eager's.
 
     Compares the relative L2 error of one attention weight's gradient, packed input."""
@@ -104,7 +112,6 @@ def check_backward(size: str, device: str) -> list[dict[str, Any]]:
     labels[::3] = -100
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda"))
     grads: dict[str, torch.Tensor] = {}
-    results = []
     for backend in ["eager", *backends_here(device)]:
         entry: dict[str, Any] = {"check": "backward", "size": size, "backend": backend}
         try:
@@ -120,13 +127,12 @@ def check_backward(size: str, device: str) -> list[dict[str, Any]]:
         except Exception as err:
             entry.update({"pass": False, "error": f"{type(err).__name__}: {err}"[:300]})
         if backend != "eager":
-            results.append(entry)
-    return results
+            yield entry
 
 
 def check_bf16_rope(size: str, device: str, dtype: torch.dtype) -> dict[str, Any]:
     """The `+bf16rope` lever: fastest backend, RoPE in the activations' dtype, vs eager."""
-    backend = backends_here(device)[-1]
+    backend = fastest_backend(device)
     entry: dict[str, Any] = {"check": "bf16rope", "size": size, "backend": backend}
     try:
         torch.manual_seed(0)
@@ -148,7 +154,7 @@ def check_bf16_rope(size: str, device: str, dtype: torch.dtype) -> dict[str, Any
 
 def check_cuda_graph(size: str, device: str, dtype: torch.dtype) -> dict[str, Any]:
     """The `+cudagraph` lever: a captured forward, replayed on new ids, against eager."""
-    backend = backends_here(device)[-1]
+    backend = fastest_backend(device)
     entry: dict[str, Any] = {"check": "cudagraph", "size": size, "backend": backend}
     if not device.startswith("cuda"):
         return {**entry, "pass": None, "skipped": "CUDA graphs need a CUDA device"}
@@ -186,7 +192,7 @@ def check_hf_parity(size: str, device: str, dtype: torch.dtype) -> dict[str, Any
         return {**entry, "pass": None, "skipped": "transformers is not installed"}
     from transformers import ModernBertModel
 
-    backend = backends_here(device)[-1 if device.startswith("cuda") else 0]
+    backend = fastest_backend(device)
     entry["backend"] = backend
     torch.manual_seed(0)
     model = flexbert.FlexBertModel(runners.flexbert_config(size, backend))
@@ -201,49 +207,64 @@ def check_hf_parity(size: str, device: str, dtype: torch.dtype) -> dict[str, Any
     return {**entry, **compare(ours, ref, dtype)}
 
 
-def run_checks(sizes: list[str], device: str, dtype: torch.dtype) -> dict[str, Any]:
-    results: list[dict[str, Any]] = []
-    for size in sizes:
-        results += check_backends(size, device, dtype)
-        if size == "tiny":
-            results += check_backward(size, device)
-        results.append(check_bf16_rope(size, device, dtype))
-        results.append(check_cuda_graph(size, device, dtype))
-        results.append(check_hf_parity(size, device, dtype))
+def run_checks(
+    sizes: list[str],
+    device: str,
+    dtype: torch.dtype,
+    save: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Every check; `save(report)` after each one, so a run cut short keeps what it found."""
     name = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
-    return {
+    report: dict[str, Any] = {
         "device": device,
         "device_name": name,
         "dtype": str(dtype).removeprefix("torch."),
         "torch": torch.__version__,
         "transformers": runners.transformers_version(),
-        "all_pass": all(r["pass"] is not False for r in results),
-        "results": results,
+        "complete": False,
+        "all_pass": True,
+        "results": [],
     }
+
+    def add(entries) -> None:
+        for entry in entries:
+            report["results"].append(entry)
+            report["all_pass"] = report["all_pass"] and entry["pass"] is not False
+            if save:
+                save(report)
+
+    for size in sizes:
+        add(check_backends(size, device, dtype))
+        if size == "tiny":
+            add(check_backward(size, device))
+        add([check_bf16_rope(size, device, dtype)])
+        add([check_cuda_graph(size, device, dtype)])
+        add([check_hf_parity(size, device, dtype)])
+    report["complete"] = True
+    if save:
+        save(report)
+    return report
 
 
 def summary_lines(report: dict[str, Any]) -> list[str]:
     lines = [f"gpu_checks on {report['device_name']} ({report['dtype']}):"]
-    for r in report["results"]:
-        head = f"  {r['check']:<9} {r['size']:<5} {r.get('backend', ''):<10}"
-        if "error" in r or "skipped" in r:
-            lines.append(f"{head} {r.get('error') or r.get('skipped')}")
-        elif r["check"] == "backward":
-            lines.append(
-                f"{head} grad_rel_err={r['grad_rel_err']:.2e} {'ok' if r['pass'] else 'FAIL'}"
-            )
-        elif r["check"] == "backend":
-            parts = [
-                f"{k}={r[k]['max_abs_diff']:.2e}"
-                for k in ("packed_vs_eager", "padded_vs_eager", "packed_vs_padded")
-            ]
-            lines.append(f"{head} {' '.join(parts)} {'ok' if r['pass'] else 'FAIL'}")
-        else:
-            lines.append(
-                f"{head} max_abs_diff={r['max_abs_diff']:.2e} {'ok' if r['pass'] else 'FAIL'}"
-            )
+    lines += [summary_line(r) for r in report["results"]]
     lines.append("all pass" if report["all_pass"] else "SOME CHECKS FAILED")
     return lines
+
+
+def summary_line(r: dict[str, Any]) -> str:
+    head = f"  {r['check']:<9} {r['size']:<5} {r.get('backend', ''):<10}"
+    verdict = "ok" if r.get("pass") else "FAIL"
+    if "error" in r or "skipped" in r:
+        return f"{head} {r.get('error') or r.get('skipped')}"
+    if r["check"] == "backward":
+        return f"{head} grad_rel_err={r['grad_rel_err']:.2e} {verdict}"
+    if r["check"] == "backend":
+        keys = ("packed_vs_eager", "padded_vs_eager", "packed_vs_padded")
+        diffs = " ".join(f"{k}={r[k]['max_abs_diff']:.2e}" for k in keys)
+        return f"{head} {diffs} {verdict}"
+    return f"{head} max_abs_diff={r['max_abs_diff']:.2e} {verdict}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -258,11 +279,16 @@ def main(argv: list[str] | None = None) -> int:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     default = "bfloat16" if device.startswith("cuda") else "float32"
     dtype = getattr(torch, args.dtype or default)
-    report = run_checks(args.sizes.split(","), device, dtype)
-    print("\n".join(summary_lines(report)))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu_checks.json").write_text(json.dumps(report, indent=1))
+
+    def save(report: dict[str, Any]) -> None:
+        (out / "gpu_checks.json").write_text(json.dumps(report, indent=1))
+        if not report["complete"]:  # progress: the check just finished
+            print(summary_line(report["results"][-1]), flush=True)
+
+    report = run_checks(args.sizes.split(","), device, dtype, save)
+    print("\n".join(summary_lines(report)))
     return 0 if report["all_pass"] else 1
 
 

@@ -196,6 +196,19 @@ def test_gpu_checks_agree_on_cpu(tmp_path):
     doc = json.loads((tmp_path / "gpu_checks.json").read_text())
     checks = {r["check"] for r in doc["results"]}
     assert doc["all_pass"] and checks >= {"backend", "backward", "bf16rope", "hf_parity"}
+    assert doc["complete"]
+
+
+def test_gpu_checks_save_after_every_check():
+    """A run killed by its time limit keeps the checks it finished."""
+    from flexbert.bench import gpu_checks
+
+    saved = []
+    report = gpu_checks.run_checks(
+        ["tiny"], "cpu", torch.float32, lambda r: saved.append((len(r["results"]), r["complete"]))
+    )
+    n = len(report["results"])
+    assert saved == [(i, False) for i in range(1, n + 1)] + [(n, True)]
 
 
 def _row(family, mode, label, tps=None, size="base", max_batch=None, variant="varlen"):
