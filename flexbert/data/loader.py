@@ -22,7 +22,8 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -68,43 +69,78 @@ class TokenDataset(StreamingDataset):
             sample = super().get_item(sample_id, retry)
         except Exception as e:  # noqa: BLE001 - decompression / decoding errors of many types
             raise DataError(
-                f"cannot read sample {sample_id} from {self.streams[0].local}: {e}"
+                f"cannot read sample {sample_id} from {self.local_of(sample_id)}: {e}"
             ) from e
         if "input_ids" not in sample:
             raise DataError(f"MDS samples lack an 'input_ids' column (got {sorted(sample)})")
         return {"input_ids": sample["input_ids"], "index": int(sample_id)}
 
+    def local_of(self, sample_id: int) -> str:
+        """The local directory of the stream a sample comes from."""
+        shard_id, _ = self.spanner[sample_id]
+        return self.streams[int(self.stream_per_shard[shard_id])].local
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """One source of a data mixture: MDS shards in `local` (or cached there from `remote`),
+    weighted by exactly one of `proportion` (relative share of each epoch), `repeat` (times
+    its own size) or `choose` (samples per epoch), or unweighted (all of it, once)."""
+
+    name: str
+    local: str
+    remote: str | None = None
+    proportion: float | None = None
+    repeat: float | None = None
+    choose: int | None = None
+
+    def unweighted(self) -> StreamSpec:
+        return StreamSpec(self.name, self.local, self.remote)
+
 
 def streaming_dataset(
-    local: str | Path,
+    local: str | Path | None,
     remote: str | None = None,
     split: str | None = None,
     shuffle: bool = True,
     seed: int = 17,
     batch_size: int | None = None,
+    streams: Sequence[StreamSpec] | None = None,
     **kwargs: Any,
 ) -> TokenDataset:
-    """Open MDS shards: `local` alone for a local directory, or `remote` cached into `local`.
+    """Open MDS shards: `local` alone for a local directory, or `remote` cached into `local`,
+    or a mixture of `streams` (then `local`/`remote` are not used).
 
-    `split` is a subdirectory ("train"/"val") of both. The shuffle is seeded (py1e by default).
+    `split` is a subdirectory ("train"/"val") of each. The shuffle is seeded (py1e by default).
     """
-    local_dir = Path(local) / split if split else Path(local)
-    if remote is None:
-        _check_local_index(local_dir)
+    sources = list(streams or [StreamSpec("shards", str(local), remote)])
+    for spec in sources:
+        if spec.remote is None:
+            _check_local_index(Path(spec.local) / split if split else Path(spec.local))
+    if streams:
+        from streaming import Stream
+
+        mixture = [
+            Stream(
+                local=s.local,
+                remote=s.remote,
+                split=split,
+                proportion=s.proportion,
+                repeat=s.repeat,
+                choose=s.choose,
+            )
+            for s in sources
+        ]
+        kwargs["streams"] = mixture
+    else:
+        kwargs.update(local=str(local), remote=remote, split=split)
     try:
-        return TokenDataset(
-            local=str(local),
-            remote=remote,
-            split=split,
-            shuffle=shuffle,
-            shuffle_seed=seed,
-            batch_size=batch_size,
-            **kwargs,
-        )
+        return TokenDataset(shuffle=shuffle, shuffle_seed=seed, batch_size=batch_size, **kwargs)
     except DataError:
         raise
     except Exception as e:  # noqa: BLE001 - streaming raises many types for bad indexes
-        raise DataError(f"cannot open MDS dataset at {local_dir}: {e}") from e
+        where = ", ".join(f"{s.name}: {s.local}" for s in sources)
+        raise DataError(f"cannot open MDS dataset ({where}, split {split}): {e}") from e
 
 
 def padded_loader(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import uuid
@@ -25,6 +26,8 @@ from tqdm import tqdm
 
 from flexbert.data.corpus import CorpusSpec, Document, split_of
 from flexbert.data.errors import DataError
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 FORMAT = "flexbert-mds-v1"
@@ -64,6 +67,28 @@ def read_manifest(out_dir: str | Path) -> dict | None:
     if manifest.get("format") != FORMAT:
         raise DataError(f"{path}: not a {FORMAT} manifest")
     return manifest
+
+
+def check_manifest_tokenizer(manifest: dict, tokenizer: Any, where: str | Path) -> None:
+    """Shards must carry the ids of the run's tokenizer: another vocabulary size or other
+    [CLS]/[SEP] ids is an error; the same ones from a differently serialised tokenizer only
+    a warning (the merges may differ)."""
+    settings = manifest.get("settings", {})
+    ours = {
+        "vocab_size": len(tokenizer),
+        "cls_token_id": tokenizer.cls_token_id,
+        "sep_token_id": tokenizer.sep_token_id,
+    }
+    theirs = {k: settings.get(k) for k in ours}
+    if theirs != ours:
+        raise DataError(
+            f"{where} was prepared with another tokenizer ({theirs}) than this run's ({ours}); "
+            f"set data.tokenizer.path to the tokenizer the shards were made with, or prepare "
+            f"them again with `flexbert-data prepare ... --tokenizer <this run's tokenizer>`"
+        )
+    sha = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
+    if settings.get("tokenizer_sha256") not in (None, sha):
+        log.warning("%s: prepared with a tokenizer of the same ids but another file", where)
 
 
 def _settings(corpus: CorpusSpec, tokenizer: Any, **kwargs: Any) -> dict:

@@ -7,6 +7,7 @@ settings), so a second run reuses them and a changed setting never picks up stal
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -21,9 +22,9 @@ from omegaconf import DictConfig, OmegaConf
 from flexbert import ModelConfig
 from flexbert.data.collate import PaddedMLMCollator
 from flexbert.data.corpus import CorpusSpec
-from flexbert.data.loader import PackedMLMLoader, padded_loader, streaming_dataset
+from flexbert.data.loader import PackedMLMLoader, StreamSpec, padded_loader, streaming_dataset
 from flexbert.data.masking import MLMMasker
-from flexbert.data.mds import prepare_mds, read_manifest
+from flexbert.data.mds import check_manifest_tokenizer, prepare_mds, read_manifest
 from flexbert.data.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 from flexbert.registry import ConfigError
 from flexbert.train.batching import StepBatcher
@@ -74,15 +75,81 @@ def get_tokenizer(data: DictConfig, cache_dir: Path) -> tuple[Any, Path]:
     return tokenizer, out
 
 
-def get_shards(data: DictConfig, tokenizer: Any, cache_dir: Path) -> tuple[Path, dict | None]:
-    """The MDS directory: `data.mds.dir` as given, or prepared from the corpus (cached)."""
+STREAM_KEYS = ("dir", "remote", "proportion", "repeat", "choose")
+WEIGHT_KEYS = ("proportion", "repeat", "choose")
+
+
+def stream_specs(data: DictConfig) -> list[StreamSpec] | None:
+    """`data.mds.streams` (name -> {dir, remote, proportion | repeat | choose}), validated."""
+    streams = _plain(data.mds.get("streams"))
+    if not streams:
+        return None
+    if not isinstance(streams, dict):
+        raise ConfigError(
+            "data.mds.streams must map stream names to {dir, remote, proportion, repeat, "
+            f"choose}}, got {type(streams).__name__}"
+        )
+    specs = []
+    for name, node in streams.items():
+        node = node or {}
+        unknown = sorted(set(node) - set(STREAM_KEYS))
+        if unknown:
+            raise ConfigError(
+                f"data.mds.streams.{name}: unknown key(s) {unknown}; valid keys are {list(STREAM_KEYS)}"
+            )
+        if not node.get("dir"):
+            raise ConfigError(
+                f"data.mds.streams.{name}.dir is required: the shard directory (or the local "
+                f"cache of its remote)"
+            )
+        weights = [k for k in WEIGHT_KEYS if node.get(k) is not None]
+        if len(weights) > 1:
+            raise ConfigError(
+                f"data.mds.streams.{name}: give at most one of {list(WEIGHT_KEYS)}, got {weights}"
+            )
+        specs.append(
+            StreamSpec(name, str(node["dir"]), **{k: node.get(k) for k in STREAM_KEYS[1:]})
+        )
+    missing = [s.name for s in specs if s.proportion is None]
+    if len(missing) not in (0, len(specs)):
+        raise ConfigError(
+            f"data.mds.streams: proportions are shares of one epoch, so every stream needs one "
+            f"(missing: {missing}); or weight streams with repeat / choose instead"
+        )
+    return specs
+
+
+def get_shards(
+    data: DictConfig, tokenizer: Any, cache_dir: Path
+) -> tuple[Path | None, dict | None]:
+    """The MDS directory: `data.mds.dir` as given, or prepared from the corpus (cached); or,
+    with `data.mds.streams`, None and a manifest of every stream's counts."""
     mds = _plain(data.mds)
     spec = corpus_spec(data)
     settings = {k: mds[k] for k in ("max_length", "val_fraction", "split_seed", "overflow")}
+    streams = stream_specs(data)
+    if streams is not None:
+        if spec is not None:
+            raise ConfigError(
+                "data.mds.streams mixes prepared shards; set data.corpus=null (prepare each "
+                "stream with `flexbert-data prepare`)"
+            )
+        counts = {}
+        for stream in streams:
+            manifest = None if stream.remote else read_manifest(stream.local)
+            if manifest is not None:
+                check_manifest_tokenizer(manifest, tokenizer, stream.local)
+            counts[stream.name] = (manifest or {}).get("counts")
+        return None, {"streams": [dataclasses.asdict(s) for s in streams], "counts": counts}
     if spec is None:
         if not mds.get("dir"):
-            raise ConfigError("data.mds.dir is required when data.corpus is null")
-        return Path(mds["dir"]), read_manifest(mds["dir"]) if not mds.get("remote") else None
+            raise ConfigError(
+                "data.mds.dir (or data.mds.streams) is required when data.corpus is null"
+            )
+        manifest = read_manifest(mds["dir"]) if not mds.get("remote") else None
+        if manifest is not None:
+            check_manifest_tokenizer(manifest, tokenizer, mds["dir"])
+        return Path(mds["dir"]), manifest
     tok_sha = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
     key = _key({"corpus": spec.fingerprint(), "tokenizer": tok_sha, **settings})
     out = Path(mds["dir"]) if mds.get("dir") else cache_dir / f"mds-{key}"
@@ -101,7 +168,7 @@ def build_loaders(
     data: DictConfig,
     model_cfg: ModelConfig,
     tokenizer: Any,
-    mds_dir: Path,
+    mds_dir: Path | None,
     seed: int,
     world_size: int = 1,
 ) -> tuple[StepBatcher, Any]:
@@ -118,6 +185,7 @@ def build_loaders(
     step = _rows_per_rank(data.batch_size, "batch_size", world_size)
     eval_micro = _rows_per_rank(data.eval_micro_batch_size, "eval_micro_batch_size", world_size)
     remote = data.mds.get("remote")
+    streams = stream_specs(data)
 
     def loader(split: str, rows: int, shuffle: bool, split_seed: int) -> Any:
         padded = model_cfg.padding == "padded"
@@ -128,6 +196,8 @@ def build_loaders(
             shuffle=shuffle,
             seed=split_seed,
             batch_size=rows if padded else data.read_batch_size,
+            # The mixture weights shape training; evaluation reads every stream's val once.
+            streams=streams and [s if split == "train" else s.unweighted() for s in streams],
         )
         if padded:
             collator = PaddedMLMCollator(

@@ -92,7 +92,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> tuple[Any, dict[str, Any]]:
         "model_config": model_cfg,
         "tokenizer": tokenizer,
         "tokenizer_source": str(tokenizer_src),
-        "mds_dir": str(mds_dir),
+        "mds_dir": str(mds_dir) if mds_dir else None,
         "manifest": manifest,
         "history": history,
         "train_loader": train_loader,
@@ -155,6 +155,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
             "tokenizer_size": len(facts["tokenizer"]),
             "mds_dir": facts["mds_dir"],
             "counts": (facts["manifest"] or {}).get("counts"),
+            "streams": (facts["manifest"] or {}).get("streams"),
         },
         "train": {
             "batches": int(state.timestamp.batch),

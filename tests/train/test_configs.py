@@ -91,9 +91,15 @@ def test_group_options_compose(override):
 
 
 def test_data_mds_needs_its_paths():
+    from flexbert.train.data import get_shards, get_tokenizer
+
     cfg = compose_config(["data=mds"])
     assert cfg.data.corpus is None
-    assert cfg.data.mds._get_node("dir")._is_missing()
+    assert cfg.data.tokenizer._get_node("path")._is_missing()
+    with pytest.raises(ConfigError, match=r"data.mds.dir \(or data.mds.streams\) is required"):
+        get_shards(cfg.data, tokenizer=None, cache_dir=None)
+    with pytest.raises(ConfigError, match="data.tokenizer.path is required"):
+        get_tokenizer(cfg.data.copy(), cache_dir=None)
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from flexbert import ConfigError
 from flexbert.train.checkpoints import load_checkpoint_model, read_model_config
 from flexbert.train.export import main as export_main
 from flexbert.train.pretrain import report, train
@@ -258,6 +259,55 @@ def test_shards_stream_from_a_remote_into_the_local_cache(first_run, tiny_run_co
     assert summary["train"]["batches"] == 2
     assert (cache / "train" / "index.json").exists() and (cache / "val" / "index.json").exists()
     assert list((cache / "train").glob("shard.*.mds*"))  # shards were fetched into the cache
+
+
+def test_a_mixture_of_streams_trains_and_is_recorded(first_run, tiny_run_config, tmp_path):
+    root, _, first = first_run
+    code = tmp_path / "code_shards"
+    shutil.copytree(first["data"]["mds_dir"], code)
+    streams = f"{{web: {{dir: '{first['data']['mds_dir']}', proportion: 0.7}}, code: {{dir: '{code}', proportion: 0.3}}}}"
+    cfg = tiny_run_config(
+        "data.corpus=null",
+        f"data.tokenizer.path={root / 'run' / 'tokenizer'}",
+        f"data.mds.streams={streams}",
+        "trainer.max_duration=2ba",
+        "trainer.eval_interval=2ba",
+        "callbacks.batch_size_warmup=null",
+        "export_hf=false",
+    )
+    summary = train(cfg, tmp_path / "run")
+    assert summary["train"]["batches"] == 2 and summary["data"]["mds_dir"] is None
+    assert [s["name"] for s in summary["data"]["streams"]] == ["web", "code"]
+    assert [s["proportion"] for s in summary["data"]["streams"]] == [0.7, 0.3]
+    assert set(summary["data"]["counts"]) == {"web", "code"}
+
+
+@pytest.mark.parametrize(
+    ("streams", "needle"),
+    [
+        ("{a: {dir: /x, weight: 2}}", r"unknown key\(s\) \['weight'\]"),
+        ("{a: {remote: 's3://b/x'}}", "data.mds.streams.a.dir is required"),
+        (
+            "{a: {dir: /x, proportion: 0.5}, b: {dir: /y}}",
+            r"every stream needs one \(missing: \['b'\]\)",
+        ),
+        ("{a: {dir: /x, proportion: 0.5, repeat: 2}}", "at most one of"),
+    ],
+)
+def test_bad_streams_are_one_clear_error(tiny_run_config, streams, needle):
+    from flexbert.train.data import get_shards
+
+    cfg = tiny_run_config("data.corpus=null", f"data.mds.streams={streams}")
+    with pytest.raises(ConfigError, match=needle):
+        get_shards(cfg.data, tokenizer=None, cache_dir=None)
+
+
+def test_streams_and_a_corpus_together_are_refused(tiny_run_config):
+    from flexbert.train.data import get_shards
+
+    cfg = tiny_run_config("data.mds.streams={a: {dir: /x}}")
+    with pytest.raises(ConfigError, match="set data.corpus=null"):
+        get_shards(cfg.data, tokenizer=None, cache_dir=None)
 
 
 @pytest.mark.slow
