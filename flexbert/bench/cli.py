@@ -172,9 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     if settings.train_steps > 0:
         suite.run_training(settings, on_row)
     table = report.format_table(rows) + "\n\n" + report.format_ratios(report.ratios(rows))
-    checked = targets.format_markdown(
-        targets.check(rows, settings.device), settings.env["device_name"]
-    )
+    device, device_name = targets.measured_on(rows, settings.device, settings.env["device_name"])
+    checked = targets.format_markdown(targets.check(rows, device), device_name)
     print(table + "\n\n" + checked)
     (out / "results.txt").write_text(table + "\n")
     (out / "targets.md").write_text(checked + "\n")

@@ -73,6 +73,17 @@ def _best(rows: list[Row], family: str, target: Target) -> Row | None:
     return max(found, key=lambda r: r["tokens_per_s"]) if found else None
 
 
+def measured_on(rows: list[Row], device: str, device_name: str) -> tuple[str, str]:
+    """(device, device name) the rows were measured on: theirs when they agree (a report
+    redrawn on another machine from fetched GPU rows keeps the GPU targets), else the given."""
+    seen = {(r.get("device"), r.get("device_name")) for r in rows if r.get("status") == "ok"}
+    if len(seen) == 1:
+        theirs = seen.pop()
+        if theirs[0]:
+            return theirs[0], theirs[1] or device_name
+    return device, device_name
+
+
 def check(rows: list[Row], device: str) -> list[dict[str, Any]]:
     """One entry per target: value, minimum, `met` (None when it was not measured)."""
     if not device.startswith("cuda"):

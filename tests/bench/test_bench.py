@@ -273,3 +273,13 @@ def test_flops_per_token_match_the_issue_figures_and_scale_the_large_targets():
     assert set(large) == {"fixed-512", "var-256", "fixed-8192", "var-4096"}
     assert 0.3 < large["fixed-512"] / 2.0e6 < 0.36  # large costs ~3x base per token at 512
     assert large["fixed-8192"] / 1.0e6 > large["fixed-512"] / 2.0e6  # attention shares more
+
+
+def test_a_report_redrawn_elsewhere_keeps_the_rows_device():
+    from flexbert.bench import targets
+
+    gpu = {"device": "cuda", "device_name": "NVIDIA H200"}
+    rows = [{**_row("flexbert", "inference", "fixed-512", 2.5e6), **gpu}]
+    assert targets.measured_on(rows, "cpu", "AMD EPYC") == ("cuda", "NVIDIA H200")
+    mixed = [*rows, {**rows[0], "device": "cpu", "device_name": "AMD EPYC"}]
+    assert targets.measured_on(mixed, "cpu", "AMD EPYC") == ("cpu", "AMD EPYC")
