@@ -293,9 +293,9 @@ class FlexBertForSentenceEmbedding(FlexBertPreTrainedModel):
         the pool scored against and this batch's offset in it (e.g. every rank's candidates;
         default: this batch alone). Labels then default to each query's own positive."""
         emb = self.embed(input_ids, attention_mask)
-        loss = logits = None
+        loss = logits = own = None
         if candidates is not None:
-            cand = self.embed(*candidates)
+            cand = own = self.embed(*candidates)  # (B, D) this batch's candidates
             offset = 0
             if candidate_pool is not None:
                 cand, offset = candidate_pool(cand)
@@ -303,4 +303,4 @@ class FlexBertForSentenceEmbedding(FlexBertPreTrainedModel):
             if labels is None:
                 labels = torch.arange(emb.shape[0], device=emb.device) + offset
             loss = F.cross_entropy(logits, labels)
-        return FlexBertOutput(loss=loss, logits=logits, embeddings=emb)
+        return FlexBertOutput(loss=loss, logits=logits, embeddings=emb, candidate_embeddings=own)

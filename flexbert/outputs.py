@@ -13,6 +13,7 @@ class FlexBertOutput:
     logits: torch.Tensor | None = None
     last_hidden_state: torch.Tensor | None = None
     embeddings: torch.Tensor | None = None  # pooled sentence embeddings, where computed
+    candidate_embeddings: torch.Tensor | None = None  # retrieval: this batch's candidates
     start_logits: torch.Tensor | None = None  # question answering: (num_seqs, L)
     end_logits: torch.Tensor | None = None
 

@@ -153,7 +153,8 @@ def composer_parts(task: Any, model: torch.nn.Module, pad_id: int) -> tuple[Comp
 
     if task.type == "retrieval":
         gather = bool(task.get("gather_negatives", True))
-        return ComposerFlexBertRetrieval(model, gather), PairCollator(pad_id)
+        wrapper = ComposerFlexBertRetrieval(model, gather, list(task.metrics))
+        return wrapper, PairCollator(pad_id)
     wrapper = ComposerFlexBertClassifier(model, task.type, list(task.metrics))
     return wrapper, Collator(pad_id, regression=task.type == "regression")
 

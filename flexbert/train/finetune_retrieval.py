@@ -1,14 +1,14 @@
-"""Retrieval fine-tuning: (query, positive) pairs, in-batch InfoNCE, recall@1 on eval batches.
+"""Retrieval fine-tuning: (query, positive) pairs, in-batch InfoNCE, corpus-level evaluation.
 
-Every other positive in a batch is a negative for a query, so recall@1 is measured among the
-`data.eval_batch_size` candidates of each eval batch (a quick, comparable signal, not a full
-corpus search). The export is a ModernBertModel (`AutoModel`) directory that is also a
+Training: every other positive in a batch is a negative for a query. Evaluation: every eval
+query is ranked against all eval positives (the eval split is the corpus), reporting
+nDCG@10, MRR@10, recall@1 and recall@10 (`task.metrics`), independent of the batch size. The export is a ModernBertModel (`AutoModel`) directory that is also a
 sentence-transformers model: `SentenceTransformer(dir).encode(texts)` gives the same vectors.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ import torch
 from torchmetrics import Metric
 
 from flexbert.outputs import FlexBertOutput
+from flexbert.registry import ConfigError
 from flexbert.train.composer_model import FlexBertComposerModel
 
 
@@ -64,21 +65,65 @@ class PairCollator:
         return {"input_ids": ids, "attention_mask": mask, "cand_ids": cand, "cand_mask": cand_mask}
 
 
-class RecallAt1(Metric):
-    """Share of queries whose own positive scores highest among the batch's candidates."""
+def positive_ranks(queries: torch.Tensor, docs: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """(N,) 1-based rank of doc i for query i among all N docs (ties do not count against).
 
-    def __init__(self) -> None:
+    Scored `chunk` queries at a time, so memory stays O(chunk x N)."""
+    ranks = []
+    for start in range(0, queries.shape[0], chunk):
+        scores = queries[start : start + chunk] @ docs.T  # (c, N)
+        rows = torch.arange(scores.shape[0], device=scores.device)
+        own = scores[rows, rows + start]  # (c,)
+        ranks.append((scores > own[:, None]).sum(-1) + 1)
+    return torch.cat(ranks)
+
+
+def _ndcg_at_10(ranks: torch.Tensor) -> torch.Tensor:  # one relevant doc per query
+    return torch.where(ranks <= 10, 1.0 / torch.log2(ranks.float() + 1), 0.0).mean()
+
+
+def _mrr_at_10(ranks: torch.Tensor) -> torch.Tensor:
+    return torch.where(ranks <= 10, 1.0 / ranks.float(), 0.0).mean()
+
+
+RANK_METRICS = {
+    "ndcg_at_10": _ndcg_at_10,
+    "mrr_at_10": _mrr_at_10,
+    "recall_at_1": lambda ranks: (ranks <= 1).float().mean(),
+    "recall_at_10": lambda ranks: (ranks <= 10).float().mean(),
+}
+
+
+class CorpusRetrievalMetric(Metric):
+    """A ranking metric over the whole eval split: every query against every eval positive
+    (the corpus), as BEIR-style evaluation does, not only against its batch. Each rank's
+    embeddings are concatenated in rank order, so queries stay aligned with their positives."""
+
+    full_state_update = False
+
+    def __init__(self, name: str) -> None:
         super().__init__()
-        self.add_state("hits", default=torch.tensor(0.0), dist_reduce_fx="sum")
-        self.add_state("total", default=torch.tensor(0.0), dist_reduce_fx="sum")
+        self.score = RANK_METRICS[name]
+        self.add_state("queries", default=[], dist_reduce_fx="cat")
+        self.add_state("docs", default=[], dist_reduce_fx="cat")
 
-    def update(self, scores: torch.Tensor) -> None:
-        target = torch.arange(scores.shape[0], device=scores.device)
-        self.hits += (scores.argmax(-1) == target).sum()
-        self.total += scores.shape[0]
+    def update(self, queries: torch.Tensor, docs: torch.Tensor) -> None:
+        self.queries.append(queries.float())
+        self.docs.append(docs.float())
 
     def compute(self) -> torch.Tensor:
-        return self.hits / self.total.clamp(min=1)
+        from torchmetrics.utilities import dim_zero_cat
+
+        return self.score(positive_ranks(dim_zero_cat(self.queries), dim_zero_cat(self.docs)))
+
+
+def retrieval_metrics(names: Sequence[str]) -> dict[str, Metric]:
+    bad = [n for n in names if n not in RANK_METRICS]
+    if bad:
+        raise ConfigError(
+            f"task.metrics: {bad} do not apply to retrieval; choose from {list(RANK_METRICS)}"
+        )
+    return {name: CorpusRetrievalMetric(name) for name in names}
 
 
 def gather_candidates(cand: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -94,16 +139,22 @@ def gather_candidates(cand: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 
 class ComposerFlexBertRetrieval(FlexBertComposerModel):
-    """In-batch InfoNCE over (query, positive) pairs; recall@1 on eval.
+    """In-batch InfoNCE over (query, positive) pairs; corpus-level ranking metrics on eval.
 
     With several ranks, training scores every query against every rank's positives
     (`gather_negatives`, on by default): the negatives of one global batch, as one process with
-    the whole batch would see them. Evaluation stays per rank (recall@1 among its batch)."""
+    the whole batch would see them. Evaluation ranks every eval query against all eval
+    positives (`CorpusRetrievalMetric`)."""
 
-    def __init__(self, model: torch.nn.Module, gather_negatives: bool = True) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        gather_negatives: bool = True,
+        metrics: Sequence[str] = ("ndcg_at_10",),
+    ) -> None:
         super().__init__(model)
         self.gather_negatives = gather_negatives
-        self.val_metrics = {"recall_at_1": RecallAt1()}
+        self.val_metrics = retrieval_metrics(metrics)
 
     def forward(self, batch: dict[str, Any]) -> FlexBertOutput:
         pool = gather_candidates if self.training and self.gather_negatives else None
@@ -115,4 +166,4 @@ class ComposerFlexBertRetrieval(FlexBertComposerModel):
         )
 
     def update_metric(self, batch: dict[str, Any], outputs: FlexBertOutput, metric) -> None:
-        metric.update(outputs.logits.detach())
+        metric.update(outputs.embeddings.detach(), outputs.candidate_embeddings.detach())

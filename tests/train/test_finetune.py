@@ -227,7 +227,12 @@ def test_retrieval_trains_on_pairs_and_exports_the_encoder(pretrained, tmp_path)
         + ["trainer.max_duration=1ep"]
     )
     summary = train(cfg, tmp_path / "run")
-    assert 0.0 <= summary["eval"]["recall_at_1"] <= 1.0
+    ev = summary["eval"]
+    assert set(ev) >= {"ndcg_at_10", "mrr_at_10", "recall_at_1", "recall_at_10"}
+    assert (
+        0.0 <= ev["recall_at_1"] <= ev["mrr_at_10"] <= ev["ndcg_at_10"] <= ev["recall_at_10"] <= 1
+    )
+    assert summary["eval_best"]["metric"] == "ndcg_at_10"
     assert type(AutoModel.from_pretrained(tmp_path / "run" / "hf")).__name__ == "ModernBertModel"
     st = pytest.importorskip("sentence_transformers")
     from flexbert import FlexBertForSentenceEmbedding
