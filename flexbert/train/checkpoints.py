@@ -39,6 +39,7 @@ def task_model_class(task_type: str | None) -> type:
         "sequence_classification": flexbert.FlexBertForSequenceClassification,
         "regression": flexbert.FlexBertForSequenceClassification,
         "token_classification": flexbert.FlexBertForTokenClassification,
+        "multiple_choice": flexbert.FlexBertForMultipleChoice,
         "retrieval": flexbert.FlexBertForSentenceEmbedding,
     }
     if task_type not in classes:

@@ -68,6 +68,7 @@ def build_metrics(kind: str, num_labels: int, names: Sequence[str]) -> dict[str,
         "sequence_classification": ("accuracy", "f1", "matthews"),
         "regression": ("pearson", "spearman"),
         "token_classification": ("accuracy", "f1", "matthews", "entity_f1"),
+        "multiple_choice": ("accuracy",),
     }[kind]
     bad = [m for m in names if m not in allowed]
     if bad:
@@ -121,8 +122,8 @@ def load_task_model(cfg: Any) -> Any:
     """The task head on the pretrained encoder in `model.path` (a fresh classifier)."""
     from omegaconf import OmegaConf
 
-    from flexbert import ConfigError, FlexBertForSequenceClassification
-    from flexbert.heads import FlexBertForTokenClassification
+    from flexbert import ConfigError
+    from flexbert.train.checkpoints import task_model_class
     from flexbert.train.finetune_retrieval import load_embedding_model
 
     path, task = cfg.model.get("path"), cfg.task
@@ -132,11 +133,7 @@ def load_task_model(cfg: Any) -> Any:
     overrides = OmegaConf.to_container(node, resolve=True) if node else {}
     if task.type == "retrieval":
         return load_embedding_model(path, **overrides)  # type: ignore[arg-type]
-    head = (
-        FlexBertForTokenClassification
-        if task.type == "token_classification"
-        else FlexBertForSequenceClassification
-    )
+    head = task_model_class(task.type)
     problem = {"regression": "regression", "sequence_classification": "single_label_classification"}
     return head.from_hf(
         path,
@@ -149,13 +146,15 @@ def load_task_model(cfg: Any) -> Any:
 def composer_parts(task: Any, model: torch.nn.Module, pad_id: int) -> tuple[ComposerModel, Any]:
     """The Composer wrapper and the batch collator for the task type."""
     from flexbert.train.finetune_retrieval import ComposerFlexBertRetrieval, PairCollator
-    from flexbert.train.tasks import Collator
+    from flexbert.train.tasks import ChoiceCollator, Collator
 
     if task.type == "retrieval":
         gather = bool(task.get("gather_negatives", True))
         wrapper = ComposerFlexBertRetrieval(model, gather, list(task.metrics))
         return wrapper, PairCollator(pad_id)
     wrapper = ComposerFlexBertClassifier(model, task.type, list(task.metrics))
+    if task.type == "multiple_choice":
+        return wrapper, ChoiceCollator(pad_id)
     return wrapper, Collator(pad_id, regression=task.type == "regression")
 
 

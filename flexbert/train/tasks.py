@@ -17,7 +17,13 @@ import torch
 from flexbert.data.errors import DataError, DataFileNotFoundError
 from flexbert.heads import IGNORE_INDEX
 
-TASK_TYPES = ("sequence_classification", "regression", "token_classification", "retrieval")
+TASK_TYPES = (
+    "sequence_classification",
+    "regression",
+    "token_classification",
+    "multiple_choice",
+    "retrieval",
+)
 FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
@@ -140,6 +146,34 @@ def encode_tokens(
     return out
 
 
+def encode_choices(
+    ds: Any, task: Mapping[str, Any], tokenizer: Any, max_len: int, split: str, to_label: Any
+) -> list[dict[str, Any]]:
+    """text_fields = [context, choice_1, ..., choice_C] -> C rows of (CLS context SEP choice
+    SEP) per example; `task.choice_prefix` (a field, e.g. SWAG's sent2) starts every choice."""
+    context, *choices = list(task["text_fields"])
+    if len(choices) < 2:
+        raise DataError(
+            f"task.text_fields: multiple choice needs [context, choice_1, choice_2, ...], got "
+            f"{[context, *choices]}"
+        )
+    if int(task["num_labels"]) != len(choices):
+        raise DataError(
+            f"task.num_labels={task['num_labels']} must equal the number of choice fields "
+            f"({len(choices)}: {choices})"
+        )
+    prefix = task.get("choice_prefix")
+    check_fields(ds, [context, *choices, task["label_field"], *([prefix] if prefix else [])], split)
+    n = len(ds[context])
+    starts = [str(t) + " " for t in ds[prefix]] if prefix else [""] * n
+    firsts = [str(c) for c in ds[context] for _ in choices]
+    seconds = [starts[i] + str(ds[f][i]) for i in range(n) for f in choices]
+    ids = tokenizer(firsts, seconds, truncation=True, max_length=max_len)["input_ids"]
+    labels = [to_label(v) for v in ds[task["label_field"]]]
+    k = len(choices)
+    return [{"input_ids": ids[i * k : (i + 1) * k], "labels": labels[i]} for i in range(n)]
+
+
 def build_examples(
     task: Mapping[str, Any], tokenizer: Any, max_len: int
 ) -> tuple[dict[str, list[dict[str, Any]]], list[str] | None]:
@@ -160,7 +194,9 @@ def build_examples(
     if kind == "token_classification":
         values = [v for tags in values for v in tags]
     to_label, label_names = label_mapper(task, values)
-    encode = encode_tokens if kind == "token_classification" else encode_sequences
+    encode = {"token_classification": encode_tokens, "multiple_choice": encode_choices}.get(
+        kind, encode_sequences
+    )
     out = {}
     for key, split in names.items():
         out[key] = encode(raw[split], task, tokenizer, max_len, split, to_label)
@@ -190,4 +226,23 @@ class Collator:
         else:
             dtype = torch.float if self.regression else torch.long
             labels = torch.tensor([r["labels"] for r in rows], dtype=dtype)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+class ChoiceCollator:
+    """Multiple choice: (batch, choices, longest row) ids and mask, one label per example."""
+
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        choices = len(rows[0]["input_ids"])
+        width = max(len(c) for r in rows for c in r["input_ids"])
+        ids = torch.full((len(rows), choices, width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), choices, width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            for j, c in enumerate(r["input_ids"]):
+                ids[i, j, : len(c)] = torch.tensor(c)
+                mask[i, j, : len(c)] = 1
+        labels = torch.tensor([r["labels"] for r in rows], dtype=torch.long)
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}

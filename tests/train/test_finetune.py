@@ -275,7 +275,8 @@ class _Rows(dict):
 def test_every_task_preset_composes(name):
     cfg = _compose([f"task={name}"])
     assert cfg.task.name == name and cfg.task.text_fields and cfg.task.metrics
-    kinds = ("sequence_classification", "regression", "token_classification", "retrieval")
+    kinds = ("sequence_classification", "regression", "token_classification", "multiple_choice")
+    kinds += ("retrieval",)
     assert cfg.task.type in kinds
     assert cfg.task.type != "regression" or cfg.task.num_labels == 1
 
@@ -346,3 +347,54 @@ def test_gathered_negatives_on_two_ranks_equal_one_process_with_the_whole_batch(
     # without gathering, each rank would see 3 candidates and a different loss
     local = model(queries[:3], candidates=(positives[:3], None)).loss.detach()
     assert not torch.allclose(local, out.loss.detach())
+
+
+def test_multiple_choice_trains_evaluates_and_exports(pretrained, tmp_path):
+    """Pick the choice that repeats the context's KEY word; the export scores like ours."""
+    from transformers import AutoModelForMultipleChoice
+
+    from flexbert import FlexBertForMultipleChoice
+    from flexbert.train.tasks import ChoiceCollator
+
+    rng = random.Random(5)
+    files = {}
+    for split, n in (("train", 96), ("validation", 32)):
+        rows = []
+        for words in _sentences(rng, n):
+            answer = rng.randrange(3)
+            choices = [" ".join(rng.sample(WORDS, 3)) for _ in range(3)]
+            choices[answer] += f" {KEY}"
+            rows.append(
+                {"context": " ".join([*words, KEY]), "lead": "it is", "label": answer}
+                | {f"c{i}": c for i, c in enumerate(choices)}
+            )
+        files[split] = _write_jsonl(tmp_path / f"{split}.jsonl", rows)
+    cfg = _compose(
+        [f"model.path={pretrained}", "task=local_multiple_choice", *_files(files), *FAST]
+        + ["task.text_fields=[context,c0,c1,c2]", "task.num_labels=3", "task.choice_prefix=lead"]
+        + ["trainer.max_duration=1ep"]
+    )
+    summary = train(cfg, tmp_path / "run")
+    assert 0.0 <= summary["eval"]["accuracy"] <= 1.0 and summary["train"]["batches"] > 0
+    hf_dir = tmp_path / "run" / "hf"
+    assert json.loads((hf_dir / "config.json").read_text())["architectures"] == [
+        "ModernBertForMultipleChoice"
+    ]
+    ours = FlexBertForMultipleChoice.from_hf(hf_dir).eval()
+    theirs = AutoModelForMultipleChoice.from_pretrained(hf_dir).eval()
+    batch = ChoiceCollator(0)([{"input_ids": [[1, 5, 6, 2, 7, 2], [1, 5, 2, 9, 2]], "labels": 0}])
+    with torch.no_grad():
+        a = ours(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        b = theirs(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_multiple_choice_needs_one_label_per_choice_field(pretrained, tmp_path):
+    from flexbert.data.errors import DataError
+    from flexbert.train.tasks import encode_choices
+
+    task = {"text_fields": ["q", "a", "b"], "num_labels": 3, "label_field": "label"}
+    with pytest.raises(DataError, match=r"num_labels=3 must equal the number of choice fields \(2"):
+        encode_choices(
+            {"q": ["x"], "a": ["y"], "b": ["z"], "label": [0]}, task, None, 16, "train", int
+        )
