@@ -2,6 +2,7 @@
 
 flexbert-data tokenizer OUT_DIR [--corpus stdlib|PATH] [--vocab-size 50368] [--max-bytes N]
 flexbert-data prepare OUT_DIR --tokenizer TOK_DIR [--corpus stdlib|PATH] [--max-length 8192]
+flexbert-data inspect MDS_DIR [--split train] [--tokenizer TOK_DIR] [--samples 3]
 """
 
 from __future__ import annotations
@@ -62,6 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--size-limit", default="64mb", help="max bytes per shard")
     prep.add_argument("--overwrite", action="store_true", help="replace a different conversion")
     prep.add_argument("--no-progress", action="store_true")
+
+    look = sub.add_parser("inspect", help="manifest, sample lengths and decoded samples of shards")
+    look.add_argument("mds_dir", help="a prepared directory (train/, val/, manifest.json)")
+    look.add_argument("--split", default="train", choices=("train", "val"))
+    look.add_argument("--tokenizer", default=None, help="decode samples with this tokenizer")
+    look.add_argument("--samples", type=int, default=3, help="samples to show")
+    look.add_argument("--scan", type=int, default=10_000, help="samples read for length stats")
     return parser
 
 
@@ -77,6 +85,13 @@ def main(argv: list[str] | None = None) -> int:
             )
             out = save_tokenizer(tokenizer, args.out_dir)
             print(f"tokenizer: {len(tokenizer)} tokens -> {out}")
+        elif args.command == "inspect":
+            from flexbert.data.inspect import inspect_shards
+            from flexbert.data.tokenizer import load_tokenizer
+
+            tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
+            report = inspect_shards(args.mds_dir, args.split, tokenizer, args.samples, args.scan)
+            print(json.dumps(report, indent=2, ensure_ascii=False))
         else:
             from flexbert.data.mds import prepare_mds
             from flexbert.data.tokenizer import load_tokenizer

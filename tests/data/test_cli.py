@@ -57,3 +57,21 @@ def test_errors_exit_with_message(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "tokenizer not found" in err and "no-tok" in err
     assert not (tmp_path / "mds").exists()
+
+
+def test_inspect_reports_lengths_and_decodes_samples(mds_dir, tokenizer_dir, capsys):
+    args = ["inspect", str(mds_dir), "--tokenizer", str(tokenizer_dir), "--samples", "2"]
+    assert main(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    manifest = read_manifest(mds_dir)
+    assert report["counts"] == manifest["counts"]["train"]
+    assert report["lengths"]["samples"] == manifest["counts"]["train"]["chunks"]
+    assert report["lengths"]["length_max"] <= report["settings"]["max_length"] == 64
+    first = report["samples"][0]
+    assert first["first_ids"][0] == manifest["settings"]["cls_token_id"]
+    assert len(report["samples"]) == 2 and first["text"].strip()
+
+
+def test_inspect_of_a_missing_folder_names_it(tmp_path, capsys):
+    assert main(["inspect", str(tmp_path / "nowhere")]) == 2
+    assert "nowhere" in capsys.readouterr().err
