@@ -59,7 +59,10 @@ def test_errors_exit_with_message(tmp_path, capsys):
     assert not (tmp_path / "mds").exists()
 
 
-def test_inspect_reports_lengths_and_decodes_samples(mds_dir, tokenizer_dir, capsys):
+def test_inspect_reports_lengths_and_decodes_samples(mds_dir, tokenizer_dir, tmp_path, capsys):
+    import shutil
+
+    mds_dir = shutil.copytree(mds_dir, tmp_path / "shards")  # reading leaves decompressed files
     args = ["inspect", str(mds_dir), "--tokenizer", str(tokenizer_dir), "--samples", "2"]
     assert main(args) == 0
     report = json.loads(capsys.readouterr().out)

@@ -115,8 +115,10 @@ def test_missing_and_corrupt_shards(shards, tmp_path, tokenizer):
     with pytest.raises(DataError, match="corrupt MDS index"):
         streaming_dataset(shards, split="val")
     shard = sorted((shards / "train").glob("shard.*"))[0]
-    shard.unlink()
-    with pytest.raises(FileNotFoundError, match=shard.name):
+    stem = shard.name.split(".mds")[0]  # shard.00000: its compressed and raw forms both go
+    for f in (shards / "train").glob(stem + ".mds*"):
+        f.unlink()
+    with pytest.raises(FileNotFoundError, match=stem):
         streaming_dataset(shards, split="train")
 
 

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
 from flexbert.data.errors import DataError
 from flexbert.data.loader import StreamSpec, streaming_dataset
 from flexbert.data.mds import check_manifest_tokenizer, prepare_mds, read_manifest
+
+
+@pytest.fixture(scope="module")
+def first_mds(mds_dir, tmp_path_factory):
+    """A copy of the shared conversion: reading shards leaves decompressed files behind."""
+    return shutil.copytree(mds_dir, tmp_path_factory.mktemp("first") / "shards")
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +44,8 @@ def _origins(ds, first_count: int) -> tuple[int, int]:
 
 
 @pytest.mark.parametrize(("a", "b"), [(0.75, 0.25), (0.2, 0.8)])
-def test_proportions_set_each_streams_share_of_an_epoch(mds_dir, second_mds, a, b):
+def test_proportions_set_each_streams_share_of_an_epoch(first_mds, second_mds, a, b):
+    mds_dir = first_mds
     first_count = read_manifest(mds_dir)["counts"]["train"]["chunks"]
     streams = [
         StreamSpec("one", str(mds_dir), proportion=a),
@@ -49,7 +57,8 @@ def test_proportions_set_each_streams_share_of_an_epoch(mds_dir, second_mds, a, 
     assert one / (one + two) == pytest.approx(a, abs=0.02)
 
 
-def test_unweighted_streams_read_everything_once(mds_dir, second_mds):
+def test_unweighted_streams_read_everything_once(first_mds, second_mds):
+    mds_dir = first_mds
     counts = [read_manifest(d)["counts"]["val"]["chunks"] for d in (mds_dir, second_mds)]
     streams = [StreamSpec("one", str(mds_dir)), StreamSpec("two", str(second_mds))]
     ds = streaming_dataset(None, split="val", shuffle=False, batch_size=8, streams=streams)
@@ -58,7 +67,8 @@ def test_unweighted_streams_read_everything_once(mds_dir, second_mds):
     assert ds.local_of(0) == str(mds_dir) and ds.local_of(sum(counts) - 1) == str(second_mds)
 
 
-def test_a_stream_without_shards_is_named(mds_dir, tmp_path):
+def test_a_stream_without_shards_is_named(first_mds, tmp_path):
+    mds_dir = first_mds
     streams = [StreamSpec("one", str(mds_dir)), StreamSpec("gone", str(tmp_path / "nope"))]
     with pytest.raises(DataError, match="nope"):
         streaming_dataset(None, split="train", streams=streams)
