@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             out = save_tokenizer(tokenizer, args.out_dir)
             print(f"tokenizer: {len(tokenizer)} tokens -> {out}")
         elif args.command == "inspect":
-            from flexbert.data.inspect import inspect_shards
+            from flexbert.data.shard_info import inspect_shards
             from flexbert.data.tokenizer import load_tokenizer
 
             tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
