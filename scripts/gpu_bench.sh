@@ -2,7 +2,7 @@
 # All GPU measurements of flexbert-bench in one call (< 8 minutes), from the repo root, with
 # nothing installed: correctness checks first, then inference (base, max batch, large,
 # torch.compile) and MLM training, then the optional levers (bf16 RoPE, compiled training,
-# CUDA graphs),
+# CUDA graphs) and op profiles,
 # each only if it fits in what is left of BENCH_BUDGET seconds (default 480). Each phase has
 # its own `timeout`; results.json is rewritten after every row, so a phase cut short keeps
 # what it measured and the next phase still runs.
@@ -91,6 +91,13 @@ if [ "$CHECK_DEV" = cuda ]; then
     --workloads fixed-short,var-short,fixed-long --train-steps 0 --no-plot
 else
   echo "=== cudagraph: skipped (CUDA graphs need a GPU)"
+fi
+# Where the time goes (GPU only): top CUDA ops of FlexBERT and HF, inference then training.
+if [ "$CHECK_DEV" = cuda ]; then
+  optional profile_infer 45 "$PY" -m flexbert.bench.profiling --device cuda --size base \
+    --backend "${FAST%%,*}" --workload fixed-short --num-docs 128 --batch-size 128 --rows 20
+  optional profile_train 45 "$PY" -m flexbert.bench.profiling --device cuda --size base \
+    --backend "${FAST%%,*}" --train --train-rows 32 --train-len 1024 --rows 20
 fi
 # The table, ratios and plot over every phase's rows (no model is built here).
 phase report "$T_REPORT" "${BENCH[@]}" "${DEV[@]}" --models none --workloads none --train-steps 0

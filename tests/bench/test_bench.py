@@ -283,3 +283,15 @@ def test_a_report_redrawn_elsewhere_keeps_the_rows_device():
     assert targets.measured_on(rows, "cpu", "AMD EPYC") == ("cuda", "NVIDIA H200")
     mixed = [*rows, {**rows[0], "device": "cpu", "device_name": "AMD EPYC"}]
     assert targets.measured_on(mixed, "cpu", "AMD EPYC") == ("cpu", "AMD EPYC")
+
+
+@pytest.mark.parametrize(
+    "extra", [["--num-docs", "4"], ["--train", "--train-rows", "2", "--train-len", "64"]]
+)
+def test_profiling_lists_top_ops_of_both_models(extra, capsys):
+    from flexbert.bench import profiling
+
+    assert profiling.main(["--size", "tiny", "--rows", "3", *extra]) == 0
+    out = capsys.readouterr().out
+    assert out.count("== ") == 2 and "flexbert-tiny" in out and "hf-modernbert-tiny" in out
+    assert "aten::mm" in out or "aten::addmm" in out
