@@ -103,9 +103,8 @@ def to_rows(x: torch.Tensor, layout: Layout, fill: float = 0.0) -> torch.Tensor:
     """Per-token values in the internal layout -> (num_seqs, L, ...) rows, `fill` past each
     sequence's end. L is the caller's padded length, or max_seqlen for a packed batch."""
     if layout.padded:
-        return x.masked_fill(
-            ~layout.attention_mask.view(*layout.attention_mask.shape, *[1] * (x.dim() - 2)), fill
-        )
+        mask = layout.attention_mask.bool()  # (B, L)
+        return x.masked_fill(~mask.reshape(*mask.shape, *[1] * (x.dim() - 2)), fill)
     if layout.indices is not None:
         return repad(x, layout, fill)
     rows = x.new_full((layout.num_seqs * layout.max_seqlen, *x.shape[1:]), fill)

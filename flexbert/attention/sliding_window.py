@@ -23,6 +23,13 @@ def chunk_size(half: int) -> int:
     return max(half, MIN_CHUNK)
 
 
+def _geometry(seqlen: int, half: int) -> tuple[int, int, int, int]:
+    """(chunk size c, number of chunks n, keys per chunk span, padding to n * c)."""
+    c = chunk_size(half)
+    n = -(-seqlen // c)
+    return c, n, c + 2 * half, n * c - seqlen
+
+
 def worth_chunking(seqlen: int, half: int) -> bool:
     """Chunk when the sequence holds at least two key spans (measured break-even ~1.6)."""
     c = chunk_size(half)
@@ -36,9 +43,7 @@ def chunked_window_mask(attention_mask: torch.Tensor, half: int) -> torch.Tensor
     |query - key| <= half is 0 <= j - a <= 2 * half. Keys outside the sequence or padding are
     masked; rows of padding queries are left open so softmax never sees an all-masked row."""
     batch, seqlen = attention_mask.shape
-    c = chunk_size(half)
-    n = -(-seqlen // c)
-    span, extra = c + 2 * half, n * c - seqlen
+    c, n, span, extra = _geometry(seqlen, half)
     device = attention_mask.device
     offset = torch.arange(span, device=device)[None, :] - torch.arange(c, device=device)[:, None]
     band = (offset >= 0) & (offset <= 2 * half)  # (c, span)
@@ -61,9 +66,7 @@ def chunked_window_sdpa(
 ) -> torch.Tensor:
     """Windowed attention of padded (B, L, H, D) tensors, chunk by chunk; returns (B, L, H, D)."""
     batch, seqlen, heads, dim = q.shape
-    c = chunk_size(half)
-    n = -(-seqlen // c)
-    span, extra = c + 2 * half, n * c - seqlen
+    c, n, span, extra = _geometry(seqlen, half)
     q = F.pad(q, (0, 0, 0, 0, 0, extra)).view(batch, n, c, heads, dim)
     q = q.permute(0, 1, 3, 2, 4).reshape(batch * n, heads, c, dim)  # (B*n, H, c, D)
 

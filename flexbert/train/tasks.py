@@ -164,10 +164,12 @@ def encode_choices(
         )
     prefix = task.get("choice_prefix")
     check_fields(ds, [context, *choices, task["label_field"], *([prefix] if prefix else [])], split)
-    n = len(ds[context])
+    contexts = [str(c) for c in ds[context]]  # each column read once (a Dataset copies it)
+    columns = [[str(t) for t in ds[f]] for f in choices]
+    n = len(contexts)
     starts = [str(t) + " " for t in ds[prefix]] if prefix else [""] * n
-    firsts = [str(c) for c in ds[context] for _ in choices]
-    seconds = [starts[i] + str(ds[f][i]) for i in range(n) for f in choices]
+    firsts = [c for c in contexts for _ in choices]
+    seconds = [starts[i] + column[i] for i in range(n) for column in columns]
     ids = tokenizer(firsts, seconds, truncation=True, max_length=max_len)["input_ids"]
     labels = [to_label(v) for v in ds[task["label_field"]]]
     k = len(choices)
