@@ -64,14 +64,24 @@ class FlexBertForMaskedLM(FlexBertPreTrainedModel):
         cu_seqlens: torch.Tensor | None = None,
         max_seqlen: int | None = None,
         labels: torch.Tensor | None = None,
+        label_positions: torch.Tensor | None = None,
     ) -> FlexBertOutput:
+        """With `sparse_prediction` and labels, logits are (M, V) for the M labelled tokens
+        in flattened order. `label_positions` (M,): where those tokens are in the flattened
+        `labels`, as the data loaders hand them over; without it they are found here by a
+        boolean index, which waits for the device (one host sync per step)."""
         hidden, layout = self.model.encode(input_ids, attention_mask, cu_seqlens, max_seqlen)
         flat = hidden.flatten(0, -2) if layout.padded else hidden  # (N, D)
         if labels is not None and self.config.sparse_prediction:
-            flat_labels = labels_to_internal(labels, layout)
-            keep = flat_labels != IGNORE_INDEX
-            logits = self.decoder(self.head(flat[keep]))  # (M, V): masked positions only
-            loss = F.cross_entropy(logits.float(), flat_labels[keep])
+            if label_positions is None:
+                flat_labels = labels_to_internal(labels, layout)
+                keep = (flat_labels != IGNORE_INDEX).nonzero().flatten()  # host sync
+                targets = flat_labels.index_select(0, keep)
+            else:
+                targets = labels.flatten().index_select(0, label_positions)
+                keep = layout.internal_positions(label_positions)
+            logits = self.decoder(self.head(flat.index_select(0, keep)))  # (M, V)
+            loss = F.cross_entropy(logits.float(), targets)
             return FlexBertOutput(
                 loss=loss, logits=logits, last_hidden_state=to_caller_layout(hidden, layout)
             )

@@ -65,6 +65,22 @@ class Layout:
             self.cache["row_index"] = self.seq_ids() * self.max_seqlen + self.pos_in_seq()
         return self.cache["row_index"]
 
+    def internal_positions(self, flat_positions: torch.Tensor) -> torch.Tensor:
+        """Indices into the caller's flattened tokens -> indices into the internal tokens
+        (the same unless a padded batch was unpadded here; there, positions must be real
+        tokens). No host sync."""
+        if self.indices is None:
+            return flat_positions
+        internal = self.cached("internal_index", self._internal_index)
+        return internal.index_select(0, flat_positions)
+
+    def _internal_index(self) -> torch.Tensor:
+        """(B * L,) internal token index of every caller slot, -1 for padding."""
+        batch, seqlen = self.batch_shape
+        out = torch.full((batch * seqlen,), -1, dtype=torch.long, device=self.indices.device)
+        tokens = torch.arange(self.indices.shape[0], device=self.indices.device)
+        return out.index_copy_(0, self.indices, tokens)
+
     def cached(self, key: Any, make) -> Any:
         if key not in self.cache:
             self.cache[key] = make()

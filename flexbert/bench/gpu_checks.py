@@ -7,6 +7,7 @@ celebrated. For each config (tiny, base) in the benchmark dtype, with one set of
 - MLM gradients of every backend against eager's (tiny, packed input);
 - the fastest backend with RoPE in bf16 (the `+bf16rope` lever) against eager in fp32 RoPE;
 - the fastest backend through CUDA graphs (the `+cudagraph` lever), replayed on new ids;
+- the packed sparse MLM step with the loaders' label positions has no host sync (tiny);
 - FlexBERT against Hugging Face ModernBERT loaded through `save_hf` (if transformers exists).
 Differences are max/mean absolute over real tokens of last_hidden_state; a check passes when
 max_abs_diff <= rel_tol * max |reference|. Results go to gpu_checks.json.
@@ -17,6 +18,7 @@ max_abs_diff <= rel_tol * max |reference|. Results go to gpu_checks.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
@@ -185,6 +187,51 @@ def check_cuda_graph(size: str, device: str, dtype: torch.dtype) -> dict[str, An
     return entry
 
 
+def check_host_syncs(size: str, device: str) -> dict[str, Any]:
+    """The packed sparse MLM step (fastest backend, bf16 autocast on GPU) with the loaders'
+    `label_positions`: forward + backward without a host sync. On CUDA torch's own sync
+    check counts them; the op recorder names their source lines (eager backends only). The
+    same step without label_positions is counted too: its one sync shows the check sees."""
+    from flexbert.bench.host_syncs import HostSyncRecorder, cuda_sync_warnings
+
+    backend = fastest_backend(device)
+    entry: dict[str, Any] = {"check": "hostsync", "size": size, "backend": backend}
+    cuda = device.startswith("cuda")
+    try:
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = flexbert.FlexBertForMaskedLM(
+                runners.flexbert_config(size, backend, sparse_prediction=True)
+            )
+        inputs = sample_inputs(LENGTHS, size, device)["packed"]
+        labels = inputs["input_ids"].clone()
+        labels[::3] = -100
+        positions = (labels != -100).nonzero().flatten()
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)
+
+        def step(**extra: Any) -> None:
+            with autocast:
+                model(**inputs, labels=labels, **extra).loss.backward()
+
+        step(label_positions=positions)  # warm-up: lazy initialisation is not the step
+        recorder = HostSyncRecorder()
+        with contextlib.ExitStack() as stack:
+            found = stack.enter_context(cuda_sync_warnings()) if cuda else None
+            if backend != "flex":
+                stack.enter_context(recorder)
+            step(label_positions=positions)
+        entry["recorded_ops"] = [f"{op} at {where}" for op, where in recorder.calls]
+        entry["cuda_sync_warnings"] = found
+        if cuda:
+            with cuda_sync_warnings() as without:
+                step()
+            entry["without_positions_cuda_syncs"] = len(without)
+        entry["pass"] = not recorder.calls and not found
+    except Exception as err:
+        entry.update({"pass": False, "error": f"{type(err).__name__}: {err}"[:300]})
+    return entry
+
+
 def check_hf_parity(size: str, device: str, dtype: torch.dtype) -> dict[str, Any]:
     """FlexBERT (packed, fastest backend) vs transformers ModernBertModel with its weights."""
     entry: dict[str, Any] = {"check": "hf_parity", "size": size}
@@ -239,6 +286,8 @@ def run_checks(
             add(check_backward(size, device))
         add([check_bf16_rope(size, device, dtype)])
         add([check_cuda_graph(size, device, dtype)])
+        if size == "tiny":
+            add([check_host_syncs(size, device)])
         add([check_hf_parity(size, device, dtype)])
     report["complete"] = True
     if save:
@@ -258,6 +307,11 @@ def summary_line(r: dict[str, Any]) -> str:
     verdict = "ok" if r.get("pass") else "FAIL"
     if "error" in r or "skipped" in r:
         return f"{head} {r.get('error') or r.get('skipped')}"
+    if r["check"] == "hostsync":
+        syncs = len(r["recorded_ops"]) + len(r["cuda_sync_warnings"] or [])
+        extra = r.get("without_positions_cuda_syncs")
+        contrast = "" if extra is None else f" (without label_positions: {extra})"
+        return f"{head} host_syncs={syncs}{contrast} {verdict}"
     if r["check"] == "backward":
         return f"{head} grad_rel_err={r['grad_rel_err']:.2e} {verdict}"
     if r["check"] == "backend":

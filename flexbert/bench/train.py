@@ -3,7 +3,8 @@
 Documents of variable length are packed greedily into full rows of `row_len` tokens (1024 by
 default). Every model sees the same rows with the same 30% of positions masked: Hugging Face
 models as a (rows, row_len) batch with an all-ones attention mask, FlexBERT as the same rows,
-one sequence each, through cu_seqlens. Weights stay fp32 with bf16 autocast on a GPU (fp32 on
+one sequence each, through cu_seqlens, with the masked positions listed (`label_positions`, as
+the training loaders give them). Weights stay fp32 with bf16 autocast on a GPU (fp32 on
 the CPU); the optimizer is AdamW, fused on a GPU. Tokens/s counts every token of the rows.
 """
 
@@ -41,6 +42,8 @@ def train_batches(
                 "cu_seqlens": cu.to(device),
                 "max_seqlen": row_len,
                 "labels": labels.flatten().to(device),
+                # as flexbert's loaders hand them over: the sparse head needs no host sync
+                "label_positions": (labels.flatten() != -100).nonzero().flatten().to(device),
             }
         else:
             kwargs = {

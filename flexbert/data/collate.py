@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from flexbert.data.errors import DataError
-from flexbert.data.masking import IGNORE_INDEX, MLMMasker, documents_generator
+from flexbert.data.masking import IGNORE_INDEX, MLMMasker, documents_generator, label_positions
 
 
 class PaddedMLMCollator:
@@ -55,11 +55,17 @@ class PaddedMLMCollator:
             ids[i, : len(s)] = torch.from_numpy(s.astype(np.int64))
             mask[i, : len(s)] = 1
         if self.masker is None:
+            masked = ids
             labels = torch.where(mask.bool(), ids, torch.full_like(ids, IGNORE_INDEX))
-            return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-        generator = self.generator
-        if self.seed is not None and all(isinstance(d, dict) and "index" in d for d in docs):
-            generator = documents_generator(self.seed, [int(d["index"]) for d in docs])
-        masked, labels = self.masker(ids, generator)
-        labels = labels.masked_fill(~mask.bool(), IGNORE_INDEX)
-        return {"input_ids": masked, "attention_mask": mask, "labels": labels}
+        else:
+            generator = self.generator
+            if self.seed is not None and all(isinstance(d, dict) and "index" in d for d in docs):
+                generator = documents_generator(self.seed, [int(d["index"]) for d in docs])
+            masked, labels = self.masker(ids, generator)
+            labels = labels.masked_fill(~mask.bool(), IGNORE_INDEX)
+        return {
+            "input_ids": masked,
+            "attention_mask": mask,
+            "labels": labels,
+            "label_positions": label_positions(labels),
+        }

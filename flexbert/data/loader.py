@@ -34,7 +34,7 @@ from streaming import StreamingDataLoader, StreamingDataset
 from flexbert.data.collate import PaddedMLMCollator
 from flexbert.data.distributed import all_ranks, gather_objects, rank_and_world
 from flexbert.data.errors import DataError, DataFileNotFoundError
-from flexbert.data.masking import MLMMasker, batch_generator
+from flexbert.data.masking import MLMMasker, batch_generator, label_positions
 from flexbert.data.packing import PackedBatch, Prefetcher, SequencePacker
 
 log = logging.getLogger(__name__)
@@ -263,6 +263,7 @@ class PackedMLMLoader:
             "cu_seqlens": packed.cu_seqlens,
             "max_seqlen": packed.max_seqlen,
             "labels": labels,
+            "label_positions": label_positions(labels),
         }
         return batch, packed.state
 

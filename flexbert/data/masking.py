@@ -19,6 +19,14 @@ from flexbert.data.errors import DataError
 IGNORE_INDEX = -100
 
 
+def label_positions(labels: torch.Tensor) -> torch.Tensor:
+    """(M,) int64 indices of the labelled tokens in the flattened `labels`, ascending.
+
+    Found on the host by the data loader, so a sparse MLM head gathers the masked tokens
+    without waiting for the device to find them."""
+    return torch.nonzero(labels.flatten() != IGNORE_INDEX).flatten()
+
+
 class MLMMasker:
     """Mask token ids for MLM; `__call__(ids, generator) -> (masked_ids, labels)`."""
 

@@ -16,10 +16,11 @@ from flexbert.heads import IGNORE_INDEX, FlexBertForMaskedLM
 from flexbert.outputs import FlexBertOutput
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "cu_seqlens", "max_seqlen", "labels")
+MLM_INPUTS = (*MODEL_INPUTS, "label_positions")  # labelled tokens, found by the data loader
 
 
-def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
-    inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+def model_inputs(batch: dict[str, Any], keys: tuple[str, ...] = MODEL_INPUTS) -> dict[str, Any]:
+    inputs = {k: batch[k] for k in keys if k in batch}
     if isinstance(inputs.get("max_seqlen"), torch.Tensor):
         inputs["max_seqlen"] = int(inputs["max_seqlen"])
     return inputs
@@ -37,8 +38,10 @@ class FlexBertComposerModel(ComposerModel):
         self.train_metrics: dict[str, Any] = {}
         self.val_metrics: dict[str, Any] = {}
 
+    input_keys = MODEL_INPUTS  # the batch entries the wrapped model's forward takes
+
     def forward(self, batch: dict[str, Any]) -> FlexBertOutput:
-        return self.model(**model_inputs(batch))
+        return self.model(**model_inputs(batch, self.input_keys))
 
     def loss(self, outputs: FlexBertOutput, batch: dict[str, Any]) -> torch.Tensor:
         return outputs.loss
@@ -53,6 +56,8 @@ class FlexBertComposerModel(ComposerModel):
 class ComposerFlexBertMLM(FlexBertComposerModel):
     """Masked-LM pretraining: loss from the model, masked accuracy and cross-entropy metrics."""
 
+    input_keys = MLM_INPUTS
+
     def __init__(self, model: FlexBertForMaskedLM) -> None:
         super().__init__(model)
         self.train_metrics = {"MaskedAccuracy": MaskedAccuracy(ignore_index=IGNORE_INDEX)}
@@ -65,7 +70,10 @@ class ComposerFlexBertMLM(FlexBertComposerModel):
         labels = batch["labels"]
         logits = outputs.logits
         if logits.shape[0] != labels.numel() and logits.dim() == 2:  # sparse prediction
-            labels = labels[labels != IGNORE_INDEX]
+            if "label_positions" in batch:
+                labels = labels.flatten().index_select(0, batch["label_positions"])
+            else:
+                labels = labels[labels != IGNORE_INDEX]
         else:
             logits = logits.reshape(-1, logits.shape[-1])
             labels = labels.reshape(-1)

@@ -13,6 +13,7 @@ from typing import Any
 from composer.core import DataSpec
 from composer.core.data_spec import default_split_batch
 
+from flexbert.data.masking import label_positions
 from flexbert.heads import IGNORE_INDEX
 
 STEP_KEY = "microbatches"
@@ -30,8 +31,8 @@ def num_tokens(batch: dict[str, Any]) -> int:
     """Real (non-padding) tokens in the batch."""
     if STEP_KEY in batch:
         return sum(num_tokens(m) for m in batch[STEP_KEY])
-    if "cu_seqlens" in batch:
-        return int(batch["cu_seqlens"][-1])
+    if "cu_seqlens" in batch:  # packed: every token listed (no device sync to count them)
+        return int(batch["input_ids"].shape[0])
     if "attention_mask" in batch:
         return int(batch["attention_mask"].sum())
     return int(batch["input_ids"].numel())
@@ -41,6 +42,8 @@ def num_label_tokens(batch: dict[str, Any]) -> int:
     """Tokens that carry an MLM label: what the loss averages over."""
     if STEP_KEY in batch:
         return sum(num_label_tokens(m) for m in batch[STEP_KEY])
+    if "label_positions" in batch:  # its length: no device sync when the batch is on a GPU
+        return int(batch["label_positions"].shape[0])
     if "labels" not in batch:
         return num_tokens(batch)
     return int((batch["labels"] != IGNORE_INDEX).sum())
@@ -58,14 +61,25 @@ def token_counts(batch: dict[str, Any]) -> dict[str, int]:
 def split_batch(batch: dict[str, Any], microbatch_size: int | float | None) -> list[dict[str, Any]]:
     """Split into microbatches of `microbatch_size` sequences (packed batches by cu_seqlens).
 
-    A step batch from StepBatcher is returned as its own microbatches.
+    A step batch from StepBatcher is returned as its own microbatches. Each part's
+    `label_positions` are found again from its own labels.
     """
     if STEP_KEY in batch:
         return list(batch[STEP_KEY])
+    parts = _split(batch, microbatch_size)
+    if "label_positions" in batch:
+        for part in parts:
+            if part is not batch:
+                part["label_positions"] = label_positions(part["labels"])
+    return parts
+
+
+def _split(batch: dict[str, Any], microbatch_size: int | float | None) -> list[dict[str, Any]]:
     if microbatch_size is None:
         return [batch]
     if "cu_seqlens" not in batch:
-        return default_split_batch(batch, microbatch_size)
+        rest = {k: v for k, v in batch.items() if k != "label_positions"}
+        return default_split_batch(rest, microbatch_size)
     size = int(microbatch_size)
     n = num_samples(batch)
     if size >= n:
@@ -76,7 +90,8 @@ def split_batch(batch: dict[str, Any], microbatch_size: int | float | None) -> l
     for first in range(0, n, size):
         last = min(first + size, n)
         start, stop = bounds[first], bounds[last]
-        part = {k: v for k, v in batch.items() if k not in ("input_ids", "labels", "cu_seqlens")}
+        per_token = ("input_ids", "labels", "cu_seqlens", "label_positions")
+        part = {k: v for k, v in batch.items() if k not in per_token}
         part["input_ids"] = batch["input_ids"][start:stop]
         if "labels" in batch:
             part["labels"] = batch["labels"][start:stop]

@@ -195,7 +195,13 @@ def test_gpu_checks_agree_on_cpu(tmp_path):
     assert gpu_checks.main(["--device", "cpu", "--sizes", "tiny", "--out", str(tmp_path)]) == 0
     doc = json.loads((tmp_path / "gpu_checks.json").read_text())
     checks = {r["check"] for r in doc["results"]}
-    assert doc["all_pass"] and checks >= {"backend", "backward", "bf16rope", "hf_parity"}
+    assert doc["all_pass"] and checks >= {
+        "backend",
+        "backward",
+        "bf16rope",
+        "hostsync",
+        "hf_parity",
+    }
     assert doc["complete"]
 
 

@@ -38,7 +38,8 @@ def test_packed_batches_for_the_model(shards, tokenizer):
     batches = list(loader)
     assert len(batches) > 5
     for b in batches:
-        assert set(b) == {"input_ids", "cu_seqlens", "max_seqlen", "labels"}
+        assert set(b) == {"input_ids", "cu_seqlens", "max_seqlen", "labels", "label_positions"}
+        assert torch.equal(b["label_positions"], (b["labels"] != IGNORE_INDEX).nonzero()[:, 0])
         assert b["input_ids"].dtype == torch.int64 and b["input_ids"].dim() == 1
         assert b["labels"].shape == b["input_ids"].shape
         assert b["cu_seqlens"][-1] == len(b["input_ids"]) <= 2 * 128
@@ -98,6 +99,8 @@ def test_padded_streaming_loader(shards, tokenizer):
     assert mask.sum(1).tolist() == [len(r) for r in raw]
     assert (ids[mask == 0] == tokenizer.pad_token_id).all()
     assert (labels[mask == 0] == IGNORE_INDEX).all()
+    positions = batch["label_positions"]  # into the flattened (B * L) labels
+    assert torch.equal(positions, (labels.flatten() != IGNORE_INDEX).nonzero()[:, 0])
     assert loader.state_dict()["sample_in_epoch"] == 4
 
 

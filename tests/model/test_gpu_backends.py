@@ -74,3 +74,24 @@ def test_auto_picks_varlen_for_unpadded_bf16_on_gpu():
         max_seqlen=4,
     )
     assert resolve_auto(q, layout, 0.0) is varlen_attention
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_packed_sparse_mlm_step_never_waits_for_the_gpu(backend):
+    """torch's own CUDA sync check: no synchronizing call in forward + backward of a packed
+    sparse MLM step given the loader's label_positions."""
+    from flexbert.bench.host_syncs import cuda_sync_warnings
+
+    ids, mask = ragged_batch([200, 77, 130])
+    labels = ids.masked_fill(~mask | (torch.rand(ids.shape) > 0.3), -100)[mask].cuda()
+    cu = torch.nn.functional.pad(mask.sum(1).cumsum(0), (1, 0)).int().cuda()
+    inputs = {"input_ids": ids[mask].cuda(), "cu_seqlens": cu, "max_seqlen": 200}
+    positions = (labels != -100).nonzero().flatten()
+    with torch.device("cuda"):
+        model = FlexBertForMaskedLM(
+            ModelConfig.preset("tiny", backend=backend, sparse_prediction=True)
+        )
+    for _ in range(2):  # the first step initialises lazily
+        with cuda_sync_warnings() as syncs, torch.autocast("cuda", dtype=torch.bfloat16):
+            model(**inputs, labels=labels, label_positions=positions).loss.backward()
+    assert syncs == []

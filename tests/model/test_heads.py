@@ -40,6 +40,41 @@ def test_sparse_prediction_gives_the_dense_loss(padding):
     torch.testing.assert_close(s.logits, d.logits[labels != -100])
 
 
+@pytest.mark.parametrize("layout", ["unpadded", "padded", "packed"])
+def test_sparse_prediction_with_label_positions_equals_the_boolean_index(layout):
+    """Positions found by the data loader (no host sync) pick the same tokens, logits, loss
+    and gradients as the head's own boolean index, in every layout."""
+    from flexbert.data.masking import label_positions
+
+    ids, mask = ragged_batch([30, 18, 25])
+    labels = _mlm_labels(ids, mask, seed=3)
+    padding = "padded" if layout == "padded" else "unpadded"
+    model = FlexBertForMaskedLM(
+        ModelConfig.preset("tiny", padding=padding, sparse_prediction=True)
+    ).eval()
+    if layout == "packed":
+        cu = torch.nn.functional.pad(mask.sum(1).cumsum(0), (1, 0)).int()
+        inputs = {"input_ids": ids[mask], "cu_seqlens": cu, "max_seqlen": 30}
+        labels = labels[mask]
+    else:
+        inputs = {"input_ids": ids, "attention_mask": mask}
+    positions = label_positions(labels)
+    assert positions.shape[0] == (labels != -100).sum() > 0
+    found = model(**inputs, labels=labels)
+    found.loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    given = model(**inputs, labels=labels, label_positions=positions)
+    given.loss.backward()
+    torch.testing.assert_close(given.logits, found.logits)
+    torch.testing.assert_close(given.loss, found.loss)
+    for a, p in zip(grads, model.parameters()):
+        torch.testing.assert_close(p.grad, a)
+    # the positions are used, not ignored: other positions give other logits
+    shifted = model(**inputs, labels=labels, label_positions=positions.flip(0))
+    assert not torch.allclose(shifted.logits, given.logits)
+
+
 def test_mlm_loss_ignores_padding_and_unlabelled_positions():
     model = FlexBertForMaskedLM(ModelConfig.preset("tiny")).eval()
     ids, mask = ragged_batch([20, 9])

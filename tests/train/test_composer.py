@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from composer import Trainer
 from torch.utils.data import DataLoader
 
 from flexbert import FlexBertForMaskedLM, ModelConfig
+from flexbert.data.masking import label_positions
 from flexbert.train.composer_model import ComposerFlexBertMLM
 from flexbert.train.data_spec import flexbert_data_spec
 from tests.conftest import ragged_batch
 
 
-def _batches(n: int, packed: bool):
+def _batches(n: int, packed: bool, positions: bool = False):
     out = []
     for i in range(n):
         ids, mask = ragged_batch([24, 17, 9, 24], seed=i)
@@ -25,16 +27,18 @@ def _batches(n: int, packed: bool):
             )
         else:
             out.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
+        if positions:
+            out[-1]["label_positions"] = label_positions(out[-1]["labels"])
     return out
 
 
-def _train(packed: bool, sparse: bool, tmp_path):
+def _train(packed: bool, sparse: bool, tmp_path, positions: bool = False):
     torch.manual_seed(0)
     model = ComposerFlexBertMLM(
         FlexBertForMaskedLM(ModelConfig.preset("tiny", sparse_prediction=sparse))
     )
     before = model.model.model.layers[0].attn.Wqkv.weight.detach().clone()
-    data = _batches(6, packed)
+    data = _batches(6, packed, positions)
     loader = DataLoader(data, batch_size=None, shuffle=False)
     trainer = Trainer(
         model=model,
@@ -63,6 +67,21 @@ def test_composer_trains_packed_sparse_mlm(tmp_path):
     assert torch.isfinite(metrics["LanguageCrossEntropy"].compute())
 
 
+@pytest.mark.parametrize("packed", [True, False])
+def test_label_positions_from_the_loader_train_the_same_model(packed, tmp_path):
+    """Handing the sparse head the loader's label positions changes no number: same weights
+    after 6 steps of 2 microbatches, same eval metrics."""
+    found, _, found_run = _train(packed, sparse=True, tmp_path=tmp_path)
+    given, _, given_run = _train(packed, sparse=True, tmp_path=tmp_path, positions=True)
+    for a, b in zip(found.parameters(), given.parameters()):
+        torch.testing.assert_close(a, b)
+    for name in ("MaskedAccuracy", "LanguageCrossEntropy"):
+        torch.testing.assert_close(
+            given_run.state.eval_metrics["eval"][name].compute(),
+            found_run.state.eval_metrics["eval"][name].compute(),
+        )
+
+
 def test_composer_trains_padded_dense_mlm(tmp_path):
     model, before, trainer = _train(packed=False, sparse=False, tmp_path=tmp_path)
     assert int(trainer.state.timestamp.batch) == 6
@@ -78,3 +97,19 @@ def test_packed_split_batch_keeps_every_token_once():
     assert [p["max_seqlen"] for p in parts] == [24, 24]
     torch.testing.assert_close(torch.cat([p["input_ids"] for p in parts]), batch["input_ids"])
     torch.testing.assert_close(torch.cat([p["labels"] for p in parts]), batch["labels"])
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_split_batch_finds_each_parts_label_positions(packed):
+    """Every part's label_positions index its own labels, so a sparse head trained on the
+    microbatches sees exactly the labelled tokens, and the labelled-token counts add up."""
+    from flexbert.train.data_spec import num_label_tokens, split_batch
+
+    batch = _batches(1, packed=packed, positions=True)[0]
+    parts = split_batch(batch, 3 if packed else 2)
+    assert len(parts) == 2
+    for part in parts:
+        positions = part["label_positions"]
+        assert positions.shape[0] == num_label_tokens(part) > 0
+        assert (part["labels"].flatten()[positions] != -100).all()
+    assert sum(num_label_tokens(p) for p in parts) == int((batch["labels"] != -100).sum())
