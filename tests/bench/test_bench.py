@@ -203,6 +203,9 @@ def test_gpu_checks_agree_on_cpu(tmp_path):
         "hf_parity",
     }
     assert doc["complete"]
+    (syncs,) = [r for r in doc["results"] if r["check"] == "hostsync"]
+    assert syncs["forward_ops"] == syncs["backward_ops"] == []
+    assert syncs["forward_syncs_without_positions"] == 1  # the head's own nonzero: it sees
 
 
 def test_gpu_checks_save_after_every_check():
