@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from flexbert.attention import Attention
 from flexbert.components import INITS, MLPS, POSITIONS
@@ -50,7 +51,14 @@ class FlexBertLayer(nn.Module):
         self.mlp = MLPS.build(cfg.mlp, cfg)
         self.layer_type = cfg.layer_types[layer_idx]
 
+        self.checkpointing = False  # FlexBertPreTrainedModel.set_activation_checkpointing
+
     def forward(self, x: torch.Tensor, layout: Layout, rotary) -> torch.Tensor:
+        if self.checkpointing and torch.is_grad_enabled():  # inside: compiles with the layer
+            return checkpoint(self.block, x, layout, rotary, use_reentrant=False)
+        return self.block(x, layout, rotary)
+
+    def block(self, x: torch.Tensor, layout: Layout, rotary) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), layout, rotary)
         return x + self.mlp(self.mlp_norm(x))
 
@@ -74,6 +82,23 @@ class FlexBertPreTrainedModel(HFInteropMixin, nn.Module):
         encoder = self if isinstance(self, FlexBertModel) else self.model
         for layer in encoder.layers:
             layer.compile(**compile_kwargs)
+
+    def set_activation_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each encoder layer's activations in the backward pass instead of keeping
+        them (memory ~ one layer's activations instead of all of them, for about one more
+        forward's compute): what long-context training of large models needs. The recompute
+        replays dropout with the same random numbers, so gradients are unchanged."""
+        encoder = self if isinstance(self, FlexBertModel) else self.model
+        for layer in encoder.layers:
+            layer.checkpointing = enabled
+
+    # Composer's FSDP reads these two on the wrapped model: one FSDP unit, and with
+    # `activation_checkpointing: true` in its FSDP config one checkpoint, per encoder layer.
+    def fsdp_wrap_fn(self, module: nn.Module) -> bool:
+        return isinstance(module, FlexBertLayer)
+
+    def activation_checkpointing_fn(self, module: nn.Module) -> bool:
+        return isinstance(module, FlexBertLayer)
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())

@@ -20,7 +20,8 @@ def instantiate_all(node: DictConfig | None) -> list[Any]:
     return [instantiate(v) for v in (node or {}).values() if v is not None]
 
 
-FLEXBERT_TRAINER_KEYS = ("compile_layers",)  # in the trainer node, not composer.Trainer's
+# in the trainer node, not composer.Trainer's
+FLEXBERT_TRAINER_KEYS = ("compile_layers", "activation_checkpointing")
 
 
 def trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
@@ -33,8 +34,12 @@ def trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
-def maybe_compile_layers(cfg: DictConfig, model: Any) -> None:
-    """`trainer.compile_layers=true`: torch.compile every encoder layer of `model` in place."""
+def prepare_layers(cfg: DictConfig, model: Any) -> None:
+    """The trainer node's layer options, applied to `model` in place:
+    `activation_checkpointing=true` recomputes each layer's activations in the backward;
+    `compile_layers=true` torch.compiles every encoder layer (dynamic shapes)."""
+    if cfg.trainer.get("activation_checkpointing"):
+        model.set_activation_checkpointing(True)
     if cfg.trainer.get("compile_layers"):
         model.compile_layers(dynamic=True)
 

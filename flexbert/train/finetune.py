@@ -20,7 +20,7 @@ from flexbert.train.app import (
     composer_trainer,
     eval_metrics,
     finish_run,
-    maybe_compile_layers,
+    prepare_layers,
     run_app,
     trainer_kwargs,
 )
@@ -61,7 +61,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> tuple[Any, dict[str, Any]]:
     run_dir.mkdir(parents=True, exist_ok=True)
     reproducibility.seed_all(cfg.seed)
     model = load_task_model(cfg)
-    maybe_compile_layers(cfg, model)
+    prepare_layers(cfg, model)
     tok_path = cfg.get("tokenizer", {}).get("path") or resolve_model_dir(cfg.model.path)
     tokenizer = load_tokenizer(tok_path)
     check_tokenizer_matches(tokenizer, **{k: getattr(model.config, k) for k in TOKENIZER_FIELDS})

@@ -20,7 +20,7 @@ from flexbert.train.app import (
     composer_trainer,
     eval_metrics,
     finish_run,
-    maybe_compile_layers,
+    prepare_layers,
     run_app,
     trainer_kwargs,
 )
@@ -70,7 +70,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> tuple[Any, dict[str, Any]]:
             growth["tile_mode"],
             growth["layer_map"],
         )
-    maybe_compile_layers(cfg, mlm)
+    prepare_layers(cfg, mlm)
     model = ComposerFlexBertMLM(mlm)
     history = LossHistory()
     world = dist.get_world_size()

@@ -148,8 +148,12 @@ def test_trainer_node_gives_composer_its_keywords_and_flexbert_its_own(trainer):
     cfg = compose_config([f"trainer={trainer}"])
     kwargs = trainer_kwargs(cfg)
     assert "compile_layers" not in kwargs and "compile_config" not in kwargs
+    assert "activation_checkpointing" not in kwargs
     assert set(kwargs) <= set(inspect.signature(Trainer).parameters)
     assert cfg.trainer.compile_layers is (trainer == "gpu")
+    fsdp = "+trainer.parallelism_config.fsdp.sharding_strategy=FULL_SHARD"  # as the README says
+    kwargs = trainer_kwargs(compose_config([f"trainer={trainer}", fsdp]))
+    assert kwargs["parallelism_config"] == {"fsdp": {"sharding_strategy": "FULL_SHARD"}}
 
 
 def test_compile_layers_compiles_each_encoder_layer(tiny_run_config, tmp_path):
@@ -159,6 +163,16 @@ def test_compile_layers_compiles_each_encoder_layer(tiny_run_config, tmp_path):
     trainer, _ = build_trainer(tiny_run_config("trainer.compile_layers=true"), tmp_path / "run")
     layers = trained_model(trainer).model.layers
     assert all(layer._compiled_call_impl is not None for layer in layers)
+    trainer.close()
+
+
+def test_activation_checkpointing_from_the_trainer_node(tiny_run_config, tmp_path):
+    from flexbert.train.pretrain import build_trainer
+    from flexbert.train.runtime import trained_model
+
+    cfg = tiny_run_config("trainer.activation_checkpointing=true")
+    trainer, _ = build_trainer(cfg, tmp_path / "run")
+    assert all(layer.checkpointing for layer in trained_model(trainer).model.layers)
     trainer.close()
 
 
