@@ -214,25 +214,26 @@ def check_host_syncs(size: str, device: str) -> dict[str, Any]:
             with autocast:
                 return model(**inputs, labels=labels, **extra).loss
 
-        def syncs(fn: Callable[[], Any]) -> tuple[Any, list[str], list[str]]:
-            """fn's result, the ops the recorder saw and the CUDA sync warnings."""
+        def syncs(name: str, fn: Callable[[], Any]) -> Any:
+            """Run fn; store the ops the recorder saw, torch's CUDA sync warnings and the
+            count (CUDA: torch's warnings, which see everything; else the recorder's ops)."""
             recorder = HostSyncRecorder()
             with contextlib.ExitStack() as stack:
                 found = stack.enter_context(cuda_sync_warnings()) if cuda else []
                 if backend != "flex":  # compiled: no dispatch mode allowed
                     stack.enter_context(recorder)
                 result = fn()
-            return result, [f"{op} at {where}" for op, where in recorder.calls], found
+            entry[f"{name}_ops"] = [f"{op} at {where}" for op, where in recorder.calls]
+            entry[f"{name}_cuda_syncs"] = found
+            entry[f"{name}_syncs"] = len(found) if cuda else len(recorder.calls)
+            return result
 
         forward(label_positions=positions).backward()  # warm-up: lazy initialisation
-        loss, entry["forward_ops"], entry["forward_cuda_syncs"] = syncs(
-            lambda: forward(label_positions=positions)
-        )
-        _, entry["backward_ops"], entry["backward_cuda_syncs"] = syncs(loss.backward)
-        _, ops, found = syncs(forward)
-        entry["forward_syncs_without_positions"] = len(ops) + len(found)
+        loss = syncs("forward", lambda: forward(label_positions=positions))
+        syncs("backward", loss.backward)
+        syncs("without_positions", forward)
         entry["pass"] = not (
-            entry["forward_ops"] or entry["forward_cuda_syncs"] or entry["backward_ops"]
+            entry["forward_syncs"] or entry["forward_ops"] or entry["backward_ops"]
         )
     except Exception as err:
         entry.update({"pass": False, "error": f"{type(err).__name__}: {err}"[:300]})
@@ -315,12 +316,9 @@ def summary_line(r: dict[str, Any]) -> str:
     if "error" in r or "skipped" in r:
         return f"{head} {r.get('error') or r.get('skipped')}"
     if r["check"] == "hostsync":
-        fwd = len(r["forward_ops"]) + len(r["forward_cuda_syncs"])
-        bwd = len(r["backward_ops"]) + len(r["backward_cuda_syncs"])
-        contrast = r["forward_syncs_without_positions"]
         return (
-            f"{head} forward_syncs={fwd} backward_syncs={bwd}"
-            f" (forward without label_positions: {contrast}) {verdict}"
+            f"{head} forward_syncs={r['forward_syncs']} backward_syncs={r['backward_syncs']}"
+            f" (forward without label_positions: {r['without_positions_syncs']}) {verdict}"
         )
     if r["check"] == "backward":
         return f"{head} grad_rel_err={r['grad_rel_err']:.2e} {verdict}"

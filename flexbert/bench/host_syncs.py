@@ -31,7 +31,7 @@ SYNCING_OPS = {
     aten.is_nonzero.default,
     aten.nonzero.default,
     aten.masked_select.default,
-    aten.repeat_interleave.Tensor,  # without output_size
+    aten.equal.default,  # returns a Python bool
     aten._unique2.default,
     aten.unique_dim.default,
     aten.unique_consecutive.default,
@@ -46,6 +46,24 @@ def _is_boolean_index(func, args) -> bool:
     return any(i is not None and i.dtype == torch.bool for i in args[1])
 
 
+def _is_device_to_host(func, args, kwargs) -> bool:
+    """.cpu(), .to("cpu"), .tolist() / .numpy() of a GPU tensor, or a copy into host memory."""
+    if func is aten._to_copy.default:
+        target = kwargs.get("device")
+        return args[0].device.type != "cpu" and target is not None and target.type == "cpu"
+    if func is aten.copy_.default:
+        return args[0].device.type == "cpu" and args[1].device.type != "cpu"
+    return False
+
+
+def is_syncing(func, args, kwargs) -> bool:
+    if func in SYNCING_OPS:
+        return True
+    if func is aten.repeat_interleave.Tensor:  # its output size is the sum of the repeats
+        return kwargs.get("output_size") is None
+    return _is_boolean_index(func, args) or _is_device_to_host(func, args, kwargs)
+
+
 def flexbert_caller() -> str:
     """'path:line' of the innermost FlexBERT frame on the stack (not this module)."""
     for frame in reversed(traceback.extract_stack()):
@@ -57,15 +75,17 @@ def flexbert_caller() -> str:
 class HostSyncRecorder(TorchDispatchMode):
     """Records (op, caller) for every operation that would make the host wait for a GPU.
 
-    Eager code only: torch.compile refuses to trace under a dispatch mode, so compiled paths
-    (the flex backend, `compile_layers`) are checked on CUDA by `cuda_sync_warnings`."""
+    It sees dispatched operations only: not a kernel's own internal waits, and on the CPU not
+    `.tolist()` / `.numpy()` (they read host memory without an operation; on a GPU they copy to
+    the host and are seen). Eager code only: torch.compile refuses to trace under a dispatch
+    mode. `cuda_sync_warnings` (torch's own check, CUDA only) covers all of these."""
 
     def __init__(self) -> None:
         super().__init__()
         self.calls: list[tuple[str, str]] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in SYNCING_OPS or _is_boolean_index(func, args):
+        if is_syncing(func, args, kwargs or {}):
             self.calls.append((str(func.overloadpacket.__name__), flexbert_caller()))
         return func(*args, **(kwargs or {}))
 

@@ -1,4 +1,5 @@
-"""Padded collation: documents -> (B, L) input_ids, attention_mask and MLM labels.
+"""Padded collation: documents -> (B, L) input_ids, attention_mask and MLM labels, plus
+`label_positions` (M,): the indices of the labelled tokens in the flattened (B * L) labels.
 
 For `padding: padded` runs and ablations against the packed path. Rows are padded to the
 longest document in the batch (or to a fixed `pad_to` length for static shapes).

@@ -178,11 +178,13 @@ class ComposerStateAdapter:
 
 
 class PackedMLMLoader:
-    """Iterate packed, masked microbatches: `{"input_ids", "cu_seqlens", "max_seqlen", "labels"}`.
+    """Iterate packed, masked microbatches:
+    `{"input_ids", "cu_seqlens", "max_seqlen", "labels", "label_positions"}`.
 
-    `input_ids` and `labels` are (total_tokens,) int64, `cu_seqlens` (num_seqs + 1,) int32 and
-    `max_seqlen` a python int; see `flexbert.data.packing` for the layout. The packing
-    efficiency of everything yielded so far is `self.efficiency`.
+    `input_ids` and `labels` are (total_tokens,) int64, `cu_seqlens` (num_seqs + 1,) int32,
+    `max_seqlen` a python int and `label_positions` (M,) int64 the indices of the labelled
+    tokens; see `flexbert.data.packing` for the layout. The packing efficiency of everything
+    yielded so far is `self.efficiency`.
     """
 
     def __init__(

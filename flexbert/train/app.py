@@ -10,6 +10,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from flexbert.registry import ConfigError
 from flexbert.train.paths import conf_dir, register_overlays
 
 
@@ -39,6 +40,13 @@ def prepare_layers(cfg: DictConfig, model: Any) -> None:
     `activation_checkpointing=true` recomputes each layer's activations in the backward;
     `compile_layers=true` torch.compiles every encoder layer (dynamic shapes)."""
     if cfg.trainer.get("activation_checkpointing"):
+        fsdp = "trainer.parallelism_config.fsdp.activation_checkpointing"
+        if OmegaConf.select(cfg, fsdp):
+            raise ConfigError(
+                f"trainer.activation_checkpointing and {fsdp} are both true: every layer would "
+                "be recomputed twice; keep trainer.activation_checkpointing (it also works "
+                "inside compiled layers) and drop the FSDP one"
+            )
         model.set_activation_checkpointing(True)
     if cfg.trainer.get("compile_layers"):
         model.compile_layers(dynamic=True)

@@ -205,7 +205,8 @@ def test_gpu_checks_agree_on_cpu(tmp_path):
     assert doc["complete"]
     (syncs,) = [r for r in doc["results"] if r["check"] == "hostsync"]
     assert syncs["forward_ops"] == syncs["backward_ops"] == []
-    assert syncs["forward_syncs_without_positions"] == 1  # the head's own nonzero: it sees
+    assert syncs["forward_syncs"] == syncs["backward_syncs"] == 0
+    assert syncs["without_positions_syncs"] == 1  # the head's own nonzero: the check sees
 
 
 def test_gpu_checks_save_after_every_check():

@@ -31,9 +31,19 @@ def test_the_recorder_sees_each_kind_of_sync():
         _ = x[x > 2]
         torch.nonzero(x)
         bool(x.any())
+        torch.equal(x, x)
+        torch.repeat_interleave(x, torch.tensor([1, 0, 2, 1, 1, 1]))
         _ = x.index_select(0, torch.tensor([1, 2]))  # fixed-size gather: no sync
+        torch.repeat_interleave(x, torch.tensor([1, 0, 2, 1, 1, 1]), output_size=6)  # no sync
     ops = [op for op, _ in syncs.calls]
-    assert ops == ["_local_scalar_dense", "index", "nonzero", "_local_scalar_dense"]
+    assert ops == [
+        "_local_scalar_dense",
+        "index",
+        "nonzero",
+        "_local_scalar_dense",
+        "equal",
+        "repeat_interleave",
+    ]
     assert all(where == "outside flexbert" for _, where in syncs.calls)
 
 
@@ -70,3 +80,16 @@ def test_packed_inference_has_no_host_sync_and_padded_input_two(backend):
             model(ids, attention_mask=mask)
     assert {where.split(":")[0] for _, where in syncs.calls} == {"flexbert/layout.py"}
     assert len(syncs.calls) == 2
+
+
+def test_copies_from_a_device_to_the_host_count_as_syncs():
+    """(A meta tensor stands in for a GPU one: only the device types matter.)"""
+    from flexbert.bench.host_syncs import aten, is_syncing
+
+    gpu, host = torch.empty(3, device="meta"), torch.empty(3)
+    to_host = {"device": torch.device("cpu")}
+    assert is_syncing(aten._to_copy.default, (gpu,), to_host)
+    assert is_syncing(aten.copy_.default, (host, gpu), {})
+    assert not is_syncing(aten._to_copy.default, (host,), {"device": torch.device("meta")})
+    assert not is_syncing(aten.copy_.default, (gpu, host), {})  # host -> device: async
+    assert not is_syncing(aten._to_copy.default, (gpu,), {"dtype": torch.float16})

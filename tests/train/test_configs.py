@@ -176,6 +176,23 @@ def test_activation_checkpointing_from_the_trainer_node(tiny_run_config, tmp_pat
     trainer.close()
 
 
+def test_activation_checkpointing_twice_is_refused():
+    from flexbert import FlexBertForMaskedLM, ModelConfig
+    from flexbert.registry import ConfigError
+    from flexbert.train.app import prepare_layers
+
+    both = [
+        "trainer.activation_checkpointing=true",
+        "+trainer.parallelism_config.fsdp.activation_checkpointing=true",
+    ]
+    model = FlexBertForMaskedLM(ModelConfig.preset("tiny"))
+    with pytest.raises(ConfigError, match="recomputed twice"):
+        prepare_layers(compose_config(both), model)
+    assert not any(layer.checkpointing for layer in model.model.layers)
+    prepare_layers(compose_config(both[:1]), model)
+    assert all(layer.checkpointing for layer in model.model.layers)
+
+
 def test_sweep_table_orders_jobs_by_number_and_shows_only_what_varies(tmp_path):
     from flexbert.train.sweep import collect, table
 
