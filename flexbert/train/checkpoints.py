@@ -40,6 +40,7 @@ def task_model_class(task_type: str | None) -> type:
         "regression": flexbert.FlexBertForSequenceClassification,
         "token_classification": flexbert.FlexBertForTokenClassification,
         "multiple_choice": flexbert.FlexBertForMultipleChoice,
+        "question_answering": flexbert.FlexBertForQuestionAnswering,
         "retrieval": flexbert.FlexBertForSentenceEmbedding,
     }
     if task_type not in classes:

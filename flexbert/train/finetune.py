@@ -1,10 +1,11 @@
 """`flexbert-finetune`: fine-tune a pretrained encoder with Composer (conf/finetune.yaml).
 
-Sequence classification / regression (GLUE-style, one or two text fields) and token
-classification, from local files, a saved `datasets` directory or a Hub dataset name. The run
-evaluates each epoch, checkpoints, saves the fine-tuned model as a Hugging Face directory
-(`<run_dir>/hf`, loadable with AutoModelForSequenceClassification / ...TokenClassification)
-and writes `summary.json`. `train(cfg, run_dir)` is the same run without Hydra's command line.
+Sequence classification / regression (GLUE-style, one or two text fields), token
+classification, multiple choice, extractive question answering (`finetune_qa.py`) and
+retrieval (`finetune_retrieval.py`), from local files, a saved `datasets` directory or a Hub
+dataset name. The run evaluates each epoch, checkpoints, saves the fine-tuned model as a
+Hugging Face directory (`<run_dir>/hf`, loadable with the task's AutoModelFor... class) and
+writes `summary.json`. `train(cfg, run_dir)` is the same run without Hydra's command line.
 """
 
 from __future__ import annotations

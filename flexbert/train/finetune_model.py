@@ -145,9 +145,13 @@ def load_task_model(cfg: Any) -> Any:
 
 def composer_parts(task: Any, model: torch.nn.Module, pad_id: int) -> tuple[ComposerModel, Any]:
     """The Composer wrapper and the batch collator for the task type."""
+    from flexbert.train.finetune_qa import ComposerFlexBertQA, QACollator
     from flexbert.train.finetune_retrieval import ComposerFlexBertRetrieval, PairCollator
     from flexbert.train.tasks import ChoiceCollator, Collator
 
+    if task.type == "question_answering":
+        longest = int(task.get("max_answer_tokens", 30))
+        return ComposerFlexBertQA(model, list(task.metrics), longest), QACollator(pad_id)
     if task.type == "retrieval":
         gather = bool(task.get("gather_negatives", True))
         wrapper = ComposerFlexBertRetrieval(model, gather, list(task.metrics))

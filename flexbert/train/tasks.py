@@ -22,6 +22,7 @@ TASK_TYPES = (
     "regression",
     "token_classification",
     "multiple_choice",
+    "question_answering",
     "retrieval",
 )
 FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -190,6 +191,11 @@ def build_examples(
 
         out = {k: encode_pairs(raw[s], task, tokenizer, max_len, s) for k, s in names.items()}
         return out, None
+    if kind == "question_answering":
+        from flexbert.train.finetune_qa import encode_questions
+
+        out = {k: encode_questions(raw[s], task, tokenizer, max_len, s) for k, s in names.items()}
+        return _non_empty(out, names), None
     train = raw[names["train"]]
     check_fields(train, [task["label_field"]], names["train"])
     values = train[task["label_field"]]
@@ -199,12 +205,15 @@ def build_examples(
     encode = {"token_classification": encode_tokens, "multiple_choice": encode_choices}.get(
         kind, encode_sequences
     )
-    out = {}
+    out = {k: encode(raw[s], task, tokenizer, max_len, s, to_label) for k, s in names.items()}
+    return _non_empty(out, names), label_names
+
+
+def _non_empty(out: dict[str, list], names: Mapping[str, str]) -> dict[str, list]:
     for key, split in names.items():
-        out[key] = encode(raw[split], task, tokenizer, max_len, split, to_label)
         if not out[key]:
             raise DataError(f"split '{split}' is empty")
-    return out, label_names
+    return out
 
 
 class Collator:

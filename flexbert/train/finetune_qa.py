@@ -1,0 +1,259 @@
+"""Extractive question answering (SQuAD-style): data, span decoding, metrics, Composer wrapper.
+
+Rows hold a question, a context and `answers` as in SQuAD: `{"text": [...], "answer_start":
+[...]}` (character offsets into the context). Each example becomes one sequence
+`[CLS] question [SEP] context [SEP]`, the context truncated to fit `data.max_seq_len`
+(ModernBERT reads 8192 tokens, so set it long enough for your contexts); an example whose
+answer was cut off, or that has none, targets [CLS]. Evaluation decodes the best span inside
+the context (start <= end, at most `task.max_answer_tokens`) back to its text through the
+tokenizer's offsets and scores it against every gold answer with SQuAD v1.1's exact match and
+F1 (lower case, no punctuation, articles or extra spaces).
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+import string
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torchmetrics import Metric
+
+from flexbert.data.errors import DataError
+from flexbert.outputs import FlexBertOutput
+from flexbert.train.composer_model import FlexBertComposerModel
+
+QA_INPUTS = ("input_ids", "attention_mask", "start_positions", "end_positions")
+QA_METRICS = ("exact_match", "f1")
+
+
+# ------------------------------------------------------------------------------ data
+def answer_char_span(answers: Any, context: str, where: str) -> tuple[int, int] | None:
+    """(start, end) characters of the first gold answer, None when there is none; the text
+    must be found at its answer_start (a mismatch is bad data, named by `where`)."""
+    if not isinstance(answers, Mapping) or "text" not in answers or "answer_start" not in answers:
+        raise DataError(
+            f"{where}: answers must be {{'text': [...], 'answer_start': [...]}}, got {answers!r}"
+        )
+    texts, starts = list(answers["text"]), list(answers["answer_start"])
+    if len(texts) != len(starts):
+        raise DataError(f"{where}: {len(texts)} answer texts but {len(starts)} answer_start")
+    if not texts:
+        return None
+    start, text = int(starts[0]), str(texts[0])
+    if context[start : start + len(text)] != text:
+        found = context[start : start + len(text)]
+        raise DataError(
+            f"{where}: answer {text!r} is not at answer_start={start} of the context "
+            f"(found {found!r} there)"
+        )
+    return start, start + len(text)
+
+
+def token_span(
+    offsets: Sequence[tuple[int, int]], in_context: Sequence[bool], chars: tuple[int, int] | None
+) -> tuple[int, int]:
+    """First and last token covering the answer's characters; (0, 0) ([CLS]) when the answer
+    is absent or was truncated away."""
+    context = [i for i, c in enumerate(in_context) if c]
+    if chars is None or not context:
+        return 0, 0
+    start_char, end_char = chars
+    if offsets[context[0]][0] > start_char or offsets[context[-1]][1] < end_char:
+        return 0, 0
+    first = next(i for i in context if offsets[i][1] > start_char)
+    last = next(i for i in reversed(context) if offsets[i][0] < end_char)
+    return first, max(first, last)
+
+
+def encode_questions(
+    ds: Any, task: Mapping[str, Any], tokenizer: Any, max_len: int, split: str
+) -> list[dict[str, Any]]:
+    """text_fields = [question, context], label_field = answers -> one row per example with
+    the answer's token span and what evaluation needs (context offsets, gold texts)."""
+    from flexbert.train.tasks import check_fields
+
+    fields = list(task["text_fields"])
+    if len(fields) != 2:
+        raise DataError(
+            f"task.text_fields: question answering needs [question, context], got {fields}"
+        )
+    if not getattr(tokenizer, "is_fast", False):
+        raise DataError("question answering needs a fast tokenizer (character offsets)")
+    answer_field = task["label_field"]
+    check_fields(ds, [*fields, answer_field], split)
+    questions, contexts = ([str(t) for t in ds[f]] for f in fields)
+    answers = ds[answer_field]
+    enc = tokenizer(
+        questions,
+        contexts,
+        truncation="only_second",
+        max_length=max_len,
+        return_offsets_mapping=True,
+    )
+    rows = []
+    for i, (ids, offsets) in enumerate(zip(enc["input_ids"], enc["offset_mapping"])):
+        in_context = [s == 1 for s in enc.sequence_ids(i)]
+        chars = answer_char_span(answers[i], contexts[i], f"split '{split}' row {i}")
+        start, end = token_span(offsets, in_context, chars)
+        rows.append(
+            {
+                "input_ids": ids,
+                "start_positions": start,
+                "end_positions": end,
+                "offsets": [list(o) if c else [-1, -1] for o, c in zip(offsets, in_context)],
+                "context": contexts[i],
+                "answers": [str(t) for t in answers[i]["text"]] or [""],
+            }
+        )
+    return rows
+
+
+class QACollator:
+    """Padded ids and mask, the target spans, each token's context offsets ((-1, -1) outside
+    the context) and, as lists, the contexts and gold answers for the metrics."""
+
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        width = max(len(r["input_ids"]) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        offsets = torch.full((len(rows), width, 2), -1, dtype=torch.long)
+        for i, r in enumerate(rows):
+            n = len(r["input_ids"])
+            ids[i, :n] = torch.tensor(r["input_ids"])
+            mask[i, :n] = 1
+            offsets[i, :n] = torch.tensor(r["offsets"])
+        return {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "start_positions": torch.tensor([r["start_positions"] for r in rows]),
+            "end_positions": torch.tensor([r["end_positions"] for r in rows]),
+            "offsets": offsets,
+            "contexts": [r["context"] for r in rows],
+            "answers": [r["answers"] for r in rows],
+        }
+
+
+# ------------------------------------------------------------------------------ decoding
+def best_spans(
+    start_logits: torch.Tensor,
+    end_logits: torch.Tensor,
+    in_context: torch.Tensor,
+    max_answer_tokens: int,
+    top_k: int = 20,
+) -> torch.Tensor:
+    """(B, 2) token spans maximising start + end logit with start <= end < start +
+    max_answer_tokens, both inside the context; among the top_k starts and ends of each row."""
+    low = torch.finfo(torch.float32).min
+    start = start_logits.float().masked_fill(~in_context, low)
+    end = end_logits.float().masked_fill(~in_context, low)
+    k = min(top_k, start.shape[1])
+    s_val, s_idx = start.topk(k, dim=1)  # (B, k)
+    e_val, e_idx = end.topk(k, dim=1)
+    length = e_idx[:, None, :] - s_idx[:, :, None]  # (B, k, k)
+    ok = (length >= 0) & (length < max_answer_tokens)
+    ok &= in_context.gather(1, s_idx)[:, :, None] & in_context.gather(1, e_idx)[:, None, :]
+    scores = (s_val[:, :, None] + e_val[:, None, :]).masked_fill(~ok, float("-inf"))
+    best = scores.flatten(1).argmax(dim=1, keepdim=True)  # (B, 1): index into k x k
+    first, last = s_idx.gather(1, best // k), e_idx.gather(1, best % k)  # (B, 1) each
+    return torch.cat([first, last], dim=1)
+
+
+def span_texts(spans: torch.Tensor, offsets: torch.Tensor, contexts: Sequence[str]) -> list[str]:
+    """The context text under each (start, end) token span ("" when outside the context),
+    without the surrounding spaces byte-level BPE tokens carry in their offsets."""
+    out = []
+    for (s, e), off, context in zip(spans.tolist(), offsets.tolist(), contexts):
+        a, b = off[s][0], off[e][1]
+        out.append(context[a:b].strip() if a >= 0 and b >= 0 else "")
+    return out
+
+
+# ------------------------------------------------------------------------------ metrics
+def normalize_answer(text: str) -> str:
+    """SQuAD v1.1: lower case, no punctuation, no articles, single spaces."""
+    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def exact_match(prediction: str, gold: str) -> float:
+    return float(normalize_answer(prediction) == normalize_answer(gold))
+
+
+def token_f1(prediction: str, gold: str) -> float:
+    """Harmonic mean of token precision and recall after normalisation (SQuAD v1.1)."""
+    pred, ref = normalize_answer(prediction).split(), normalize_answer(gold).split()
+    if not pred or not ref:
+        return float(pred == ref)
+    common = sum((collections.Counter(pred) & collections.Counter(ref)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+class AnswerScore(Metric):
+    """Mean over examples of the best score against any gold answer (SQuAD's max over golds)."""
+
+    def __init__(self, score) -> None:
+        super().__init__()
+        self.score = score
+        self.add_state(
+            "total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum"
+        )
+        self.add_state(
+            "count", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum"
+        )
+
+    def update(self, predictions: Sequence[str], golds: Sequence[Sequence[str]]) -> None:
+        for prediction, answers in zip(predictions, golds):
+            self.total += max(self.score(prediction, gold) for gold in answers)
+        self.count += len(predictions)
+
+    def compute(self) -> torch.Tensor:
+        return (self.total / self.count).float() if self.count > 0 else torch.tensor(0.0)
+
+
+def build_qa_metrics(names: Sequence[str]) -> dict[str, Metric]:
+    bad = [m for m in names if m not in QA_METRICS]
+    if bad:
+        from flexbert import ConfigError
+
+        raise ConfigError(
+            f"task.metrics: {bad} do not apply to question_answering; choose from {QA_METRICS}"
+        )
+    scores = {"exact_match": exact_match, "f1": token_f1}
+    return {m: AnswerScore(scores[m]) for m in names}
+
+
+class ComposerFlexBertQA(FlexBertComposerModel):
+    """Span loss from the head; evaluation decodes answers and scores them as text."""
+
+    input_keys = QA_INPUTS
+
+    def __init__(
+        self, model: torch.nn.Module, metrics: Sequence[str], max_answer_tokens: int
+    ) -> None:
+        super().__init__(model)
+        self.val_metrics = build_qa_metrics(metrics)
+        self.max_answer_tokens = max_answer_tokens
+
+    def predicted_answers(self, batch: dict[str, Any], outputs: FlexBertOutput) -> list[str]:
+        offsets = batch["offsets"]
+        in_context = offsets[..., 0] >= 0  # (B, L)
+        spans = best_spans(
+            outputs.start_logits.detach(),
+            outputs.end_logits.detach(),
+            in_context,
+            self.max_answer_tokens,
+        )
+        return span_texts(spans, offsets, batch["contexts"])
+
+    def update_metric(self, batch: dict[str, Any], outputs: FlexBertOutput, metric) -> None:
+        metric.update(self.predicted_answers(batch, outputs), batch["answers"])

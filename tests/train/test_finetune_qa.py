@@ -1,0 +1,169 @@
+"""Extractive question answering: answer spans to tokens and back, SQuAD scores, and a run."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from flexbert.data.errors import DataError
+from flexbert.train.finetune_qa import (
+    QACollator,
+    answer_char_span,
+    best_spans,
+    build_qa_metrics,
+    encode_questions,
+    exact_match,
+    normalize_answer,
+    token_f1,
+)
+from tests.train.test_finetune import FAST, WORDS, _compose, _write_jsonl, pretrained  # noqa: F401
+
+TASK = {"text_fields": ["question", "context"], "label_field": "answers"}
+
+
+def _example(rng: random.Random, n_words: int = 12) -> dict:
+    words = [rng.choice(WORDS) for _ in range(n_words)]
+    at = rng.randrange(2, n_words - 2)
+    answer = " ".join(words[at : at + rng.randint(1, 2)])
+    before = " ".join(words[:at]) + " "
+    context = before + " ".join(words[at:])
+    return {
+        "question": f"where is {words[at]}",
+        "context": context,
+        "answers": {"text": [answer], "answer_start": [len(before)]},
+    }
+
+
+def _rows(n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    return [_example(rng) for _ in range(n)]
+
+
+def _columns(rows: list[dict]) -> dict:
+    return {k: [r[k] for r in rows] for k in rows[0]}
+
+
+class _Split(dict):  # what encode_questions reads of a datasets.Dataset
+    @property
+    def column_names(self):
+        return list(self)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(pretrained):  # noqa: F811
+    from flexbert.data.tokenizer import load_tokenizer
+
+    return load_tokenizer(pretrained)
+
+
+def test_oracle_logits_decode_every_gold_answer(tokenizer):
+    """Encoding maps each answer to tokens; logits peaked on those tokens decode, through the
+    collator's offsets, back to exactly the answer text: the whole span path round-trips."""
+    from flexbert.outputs import FlexBertOutput
+    from flexbert.train.finetune_qa import ComposerFlexBertQA
+
+    rows = _rows(24, seed=1)
+    encoded = encode_questions(_Split(_columns(rows)), TASK, tokenizer, 64, "validation")
+    batch = QACollator(tokenizer.pad_token_id)(encoded)
+    assert (batch["start_positions"] > 0).all() and (
+        batch["end_positions"] >= batch["start_positions"]
+    ).all()
+    width = batch["input_ids"].shape[1]
+    start = torch.nn.functional.one_hot(batch["start_positions"], width).float() * 10
+    end = torch.nn.functional.one_hot(batch["end_positions"], width).float() * 10
+    outputs = FlexBertOutput(start_logits=start, end_logits=end)
+    wrapper = ComposerFlexBertQA(torch.nn.Linear(1, 1), ["exact_match", "f1"], 30)
+    predicted = wrapper.predicted_answers(batch, outputs)
+    assert predicted == [r["answers"]["text"][0] for r in rows]
+    for metric in wrapper.val_metrics.values():
+        wrapper.update_metric(batch, outputs, metric)
+        assert metric.compute().item() == 1.0
+    # shifted one token later, the decoded answers are wrong and the scores drop
+    wrapper = ComposerFlexBertQA(torch.nn.Linear(1, 1), ["exact_match"], 30)
+    late = FlexBertOutput(start_logits=start.roll(1, 1), end_logits=end.roll(1, 1))
+    wrapper.update_metric(batch, late, wrapper.val_metrics["exact_match"])
+    assert wrapper.val_metrics["exact_match"].compute().item() < 0.5
+
+
+def test_answers_cut_off_by_truncation_target_cls(tokenizer):
+    row = _rows(1, seed=2)[0]
+    prefix = "apple " * 80
+    row["context"] = prefix + row["context"]
+    row["answers"]["answer_start"] = [row["answers"]["answer_start"][0] + len(prefix)]
+    (encoded,) = encode_questions(_Split(_columns([row])), TASK, tokenizer, 32, "train")
+    assert len(encoded["input_ids"]) == 32
+    assert (encoded["start_positions"], encoded["end_positions"]) == (0, 0)
+
+
+def test_an_answer_not_at_its_offset_is_refused():
+    with pytest.raises(DataError, match=r"row 3: answer 'river' is not at answer_start=0"):
+        answer_char_span({"text": ["river"], "answer_start": [0]}, "the river", "row 3")
+    with pytest.raises(DataError, match="answers must be"):
+        answer_char_span(["river"], "the river", "row 0")
+    assert answer_char_span({"text": [], "answer_start": []}, "the river", "row 0") is None
+
+
+def test_best_span_respects_order_length_and_context():
+    start = torch.tensor([[0.0, 9.0, 1.0, 0.0, 5.0, 0.0]])
+    end = torch.tensor([[8.0, 0.0, 0.0, 4.0, 0.0, 7.0]])
+    context = torch.tensor([[False, True, True, True, True, True]])
+    # best pair is start 1 .. end 5 (9 + 7); token 0 (end 8) lies outside the context
+    assert best_spans(start, end, context, 30).tolist() == [[1, 5]]
+    # at most 3 tokens: 1 .. 3 (9 + 4)
+    assert best_spans(start, end, context, 3).tolist() == [[1, 3]]
+    # an end before its start is never chosen: start 4 .. end 5 beats start 1 .. end 3 here
+    assert best_spans(start, end, context, 2).tolist() == [[4, 5]]
+
+
+def test_squad_scores_match_the_official_definitions():
+    assert normalize_answer("The  Eiffel-Tower!") == "eiffeltower"
+    assert exact_match("the Eiffel Tower", "Eiffel Tower.") == 1.0
+    assert token_f1("in the Eiffel Tower", "Eiffel Tower") == pytest.approx(
+        2 * (2 / 3) * 1 / (2 / 3 + 1)
+    )
+    assert token_f1("Paris", "Eiffel Tower") == 0.0
+    metric = build_qa_metrics(["f1"])["f1"]
+    metric.update(["Eiffel", "Paris"], [["Eiffel Tower", "Eiffel"], ["London"]])  # best gold
+    assert metric.compute().item() == pytest.approx(0.5)
+    with pytest.raises(Exception, match="do not apply to question_answering"):
+        build_qa_metrics(["accuracy"])
+
+
+def test_question_answering_trains_evaluates_and_exports(pretrained, tmp_path):  # noqa: F811
+    from transformers import AutoModelForQuestionAnswering
+
+    from flexbert import FlexBertForQuestionAnswering
+    from flexbert.train.finetune import train
+
+    files = {
+        split: _write_jsonl(tmp_path / f"{split}.jsonl", _rows(n, seed))
+        for split, n, seed in (("train", 64, 3), ("validation", 16, 4))
+    }
+    overrides = [f"task.dataset.files.{k}={v}" for k, v in files.items()]
+    cfg = _compose(
+        [f"model.path={pretrained}", "task=local_question_answering", *overrides, *FAST]
+        + ["trainer.max_duration=2ep"]
+    )
+    summary = train(cfg, tmp_path / "run")
+    assert set(summary["eval"]) == {"exact_match", "f1"}
+    assert 0.0 <= summary["eval"]["exact_match"] <= summary["eval"]["f1"] <= 1.0
+    assert summary["train"]["loss_last"] < summary["train"]["loss_first"]
+    hf_dir = tmp_path / "run" / "hf"
+    architectures = json.loads((hf_dir / "config.json").read_text())["architectures"]
+    assert architectures == ["ModernBertForQuestionAnswering"]
+    ours = FlexBertForQuestionAnswering.from_hf(hf_dir).eval()
+    theirs = AutoModelForQuestionAnswering.from_pretrained(hf_dir).eval()
+    ids = torch.tensor([[1, 5, 6, 2, 7, 8, 9, 2]])
+    with torch.no_grad():
+        a, b = ours(ids).start_logits, theirs(input_ids=ids).start_logits
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    # flexbert-export makes the same question-answering model from the last checkpoint
+    from flexbert.train.export import main as export_main
+
+    assert export_main([summary["paths"]["last_checkpoint"], "--out", str(tmp_path / "x")]) == 0
+    exported = AutoModelForQuestionAnswering.from_pretrained(tmp_path / "x").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(exported(input_ids=ids).start_logits, b)
