@@ -12,9 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from flexbert.bench.flops import forward_flops_per_token
 from flexbert.bench.report import Row, ratios
 from flexbert.config import ModelConfig
+from flexbert.flops import forward_flops_per_token
 
 
 @dataclass(frozen=True)

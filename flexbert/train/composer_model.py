@@ -12,8 +12,10 @@ import torch
 from composer.metrics.nlp import LanguageCrossEntropy, MaskedAccuracy
 from composer.models import ComposerModel
 
+from flexbert.flops import mlm_train_flops
 from flexbert.heads import IGNORE_INDEX, FlexBertForMaskedLM
 from flexbert.outputs import FlexBertOutput
+from flexbert.train.data_spec import STEP_KEY, num_label_tokens
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "cu_seqlens", "max_seqlen", "labels")
 MLM_INPUTS = (*MODEL_INPUTS, "label_positions")  # labelled tokens, found by the data loader
@@ -65,6 +67,21 @@ class ComposerFlexBertMLM(FlexBertComposerModel):
             "MaskedAccuracy": MaskedAccuracy(ignore_index=IGNORE_INDEX),
             "LanguageCrossEntropy": LanguageCrossEntropy(ignore_index=IGNORE_INDEX),
         }
+
+    def flops_per_batch(self, batch: dict[str, Any]) -> float:
+        """Training FLOPs of a (host-side) batch, for Composer's SpeedMonitor: flops/s and,
+        on a GPU it knows, MFU. Counts real tokens, attention per sequence, and the head over
+        the masked tokens with sparse prediction (all tokens otherwise)."""
+        if STEP_KEY in batch:
+            return sum(self.flops_per_batch(b) for b in batch[STEP_KEY])
+        if "cu_seqlens" in batch:
+            bounds = batch["cu_seqlens"].tolist()
+            lengths = [b - a for a, b in zip(bounds, bounds[1:])]
+        else:
+            lengths = batch["attention_mask"].sum(dim=1).tolist()
+        config = self.model.config
+        decoded = num_label_tokens(batch) if config.sparse_prediction else sum(lengths)
+        return mlm_train_flops(config, lengths, decoded)
 
     def update_metric(self, batch: dict[str, Any], outputs: FlexBertOutput, metric) -> None:
         labels = batch["labels"]

@@ -273,7 +273,7 @@ def test_cpu_target_is_parity_with_hf_on_every_workload():
 def test_flops_per_token_match_the_issue_figures_and_scale_the_large_targets():
     from flexbert import ModelConfig
     from flexbert.bench import targets
-    from flexbert.bench.flops import forward_flops_per_token
+    from flexbert.flops import forward_flops_per_token
 
     base = ModelConfig.preset("base")
     # issue 4: "ModernBERT-base needs about 240 MFLOP per token at 512 and 430 at 8192"

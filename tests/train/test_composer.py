@@ -142,3 +142,45 @@ def test_split_batch_finds_each_parts_label_positions(packed):
         assert torch.equal(positions, (part["labels"].flatten() != -100).nonzero().flatten())
         assert num_label_tokens(part) > 0
     assert sum(num_label_tokens(p) for p in parts) == int((batch["labels"] != -100).sum())
+
+
+def test_flops_per_batch_counts_each_sequence_and_the_decoded_tokens():
+    """What SpeedMonitor turns into flops/s and MFU: 3 x forward, attention per sequence."""
+    from flexbert.flops import forward_flops_per_token, mlm_head_flops_per_token
+
+    for sparse in (True, False):
+        cfg = ModelConfig.preset("tiny", sparse_prediction=sparse)
+        model = ComposerFlexBertMLM(FlexBertForMaskedLM(cfg))
+        packed = _batches(1, packed=True, positions=True)[0]
+        lengths = [24, 17, 9, 24]
+        decoded = int((packed["labels"] != -100).sum()) if sparse else sum(lengths)
+        encoder = sum(n * forward_flops_per_token(cfg, n) for n in lengths)
+        expected = 3 * (encoder + decoded * mlm_head_flops_per_token(cfg))
+        assert model.flops_per_batch(packed) == pytest.approx(expected)
+        padded = _batches(1, packed=False, positions=True)[0]  # same documents, padded
+        assert model.flops_per_batch(padded) == pytest.approx(expected)
+        step = {"microbatches": [packed, packed]}
+        assert model.flops_per_batch(step) == pytest.approx(2 * expected)
+
+
+def test_speed_monitor_logs_flops_per_second(tmp_path):
+    from composer.callbacks import SpeedMonitor
+    from composer.loggers import InMemoryLogger
+
+    torch.manual_seed(0)
+    model = ComposerFlexBertMLM(FlexBertForMaskedLM(ModelConfig.preset("tiny")))
+    logged = InMemoryLogger()
+    Trainer(
+        model=model,
+        train_dataloader=flexbert_data_spec(DataLoader(_batches(4, True), batch_size=None)),
+        max_duration="4ba",
+        optimizers=torch.optim.AdamW(model.parameters(), lr=1e-3),
+        device="cpu",
+        device_train_microbatch_size=4,
+        callbacks=[SpeedMonitor(window_size=2)],
+        loggers=[logged],
+        progress_bar=False,
+        log_to_console=False,
+    ).fit()
+    flops = [v for _, v in logged.data["throughput/flops_per_sec"]]
+    assert flops and all(v > 0 for v in flops)
