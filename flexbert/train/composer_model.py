@@ -70,8 +70,9 @@ class ComposerFlexBertMLM(FlexBertComposerModel):
 
     def flops_per_batch(self, batch: dict[str, Any]) -> float:
         """Training FLOPs of a (host-side) batch, for Composer's SpeedMonitor: flops/s and,
-        on a GPU it knows, MFU. Counts real tokens, attention per sequence, and the head over
-        the masked tokens with sparse prediction (all tokens otherwise)."""
+        on a GPU it knows, MFU. Counts the tokens of every sequence (padded batches: the real
+        ones; packed: all of cu_seqlens, with pad_to_capacity its filler too), attention per
+        sequence, and the head over the masked tokens with sparse prediction (all otherwise)."""
         if STEP_KEY in batch:
             return sum(self.flops_per_batch(b) for b in batch[STEP_KEY])
         if "cu_seqlens" in batch:

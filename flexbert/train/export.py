@@ -77,10 +77,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"flexbert-export: error: {e}", file=sys.stderr)
         return 2
     print(f"flexbert-export: {args.checkpoint} -> {out}")
-    arch = json.loads((out / "config.json").read_text())["architectures"][0]
-    auto = {"ModernBertModel": "AutoModel"}.get(arch, arch.replace("ModernBert", "AutoModel"))
-    print(f"  {auto}.from_pretrained('{out}')")
+    print(f"  {auto_class(out)}.from_pretrained('{out}')")
     return 0
+
+
+def auto_class(hf_dir: str | Path) -> str:
+    """The transformers Auto class that loads this saved model, from its architecture."""
+    arch = json.loads((Path(hf_dir) / "config.json").read_text())["architectures"][0]
+    return {"ModernBertModel": "AutoModel"}.get(arch, arch.replace("ModernBert", "AutoModel"))
 
 
 if __name__ == "__main__":

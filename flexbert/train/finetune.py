@@ -168,11 +168,9 @@ def best_eval(history: list[dict[str, Any]], metrics: list[str]) -> dict[str, An
 
 def report(summary: dict[str, Any]) -> str:
     """The closing console message: what was fine-tuned, how well, and where it went."""
+    from flexbert.train.export import auto_class
+
     t, e, p, task = summary["train"], summary["eval"], summary["paths"], summary["task"]
-    auto = {
-        "token_classification": "AutoModelForTokenClassification",
-        "retrieval": "AutoModel",
-    }.get(task["type"], "AutoModelForSequenceClassification")
     lines = [
         "",
         f"flexbert-finetune: {task['name']} ({task['type']}) done in {t['seconds']:.0f}s, "
@@ -192,7 +190,7 @@ def report(summary: dict[str, Any]) -> str:
         f"  summary      {p['summary']}",
     ]
     if p["hf"]:
-        lines.append(f"  load it:     {auto}.from_pretrained('{p['hf']}')")
+        lines.append(f"  load it:     {auto_class(p['hf'])}.from_pretrained('{p['hf']}')")
     return "\n".join(lines)
 
 

@@ -151,7 +151,9 @@ def composer_parts(task: Any, model: torch.nn.Module, pad_id: int) -> tuple[Comp
 
     if task.type == "question_answering":
         longest = int(task.get("max_answer_tokens", 30))
-        return ComposerFlexBertQA(model, list(task.metrics), longest), QACollator(pad_id)
+        no_answer = bool(task.get("allow_no_answer", False))
+        wrapper = ComposerFlexBertQA(model, list(task.metrics), longest, no_answer)
+        return wrapper, QACollator(pad_id)
     if task.type == "retrieval":
         gather = bool(task.get("gather_negatives", True))
         wrapper = ComposerFlexBertRetrieval(model, gather, list(task.metrics))

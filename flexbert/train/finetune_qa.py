@@ -3,11 +3,13 @@
 Rows hold a question, a context and `answers` as in SQuAD: `{"text": [...], "answer_start":
 [...]}` (character offsets into the context). Each example becomes one sequence
 `[CLS] question [SEP] context [SEP]`, the context truncated to fit `data.max_seq_len`
-(ModernBERT reads 8192 tokens, so set it long enough for your contexts); an example whose
-answer was cut off, or that has none, targets [CLS]. Evaluation decodes the best span inside
-the context (start <= end, at most `task.max_answer_tokens`) back to its text through the
-tokenizer's offsets and scores it against every gold answer with SQuAD v1.1's exact match and
-F1 (lower case, no punctuation, articles or extra spaces).
+(ModernBERT reads 8192 tokens, so set it long enough for your contexts); a training example
+whose answer was cut off targets [CLS]. Evaluation decodes the best span inside the context
+(start <= end, at most `task.max_answer_tokens`) back to its text through the tokenizer's
+offsets and scores it against every gold answer with SQuAD's exact match and F1 (lower case,
+no punctuation, articles or extra spaces). Examples without an answer (SQuAD v2) need
+`task.allow_no_answer=true`: they target [CLS], and evaluation answers "" when the [CLS]
+score beats the best span's, as SQuAD v2's evaluation does.
 """
 
 from __future__ import annotations
@@ -30,9 +32,12 @@ QA_METRICS = ("exact_match", "f1")
 
 
 # ------------------------------------------------------------------------------ data
-def answer_char_span(answers: Any, context: str, where: str) -> tuple[int, int] | None:
-    """(start, end) characters of the first gold answer, None when there is none; the text
-    must be found at its answer_start (a mismatch is bad data, named by `where`)."""
+def answer_char_span(
+    answers: Any, context: str, where: str, allow_no_answer: bool = False
+) -> tuple[int, int] | None:
+    """(start, end) characters of the first gold answer, None when there is none (allowed
+    only with `allow_no_answer`); the text must be found at its answer_start (a mismatch is
+    bad data, named by `where`)."""
     if not isinstance(answers, Mapping) or "text" not in answers or "answer_start" not in answers:
         raise DataError(
             f"{where}: answers must be {{'text': [...], 'answer_start': [...]}}, got {answers!r}"
@@ -41,7 +46,12 @@ def answer_char_span(answers: Any, context: str, where: str) -> tuple[int, int] 
     if len(texts) != len(starts):
         raise DataError(f"{where}: {len(texts)} answer texts but {len(starts)} answer_start")
     if not texts:
-        return None
+        if allow_no_answer:
+            return None
+        raise DataError(
+            f"{where}: no answer; for data with unanswerable questions (SQuAD v2) set "
+            "task.allow_no_answer=true"
+        )
     start, text = int(starts[0]), str(texts[0])
     if context[start : start + len(text)] != text:
         found = context[start : start + len(text)]
@@ -69,10 +79,16 @@ def token_span(
 
 
 def encode_questions(
-    ds: Any, task: Mapping[str, Any], tokenizer: Any, max_len: int, split: str
+    ds: Any,
+    task: Mapping[str, Any],
+    tokenizer: Any,
+    max_len: int,
+    split: str,
+    for_eval: bool = False,
 ) -> list[dict[str, Any]]:
     """text_fields = [question, context], label_field = answers -> one row per example with
-    the answer's token span and what evaluation needs (context offsets, gold texts)."""
+    the answer's token span and, `for_eval`, what decoding needs (context offsets, gold texts:
+    kept for the eval split only, they outweigh the ids)."""
     from flexbert.train.tasks import check_fields
 
     fields = list(task["text_fields"])
@@ -84,36 +100,41 @@ def encode_questions(
         raise DataError("question answering needs a fast tokenizer (character offsets)")
     answer_field = task["label_field"]
     check_fields(ds, [*fields, answer_field], split)
-    questions, contexts = ([str(t) for t in ds[f]] for f in fields)
+    questions = [str(t).lstrip() for t in ds[fields[0]]]  # leading spaces only cost room
+    contexts = [str(t) for t in ds[fields[1]]]
     answers = ds[answer_field]
-    enc = tokenizer(
-        questions,
-        contexts,
-        truncation="only_second",
-        max_length=max_len,
-        return_offsets_mapping=True,
-    )
+    allow_no_answer = bool(task.get("allow_no_answer", False))
+    try:
+        enc = tokenizer(
+            questions,
+            contexts,
+            truncation="only_second",
+            max_length=max_len,
+            return_offsets_mapping=True,
+        )
+    except Exception as e:  # noqa: BLE001 - a question longer than max_len, mostly
+        raise DataError(
+            f"split '{split}': could not fit question + context into data.max_seq_len="
+            f"{max_len} ({e}); raise data.max_seq_len or shorten the questions"
+        ) from e
     rows = []
     for i, (ids, offsets) in enumerate(zip(enc["input_ids"], enc["offset_mapping"])):
         in_context = [s == 1 for s in enc.sequence_ids(i)]
-        chars = answer_char_span(answers[i], contexts[i], f"split '{split}' row {i}")
+        where = f"split '{split}' row {i}"
+        chars = answer_char_span(answers[i], contexts[i], where, allow_no_answer)
         start, end = token_span(offsets, in_context, chars)
-        rows.append(
-            {
-                "input_ids": ids,
-                "start_positions": start,
-                "end_positions": end,
-                "offsets": [list(o) if c else [-1, -1] for o, c in zip(offsets, in_context)],
-                "context": contexts[i],
-                "answers": [str(t) for t in answers[i]["text"]] or [""],
-            }
-        )
+        row = {"input_ids": ids, "start_positions": start, "end_positions": end}
+        if for_eval:
+            row["offsets"] = [list(o) if c else [-1, -1] for o, c in zip(offsets, in_context)]
+            row["context"] = contexts[i]
+            row["answers"] = [str(t) for t in answers[i]["text"]] or [""]
+        rows.append(row)
     return rows
 
 
 class QACollator:
-    """Padded ids and mask, the target spans, each token's context offsets ((-1, -1) outside
-    the context) and, as lists, the contexts and gold answers for the metrics."""
+    """Padded ids and mask, the target spans and, for eval rows, each token's context offsets
+    ((-1, -1) outside the context) and, as lists, the contexts and gold answers."""
 
     def __init__(self, pad_id: int) -> None:
         self.pad_id = pad_id
@@ -122,21 +143,23 @@ class QACollator:
         width = max(len(r["input_ids"]) for r in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
-        offsets = torch.full((len(rows), width, 2), -1, dtype=torch.long)
         for i, r in enumerate(rows):
-            n = len(r["input_ids"])
-            ids[i, :n] = torch.tensor(r["input_ids"])
-            mask[i, :n] = 1
-            offsets[i, :n] = torch.tensor(r["offsets"])
-        return {
+            ids[i, : len(r["input_ids"])] = torch.tensor(r["input_ids"])
+            mask[i, : len(r["input_ids"])] = 1
+        batch = {
             "input_ids": ids,
             "attention_mask": mask,
             "start_positions": torch.tensor([r["start_positions"] for r in rows]),
             "end_positions": torch.tensor([r["end_positions"] for r in rows]),
-            "offsets": offsets,
-            "contexts": [r["context"] for r in rows],
-            "answers": [r["answers"] for r in rows],
         }
+        if "offsets" in rows[0]:
+            offsets = torch.full((len(rows), width, 2), -1, dtype=torch.long)
+            for i, r in enumerate(rows):
+                offsets[i, : len(r["offsets"])] = torch.tensor(r["offsets"])
+            batch["offsets"] = offsets
+            batch["contexts"] = [r["context"] for r in rows]
+            batch["answers"] = [r["answers"] for r in rows]
+        return batch
 
 
 # ------------------------------------------------------------------------------ decoding
@@ -148,7 +171,8 @@ def best_spans(
     top_k: int = 20,
 ) -> torch.Tensor:
     """(B, 2) token spans maximising start + end logit with start <= end < start +
-    max_answer_tokens, both inside the context; among the top_k starts and ends of each row."""
+    max_answer_tokens, both inside the context, among the top_k starts and ends of each row;
+    (-1, -1) for a row where no such span exists."""
     low = torch.finfo(torch.float32).min
     start = start_logits.float().masked_fill(~in_context, low)
     end = end_logits.float().masked_fill(~in_context, low)
@@ -161,7 +185,16 @@ def best_spans(
     scores = (s_val[:, :, None] + e_val[:, None, :]).masked_fill(~ok, float("-inf"))
     best = scores.flatten(1).argmax(dim=1, keepdim=True)  # (B, 1): index into k x k
     first, last = s_idx.gather(1, best // k), e_idx.gather(1, best % k)  # (B, 1) each
-    return torch.cat([first, last], dim=1)
+    spans = torch.cat([first, last], dim=1)
+    return spans.masked_fill(scores.flatten(1).amax(dim=1, keepdim=True) == float("-inf"), -1)
+
+
+def span_scores(start_logits: torch.Tensor, end_logits: torch.Tensor, spans: torch.Tensor):
+    """start + end logit of each (start, end) span, -inf for (-1, -1)."""
+    s, e = spans.clamp(min=0).unbind(dim=1)
+    rows = torch.arange(spans.shape[0], device=spans.device)
+    score = start_logits.float()[rows, s] + end_logits.float()[rows, e]
+    return score.masked_fill(spans[:, 0] < 0, float("-inf"))
 
 
 def span_texts(spans: torch.Tensor, offsets: torch.Tensor, contexts: Sequence[str]) -> list[str]:
@@ -169,7 +202,7 @@ def span_texts(spans: torch.Tensor, offsets: torch.Tensor, contexts: Sequence[st
     without the surrounding spaces byte-level BPE tokens carry in their offsets."""
     out = []
     for (s, e), off, context in zip(spans.tolist(), offsets.tolist(), contexts):
-        a, b = off[s][0], off[e][1]
+        a, b = (off[s][0], off[e][1]) if s >= 0 else (-1, -1)
         out.append(context[a:b].strip() if a >= 0 and b >= 0 else "")
     return out
 
@@ -187,7 +220,8 @@ def exact_match(prediction: str, gold: str) -> float:
 
 
 def token_f1(prediction: str, gold: str) -> float:
-    """Harmonic mean of token precision and recall after normalisation (SQuAD v1.1)."""
+    """Harmonic mean of token precision and recall after normalisation; an empty answer
+    scores 1 only against an empty one (SQuAD v2's rule; v1.1 has no empty answers)."""
     pred, ref = normalize_answer(prediction).split(), normalize_answer(gold).split()
     if not pred or not ref:
         return float(pred == ref)
@@ -238,21 +272,25 @@ class ComposerFlexBertQA(FlexBertComposerModel):
     input_keys = QA_INPUTS
 
     def __init__(
-        self, model: torch.nn.Module, metrics: Sequence[str], max_answer_tokens: int
+        self,
+        model: torch.nn.Module,
+        metrics: Sequence[str],
+        max_answer_tokens: int,
+        allow_no_answer: bool = False,
     ) -> None:
         super().__init__(model)
         self.val_metrics = build_qa_metrics(metrics)
         self.max_answer_tokens = max_answer_tokens
+        self.allow_no_answer = allow_no_answer
 
     def predicted_answers(self, batch: dict[str, Any], outputs: FlexBertOutput) -> list[str]:
         offsets = batch["offsets"]
         in_context = offsets[..., 0] >= 0  # (B, L)
-        spans = best_spans(
-            outputs.start_logits.detach(),
-            outputs.end_logits.detach(),
-            in_context,
-            self.max_answer_tokens,
-        )
+        start, end = outputs.start_logits.detach(), outputs.end_logits.detach()
+        spans = best_spans(start, end, in_context, self.max_answer_tokens)
+        if self.allow_no_answer:  # "" where [CLS] scores above the best span (SQuAD v2)
+            null = start[:, 0].float() + end[:, 0].float()
+            spans = spans.masked_fill((null > span_scores(start, end, spans))[:, None], -1)
         return span_texts(spans, offsets, batch["contexts"])
 
     def update_metric(self, batch: dict[str, Any], outputs: FlexBertOutput, metric) -> None:

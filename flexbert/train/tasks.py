@@ -194,7 +194,10 @@ def build_examples(
     if kind == "question_answering":
         from flexbert.train.finetune_qa import encode_questions
 
-        out = {k: encode_questions(raw[s], task, tokenizer, max_len, s) for k, s in names.items()}
+        out = {
+            k: encode_questions(raw[s], task, tokenizer, max_len, s, for_eval=k == "eval")
+            for k, s in names.items()
+        }
         return _non_empty(out, names), None
     train = raw[names["train"]]
     check_fields(train, [task["label_field"]], names["train"])

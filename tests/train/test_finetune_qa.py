@@ -66,7 +66,7 @@ def test_oracle_logits_decode_every_gold_answer(tokenizer):
     from flexbert.train.finetune_qa import ComposerFlexBertQA
 
     rows = _rows(24, seed=1)
-    encoded = encode_questions(_Split(_columns(rows)), TASK, tokenizer, 64, "validation")
+    encoded = encode_questions(_Split(_columns(rows)), TASK, tokenizer, 64, "validation", True)
     batch = QACollator(tokenizer.pad_token_id)(encoded)
     assert (batch["start_positions"] > 0).all() and (
         batch["end_positions"] >= batch["start_positions"]
@@ -96,6 +96,16 @@ def test_answers_cut_off_by_truncation_target_cls(tokenizer):
     (encoded,) = encode_questions(_Split(_columns([row])), TASK, tokenizer, 32, "train")
     assert len(encoded["input_ids"]) == 32
     assert (encoded["start_positions"], encoded["end_positions"]) == (0, 0)
+    # training rows carry no evaluation fields (offsets, context, answers), nor their batches
+    assert set(encoded) == {"input_ids", "start_positions", "end_positions"}
+    assert "offsets" not in QACollator(0)([encoded])
+
+
+def test_a_question_that_fills_the_sequence_is_one_clear_error(tokenizer):
+    row = _rows(1, seed=2)[0]
+    row["question"] = " ".join(["where"] * 40)
+    with pytest.raises(DataError, match="data.max_seq_len=16"):
+        encode_questions(_Split(_columns([row])), TASK, tokenizer, 16, "train")
 
 
 def test_an_answer_not_at_its_offset_is_refused():
@@ -103,7 +113,9 @@ def test_an_answer_not_at_its_offset_is_refused():
         answer_char_span({"text": ["river"], "answer_start": [0]}, "the river", "row 3")
     with pytest.raises(DataError, match="answers must be"):
         answer_char_span(["river"], "the river", "row 0")
-    assert answer_char_span({"text": [], "answer_start": []}, "the river", "row 0") is None
+    with pytest.raises(DataError, match="row 0: no answer.*allow_no_answer=true"):
+        answer_char_span({"text": [], "answer_start": []}, "the river", "row 0")
+    assert answer_char_span({"text": [], "answer_start": []}, "the river", "row 0", True) is None
 
 
 def test_best_span_respects_order_length_and_context():
@@ -114,8 +126,38 @@ def test_best_span_respects_order_length_and_context():
     assert best_spans(start, end, context, 30).tolist() == [[1, 5]]
     # at most 3 tokens: 1 .. 3 (9 + 4)
     assert best_spans(start, end, context, 3).tolist() == [[1, 3]]
-    # an end before its start is never chosen: start 4 .. end 5 beats start 1 .. end 3 here
+    # at most 2 tokens: start 4 .. end 5 (5 + 7)
     assert best_spans(start, end, context, 2).tolist() == [[4, 5]]
+    # an end before its start is never chosen, however high: 3 .. 3 (9 + 0), not 3 .. 1
+    backwards = best_spans(
+        torch.tensor([[0.0, 0.0, 0.0, 9.0]]),
+        torch.tensor([[0.0, 9.0, 0.0, 0.0]]),
+        torch.ones(1, 4, dtype=torch.bool),
+        30,
+    )
+    assert backwards.tolist() == [[3, 3]]
+    # no valid span among the candidates: (-1, -1), which decodes to ""
+    assert best_spans(start, end, context, 2, top_k=1).tolist() == [[-1, -1]]
+
+
+def test_no_answer_is_predicted_only_when_allowed_and_cls_wins(tokenizer):
+    from flexbert.outputs import FlexBertOutput
+    from flexbert.train.finetune_qa import ComposerFlexBertQA
+
+    rows = _rows(2, seed=6)
+    task = {**TASK, "allow_no_answer": True}
+    encoded = encode_questions(_Split(_columns(rows)), task, tokenizer, 64, "validation", True)
+    batch = QACollator(0)(encoded)
+    width = batch["input_ids"].shape[1]
+    start = torch.nn.functional.one_hot(batch["start_positions"], width).float() * 5
+    end = torch.nn.functional.one_hot(batch["end_positions"], width).float() * 5
+    start[0, 0] = end[0, 0] = 6.0  # row 0: [CLS] beats its span (12 > 10); row 1: it does not
+    outputs = FlexBertOutput(start_logits=start, end_logits=end)
+    gold = [r["answers"]["text"][0] for r in rows]
+    allowed = ComposerFlexBertQA(torch.nn.Linear(1, 1), ["f1"], 30, allow_no_answer=True)
+    assert allowed.predicted_answers(batch, outputs) == ["", gold[1]]
+    plain = ComposerFlexBertQA(torch.nn.Linear(1, 1), ["f1"], 30)
+    assert plain.predicted_answers(batch, outputs) == gold
 
 
 def test_squad_scores_match_the_official_definitions():
@@ -151,6 +193,9 @@ def test_question_answering_trains_evaluates_and_exports(pretrained, tmp_path): 
     assert set(summary["eval"]) == {"exact_match", "f1"}
     assert 0.0 <= summary["eval"]["exact_match"] <= summary["eval"]["f1"] <= 1.0
     assert summary["train"]["loss_last"] < summary["train"]["loss_first"]
+    from flexbert.train.finetune import report
+
+    assert "AutoModelForQuestionAnswering.from_pretrained" in report(summary)
     hf_dir = tmp_path / "run" / "hf"
     architectures = json.loads((hf_dir / "config.json").read_text())["architectures"]
     assert architectures == ["ModernBertForQuestionAnswering"]
