@@ -98,3 +98,15 @@ def test_checkpointing_inside_compiled_layers_gives_the_same_gradients():
     for name, grad in grads.items():
         torch.testing.assert_close(ck_grads[name], grad, msg=name)
     assert ck_kept < kept / 3, (ck_kept, kept)
+
+
+def test_activation_memory_tool_sees_checkpointing_and_bf16():
+    from flexbert.bench.activation_memory import main, measure
+
+    fp32 = measure("tiny", rows=2, length=128, device="cpu", bf16=False)
+    bf16 = measure("tiny", rows=2, length=128, device="cpu", bf16=True)
+    assert 0 < fp32["checkpointed"] < fp32["plain"] / 3
+    assert bf16["plain"] < 0.8 * fp32["plain"]  # half-size activations (some stay fp32)
+    hidden = 2 * 128 * ModelConfig.preset("tiny").hidden_size * 4  # one fp32 layer input
+    assert fp32["checkpointed"] >= ModelConfig.preset("tiny").num_layers * hidden
+    assert main(["--size", "tiny", "--rows", "1", "--len", "64"]) == 0
