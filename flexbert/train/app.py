@@ -61,8 +61,9 @@ def composer_trainer(
     callbacks: list[Any],
     **trainer_args: Any,
 ) -> Any:
-    """A `composer.Trainer` from a run's config: optimizer, scheduler, the `callbacks` and
-    `logger` groups (plus the run's own `callbacks`), checkpoints in run_dir/checkpoints.
+    """A `composer.Trainer` from a run's config: optimizer, scheduler, the `callbacks`,
+    `algorithms` and `logger` groups (plus the run's own `callbacks`), checkpoints in
+    run_dir/checkpoints.
     `trainer_args` are the remaining Trainer keywords (usually from `trainer_kwargs`)."""
     from composer import Trainer
     from hydra.utils import instantiate
@@ -77,6 +78,7 @@ def composer_trainer(
         optimizers=build_optimizer(cfg.optimizer, model, cfg.trainer.get("device") or "cpu"),
         schedulers=instantiate(cfg.scheduler),
         callbacks=[*instantiate_all(cfg.get("callbacks")), *callbacks],
+        algorithms=instantiate_all(cfg.get("algorithms")),
         loggers=build_loggers(cfg, run_dir),
         save_folder=str(run_dir / "checkpoints"),
         run_name=cfg.get("run_name") or run_dir.name,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from hydra.utils import instantiate
 
 from flexbert import ConfigError, ModelConfig
@@ -174,6 +175,41 @@ def test_activation_checkpointing_from_the_trainer_node(tiny_run_config, tmp_pat
     trainer, _ = build_trainer(cfg, tmp_path / "run")
     assert all(layer.checkpointing for layer in trained_model(trainer).model.layers)
     trainer.close()
+
+
+def test_algorithms_group_clips_gradients_and_combines(tiny_run_config, tmp_path):
+    """algorithms=gradient_clipping reaches Composer and clips: the gradients a callback sees
+    after the step's backward have at most the threshold's norm; several combine."""
+    from composer.algorithms import GradientClipping
+    from composer.core import Callback
+
+    from flexbert.train.pretrain import build_trainer
+
+    norms = []
+
+    class GradNorm(Callback):
+        def after_train_batch(self, state, logger):  # algorithms run before callbacks
+            grads = [p.grad for p in state.model.parameters() if p.grad is not None]
+            norms.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item())
+
+    for threshold in ("1e-3", "1e3"):
+        cfg = tiny_run_config(
+            "algorithms=gradient_clipping",
+            f"algorithms.gradient_clipping.clipping_threshold={threshold}",
+            "trainer.max_duration=2ba",
+        )
+        trainer, _ = build_trainer(cfg, tmp_path / f"run{threshold}")
+        assert [type(a) for a in trainer.state.algorithms] == [GradientClipping]
+        trainer.state.callbacks.append(GradNorm())
+        trainer.fit()
+        trainer.close()
+    clipped, free = norms[:2], norms[2:]
+    assert all(n <= 1e-3 * 1.001 for n in clipped)
+    assert all(n > 1e-2 for n in free)  # unclipped gradients are far larger
+    both = compose_config(["algorithms=[gradient_clipping,ema]"])
+    assert set(both.algorithms) == {"gradient_clipping", "ema"}
+    assert compose_config([]).algorithms == {}
+    assert "ema" in compose_config(["algorithms=ema"]).algorithms
 
 
 def test_activation_checkpointing_twice_is_refused():
