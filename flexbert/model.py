@@ -50,7 +50,6 @@ class FlexBertLayer(nn.Module):
         self.mlp_norm = cfg.build_norm()
         self.mlp = MLPS.build(cfg.mlp, cfg)
         self.layer_type = cfg.layer_types[layer_idx]
-
         self.checkpointing = False  # FlexBertPreTrainedModel.set_activation_checkpointing
 
     def forward(self, x: torch.Tensor, layout: Layout, rotary) -> torch.Tensor:
