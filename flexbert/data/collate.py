@@ -1,5 +1,6 @@
 """Padded collation: documents -> (B, L) input_ids, attention_mask and MLM labels, plus
-`label_positions` (M,): the indices of the labelled tokens in the flattened (B * L) labels.
+`label_positions` (M,): the indices of the labelled tokens in the flattened (B * L) labels,
+and with `stream_of` (document index -> stream) `stream_ids` (B, L), -1 on padding.
 
 For `padding: padded` runs and ablations against the packed path. Rows are padded to the
 longest document in the batch (or to a fixed `pad_to` length for static shapes).
@@ -7,7 +8,7 @@ longest document in the batch (or to a fixed `pad_to` length for static shapes).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -32,6 +33,7 @@ class PaddedMLMCollator:
         pad_to: int | None = None,
         generator: torch.Generator | None = None,
         seed: int | None = None,
+        stream_of: Callable[[int], int] | None = None,
     ) -> None:
         if pad_to is not None and pad_to < max_seq_len:
             raise DataError(f"pad_to={pad_to} is shorter than max_seq_len={max_seq_len}")
@@ -41,6 +43,7 @@ class PaddedMLMCollator:
         self.pad_to = pad_to
         self.generator = generator
         self.seed = seed  # when set, masks are seeded per batch from its documents' indices
+        self.stream_of = stream_of
 
     def __call__(self, docs: Sequence[Any]) -> dict[str, torch.Tensor]:
         seqs = [
@@ -64,9 +67,13 @@ class PaddedMLMCollator:
                 generator = documents_generator(self.seed, [int(d["index"]) for d in docs])
             masked, labels = self.masker(ids, generator)
             labels = labels.masked_fill(~mask.bool(), IGNORE_INDEX)
-        return {
+        batch = {
             "input_ids": masked,
             "attention_mask": mask,
             "labels": labels,
             "label_positions": label_positions(labels),
         }
+        if self.stream_of is not None:
+            streams = torch.tensor([self.stream_of(int(d["index"])) for d in docs])
+            batch["stream_ids"] = streams[:, None].expand(-1, length).masked_fill(~mask.bool(), -1)
+        return batch

@@ -57,6 +57,14 @@ def _check_local_index(local: str | Path) -> None:
             raise DataFileNotFoundError(f"{local}: shard {listed} listed in index.json is missing")
 
 
+def token_streams(seq_streams: Sequence[int], cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """(T,) stream index of every packed token; -1 for filler sequences past the documents."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    streams = torch.full((lengths.shape[0],), -1, dtype=torch.long)
+    streams[: len(seq_streams)] = torch.tensor(seq_streams, dtype=torch.long)
+    return torch.repeat_interleave(streams, lengths)
+
+
 class TokenDataset(StreamingDataset):
     """StreamingDataset of `{"input_ids": np.ndarray, "index": int}` documents.
 
@@ -77,8 +85,12 @@ class TokenDataset(StreamingDataset):
 
     def local_of(self, sample_id: int) -> str:
         """The local directory of the stream a sample comes from."""
+        return self.streams[self.stream_of(sample_id)].local
+
+    def stream_of(self, sample_id: int) -> int:
+        """Index (in the configured order) of the stream a sample comes from."""
         shard_id, _ = self.spanner[sample_id]
-        return self.streams[int(self.stream_per_shard[shard_id])].local
+        return int(self.stream_per_shard[shard_id])
 
 
 @dataclass(frozen=True)
@@ -183,8 +195,9 @@ class PackedMLMLoader:
 
     `input_ids` and `labels` are (total_tokens,) int64, `cu_seqlens` (num_seqs + 1,) int32,
     `max_seqlen` a python int and `label_positions` (M,) int64 the indices of the labelled
-    tokens; see `flexbert.data.packing` for the layout. The packing efficiency of everything
-    yielded so far is `self.efficiency`.
+    tokens; see `flexbert.data.packing` for the layout. With `stream_ids`, also `stream_ids`
+    (total_tokens,): each token's source stream (for per-stream evaluation of a mixture). The
+    packing efficiency of everything yielded so far is `self.efficiency`.
     """
 
     def __init__(
@@ -201,6 +214,7 @@ class PackedMLMLoader:
         num_workers: int = 0,
         read_batch_size: int | None = None,
         fixed_masks: bool = False,
+        stream_ids: bool = False,
     ) -> None:
         # Streaming partitions samples by its batch_size; the reading DataLoader must match it.
         if dataset.batch_size is None:
@@ -213,6 +227,7 @@ class PackedMLMLoader:
         self.masker = masker
         self.seed = seed
         self.fixed_masks = fixed_masks  # eval: every pass masks the same positions
+        self.stream_ids = stream_ids  # per-token source stream, for per-stream evaluation
         self.prefetch = prefetch
         self.num_workers = num_workers
         self.read_batch_size = dataset.batch_size
@@ -267,6 +282,9 @@ class PackedMLMLoader:
             "labels": labels,
             "label_positions": label_positions(labels),
         }
+        if self.stream_ids:
+            streams = [self.streaming_dataset.stream_of(int(key)) for key, _ in packed.keys]
+            batch["stream_ids"] = token_streams(streams, packed.cu_seqlens)
         return batch, packed.state
 
     def __iter__(self) -> Iterator[dict[str, Any]]:

@@ -6,6 +6,7 @@ Batches are dicts: either padded (`input_ids` (B, L), `attention_mask`) or packe
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -60,13 +61,20 @@ class ComposerFlexBertMLM(FlexBertComposerModel):
 
     input_keys = MLM_INPUTS
 
-    def __init__(self, model: FlexBertForMaskedLM) -> None:
+    def __init__(self, model: FlexBertForMaskedLM, stream_names: Sequence[str] = ()) -> None:
+        """`stream_names`: also evaluate each source of a mixture on its own tokens
+        ("MaskedAccuracy/web", ...; batches then carry per-token `stream_ids`)."""
         super().__init__(model)
         self.train_metrics = {"MaskedAccuracy": MaskedAccuracy(ignore_index=IGNORE_INDEX)}
         self.val_metrics = {
             "MaskedAccuracy": MaskedAccuracy(ignore_index=IGNORE_INDEX),
             "LanguageCrossEntropy": LanguageCrossEntropy(ignore_index=IGNORE_INDEX),
         }
+        for index, name in enumerate(stream_names):
+            for metric in (MaskedAccuracy, LanguageCrossEntropy):
+                m = metric(ignore_index=IGNORE_INDEX)
+                m.stream_index = index  # an attribute: Composer deep-copies eval metrics
+                self.val_metrics[f"{metric.__name__}/{name}"] = m
 
     def flops_per_batch(self, batch: dict[str, Any]) -> float:
         """Training FLOPs of a (host-side) batch, for Composer's SpeedMonitor: flops/s and,
@@ -87,12 +95,24 @@ class ComposerFlexBertMLM(FlexBertComposerModel):
     def update_metric(self, batch: dict[str, Any], outputs: FlexBertOutput, metric) -> None:
         labels = batch["labels"]
         logits = outputs.logits
+        streams = batch.get("stream_ids")
         if logits.shape[0] != labels.numel() and logits.dim() == 2:  # sparse prediction
             if "label_positions" in batch:
-                labels = labels.flatten().index_select(0, batch["label_positions"])
+                chosen = batch["label_positions"]
             else:
-                labels = labels[labels != IGNORE_INDEX]
+                chosen = (labels.flatten() != IGNORE_INDEX).nonzero().flatten()
+            labels = labels.flatten().index_select(0, chosen)
+            streams = None if streams is None else streams.flatten().index_select(0, chosen)
         else:
             logits = logits.reshape(-1, logits.shape[-1])
             labels = labels.reshape(-1)
+            streams = None if streams is None else streams.reshape(-1)
+        index = getattr(metric, "stream_index", None)
+        if index is not None:  # a per-stream metric: this stream's tokens only
+            if streams is None:
+                raise ValueError("per-stream metrics need batches with stream_ids")
+            keep = streams == index
+            logits, labels = logits[keep], labels[keep]
+            if labels.numel() == 0:  # none of this stream's tokens in the batch
+                return
         metric.update(logits, labels)

@@ -158,6 +158,27 @@ def get_shards(
     return out, manifest
 
 
+def eval_stream_names(data: DictConfig, eval_batches: int = -1) -> list[str] | None:
+    """The mixture's stream names when `data.eval_per_stream` asks for per-stream metrics.
+    `eval_batches` (trainer.eval_subset_num_batches) must be -1: the val split is read stream
+    after stream, so a subset would leave the later streams unevaluated."""
+    if not data.get("eval_per_stream"):
+        return None
+    streams = stream_specs(data)
+    if streams is None:
+        raise ConfigError(
+            "data.eval_per_stream=true needs a mixture (data.mds.streams); with one dataset the "
+            "eval metrics are already its own"
+        )
+    if eval_batches != -1:
+        raise ConfigError(
+            f"data.eval_per_stream=true needs trainer.eval_subset_num_batches=-1 (got "
+            f"{eval_batches}): the val split is read stream after stream, so a subset would "
+            "never reach the later streams"
+        )
+    return [s.name for s in streams]
+
+
 def _rows_per_rank(rows: int, what: str, world_size: int) -> int:
     if rows % world_size:
         raise ConfigError(f"data.{what}={rows} must be divisible by the world size ({world_size})")
@@ -186,6 +207,7 @@ def build_loaders(
     eval_micro = _rows_per_rank(data.eval_micro_batch_size, "eval_micro_batch_size", world_size)
     remote = data.mds.get("remote")
     streams = stream_specs(data)
+    per_stream = eval_stream_names(data) is not None
 
     def loader(split: str, rows: int, shuffle: bool, split_seed: int) -> Any:
         padded = model_cfg.padding == "padded"
@@ -199,9 +221,14 @@ def build_loaders(
             # The mixture weights shape training; evaluation reads every stream's val once.
             streams=streams and [s if split == "train" else s.unweighted() for s in streams],
         )
+        stream_ids = per_stream and split == "val"  # each eval token's source stream
         if padded:
             collator = PaddedMLMCollator(
-                model_cfg.pad_token_id, data.seq_len, maskers[split], seed=split_seed
+                model_cfg.pad_token_id,
+                data.seq_len,
+                maskers[split],
+                seed=split_seed,
+                stream_of=ds.stream_of if stream_ids else None,
             )
             return padded_loader(ds, rows, collator)
         return PackedMLMLoader(
@@ -214,6 +241,7 @@ def build_loaders(
             seed=split_seed,
             prefetch=data.prefetch,
             fixed_masks=split == "val",
+            stream_ids=stream_ids,
         )
 
     train = StepBatcher(loader("train", micro, True, seed), step, micro)

@@ -90,11 +90,11 @@ def _split(batch: dict[str, Any], microbatch_size: int | float | None) -> list[d
     for first in range(0, n, size):
         last = min(first + size, n)
         start, stop = bounds[first], bounds[last]
-        per_token = ("input_ids", "labels", "cu_seqlens", "label_positions")
+        per_token = ("input_ids", "labels", "cu_seqlens", "label_positions", "stream_ids")
         part = {k: v for k, v in batch.items() if k not in per_token}
-        part["input_ids"] = batch["input_ids"][start:stop]
-        if "labels" in batch:
-            part["labels"] = batch["labels"][start:stop]
+        for key in ("input_ids", "labels", "stream_ids"):
+            if key in batch:
+                part[key] = batch[key][start:stop]
         part["cu_seqlens"] = cu[first : last + 1] - start
         lengths = [b - a for a, b in zip(bounds[first:last], bounds[first + 1 : last + 1])]
         part["max_seqlen"] = max(lengths)

@@ -40,7 +40,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> tuple[Any, dict[str, Any]]:
     from flexbert.train.callbacks import LossHistory
     from flexbert.train.checkpoints import init_from, write_run_files
     from flexbert.train.composer_model import ComposerFlexBertMLM
-    from flexbert.train.data import build_loaders, get_shards, get_tokenizer
+    from flexbert.train.data import build_loaders, eval_stream_names, get_shards, get_tokenizer
     from flexbert.train.data_spec import flexbert_data_spec
     from flexbert.train.model_config import TOKENIZER_FIELDS, resolve_model_config
 
@@ -71,7 +71,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> tuple[Any, dict[str, Any]]:
             growth["layer_map"],
         )
     prepare_layers(cfg, mlm)
-    model = ComposerFlexBertMLM(mlm)
+    subset = int(cfg.trainer.get("eval_subset_num_batches", -1))
+    model = ComposerFlexBertMLM(mlm, eval_stream_names(cfg.data, subset) or ())
     history = LossHistory()
     world = dist.get_world_size()
     trainer = composer_trainer(
@@ -105,8 +106,9 @@ def _metrics(trainer: Any) -> dict[str, float]:
     import math
 
     out = eval_metrics(trainer)
-    if "LanguageCrossEntropy" in out:
-        out["Perplexity"] = math.exp(min(out["LanguageCrossEntropy"], 50.0))
+    for name, value in list(out.items()):  # also each stream's "LanguageCrossEntropy/<name>"
+        if name.split("/")[0] == "LanguageCrossEntropy":
+            out[name.replace("LanguageCrossEntropy", "Perplexity")] = math.exp(min(value, 50.0))
     return out
 
 

@@ -81,3 +81,50 @@ def test_shards_of_another_tokenizer_are_refused(mds_dir):
     other = train_tokenizer(CorpusSpec(source="stdlib", max_bytes=30_000).texts(), vocab_size=640)
     with pytest.raises(DataError, match="prepared with another tokenizer.*vocab_size"):
         check_manifest_tokenizer(read_manifest(mds_dir), other, mds_dir)
+
+
+def _stream_token_totals(ds) -> list[int]:
+    totals = [0] * len(ds.streams)
+    for sample in ds:
+        totals[ds.stream_of(sample["index"])] += len(sample["input_ids"])
+    return totals
+
+
+def test_packed_eval_batches_say_which_stream_each_token_came_from(
+    first_mds, second_mds, tokenizer
+):
+    """Every token of an epoch is attributed to its own stream: per-stream token totals of
+    the packed batches equal those of the documents (pieces and packing included)."""
+    import torch
+
+    from flexbert.data.loader import PackedMLMLoader
+    from flexbert.data.masking import MLMMasker
+
+    streams = [StreamSpec("one", str(first_mds)), StreamSpec("two", str(second_mds))]
+    ds = streaming_dataset(None, split="val", shuffle=False, batch_size=8, streams=streams)
+    expected = _stream_token_totals(ds)
+    assert all(expected)
+    masker = MLMMasker.from_tokenizer(tokenizer, 0.15)
+    loader = PackedMLMLoader(ds, 4, 64, masker, tokenizer.pad_token_id, stream_ids=True)
+    got = [0, 0]
+    for batch in loader:
+        ids = batch["stream_ids"]
+        assert ids.shape == batch["input_ids"].shape and ((ids == 0) | (ids == 1)).all()
+        starts = batch["cu_seqlens"][:-1].long()
+        ends = batch["cu_seqlens"][1:].long() - 1
+        assert torch.equal(ids[starts], ids[ends])  # one stream per packed sequence
+        got = [got[s] + int((ids == s).sum()) for s in (0, 1)]
+    assert got == expected
+
+
+def test_padded_eval_rows_say_their_stream(first_mds, second_mds, tokenizer):
+    from flexbert.data.collate import PaddedMLMCollator
+
+    streams = [StreamSpec("one", str(first_mds)), StreamSpec("two", str(second_mds))]
+    ds = streaming_dataset(None, split="val", shuffle=False, batch_size=8, streams=streams)
+    docs = [ds[0], ds[ds.num_samples - 1]]
+    batch = PaddedMLMCollator(0, 64, seed=1, stream_of=ds.stream_of)(docs)
+    mask = batch["attention_mask"].bool()
+    assert batch["stream_ids"][0][mask[0]].unique().tolist() == [0]
+    assert batch["stream_ids"][1][mask[1]].unique().tolist() == [1]
+    assert (batch["stream_ids"][~mask] == -1).all()

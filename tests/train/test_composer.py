@@ -184,3 +184,49 @@ def test_speed_monitor_logs_flops_per_second(tmp_path):
     ).fit()
     flops = [v for _, v in logged.data["throughput/flops_per_sec"]]
     assert flops and all(v > 0 for v in flops)
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_per_stream_metrics_split_the_combined_ones(sparse):
+    """Each stream's metrics see exactly its own labelled tokens: their counts and sums add
+    up to the combined metric's, and they survive Composer's deep copy of eval metrics."""
+    import copy
+
+    torch.manual_seed(0)
+    model = ComposerFlexBertMLM(
+        FlexBertForMaskedLM(ModelConfig.preset("tiny", sparse_prediction=sparse)), ["a", "b"]
+    )
+    metrics = copy.deepcopy(model.val_metrics)
+    assert set(metrics) == {
+        "MaskedAccuracy",
+        "LanguageCrossEntropy",
+        "MaskedAccuracy/a",
+        "LanguageCrossEntropy/a",
+        "MaskedAccuracy/b",
+        "LanguageCrossEntropy/b",
+    }
+    for batch in _batches(3, packed=True, positions=True):
+        lengths = [24, 17, 9, 24]
+        batch["stream_ids"] = torch.repeat_interleave(
+            torch.tensor([0, 1, 1, 0]), torch.tensor(lengths)
+        )
+        model.eval()
+        with torch.no_grad():
+            outputs = model.eval_forward(batch)
+        for metric in metrics.values():
+            model.update_metric(batch, outputs, metric)
+    acc = {k: v for k, v in metrics.items() if k.startswith("MaskedAccuracy")}
+    ce = {k: v for k, v in metrics.items() if k.startswith("LanguageCrossEntropy")}
+    for name in ("total", "correct"):
+        parts = getattr(acc["MaskedAccuracy/a"], name) + getattr(acc["MaskedAccuracy/b"], name)
+        assert parts == getattr(acc["MaskedAccuracy"], name)
+    assert acc["MaskedAccuracy/a"].total > 0 and acc["MaskedAccuracy/b"].total > 0
+    a, b, both = (
+        ce["LanguageCrossEntropy/a"],
+        ce["LanguageCrossEntropy/b"],
+        ce["LanguageCrossEntropy"],
+    )
+    assert a.total_items > 0 and b.total_items > 0
+    assert a.total_items + b.total_items == both.total_items
+    torch.testing.assert_close(a.sum_loss + b.sum_loss, both.sum_loss)
+    assert not torch.isclose(a.compute(), b.compute())  # different tokens, different losses

@@ -270,6 +270,8 @@ def test_a_mixture_of_streams_trains_and_is_recorded(first_run, tiny_run_config,
         "data.corpus=null",
         f"data.tokenizer.path={root / 'run' / 'tokenizer'}",
         f"data.mds.streams={streams}",
+        "data.eval_per_stream=true",
+        "trainer.eval_subset_num_batches=-1",
         "trainer.max_duration=2ba",
         "trainer.eval_interval=2ba",
         "callbacks.batch_size_warmup=null",
@@ -280,6 +282,26 @@ def test_a_mixture_of_streams_trains_and_is_recorded(first_run, tiny_run_config,
     assert [s["name"] for s in summary["data"]["streams"]] == ["web", "code"]
     assert [s["proportion"] for s in summary["data"]["streams"]] == [0.7, 0.3]
     assert set(summary["data"]["counts"]) == {"web", "code"}
+    # each source evaluated on its own tokens too; code is a copy of web: the same text
+    ev = summary["eval"]
+    for metric in ("MaskedAccuracy", "LanguageCrossEntropy", "Perplexity"):
+        assert {f"{metric}/web", f"{metric}/code"} <= set(ev)
+    assert ev["LanguageCrossEntropy/web"] == pytest.approx(ev["LanguageCrossEntropy/code"], rel=0.1)
+
+
+def test_per_stream_eval_needs_a_mixture(tiny_run_config):
+    from flexbert.train.data import eval_stream_names
+
+    cfg = tiny_run_config("data.eval_per_stream=true")
+    with pytest.raises(ConfigError, match=r"eval_per_stream=true needs a mixture"):
+        eval_stream_names(cfg.data)
+    assert eval_stream_names(tiny_run_config().data) is None
+    mixture = tiny_run_config(
+        "data.corpus=null", "data.mds.streams={a: {dir: /x}}", "data.eval_per_stream=true"
+    )
+    with pytest.raises(ConfigError, match=r"eval_subset_num_batches=-1 \(got 50\)"):
+        eval_stream_names(mixture.data, 50)
+    assert eval_stream_names(mixture.data, -1) == ["a"]
 
 
 @pytest.mark.parametrize(
