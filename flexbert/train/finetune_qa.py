@@ -26,6 +26,7 @@ from torchmetrics import Metric
 from flexbert.data.errors import DataError
 from flexbert.outputs import FlexBertOutput
 from flexbert.train.composer_model import FlexBertComposerModel
+from flexbert.train.tasks import check_fields, pad_rows
 
 QA_INPUTS = ("input_ids", "attention_mask", "start_positions", "end_positions")
 QA_METRICS = ("exact_match", "f1")
@@ -89,8 +90,6 @@ def encode_questions(
     """text_fields = [question, context], label_field = answers -> one row per example with
     the answer's token span and, `for_eval`, what decoding needs (context offsets, gold texts:
     kept for the eval split only, they outweigh the ids)."""
-    from flexbert.train.tasks import check_fields
-
     fields = list(task["text_fields"])
     if len(fields) != 2:
         raise DataError(
@@ -140,12 +139,8 @@ class QACollator:
         self.pad_id = pad_id
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
-        width = max(len(r["input_ids"]) for r in rows)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, : len(r["input_ids"])] = torch.tensor(r["input_ids"])
-            mask[i, : len(r["input_ids"])] = 1
+        ids, mask = pad_rows([r["input_ids"] for r in rows], self.pad_id)
+        width = ids.shape[1]
         batch = {
             "input_ids": ids,
             "attention_mask": mask,

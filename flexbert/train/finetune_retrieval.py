@@ -18,6 +18,7 @@ from torchmetrics import Metric
 from flexbert.outputs import FlexBertOutput
 from flexbert.registry import ConfigError
 from flexbert.train.composer_model import FlexBertComposerModel
+from flexbert.train.tasks import pad_rows
 
 
 def load_embedding_model(path: str | Path, **overrides: Any) -> Any:
@@ -44,15 +45,6 @@ def encode_pairs(
     return [{"input_ids": a, "cand_ids": b} for a, b in zip(q_ids, p_ids)]
 
 
-def _pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)], mask[i, : len(s)] = torch.tensor(s), 1
-    return ids, mask
-
-
 class PairCollator:
     """Queries and positives padded separately, each to its own longest row."""
 
@@ -60,8 +52,8 @@ class PairCollator:
         self.pad_id = pad_id
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        ids, mask = _pad([r["input_ids"] for r in rows], self.pad_id)
-        cand, cand_mask = _pad([r["cand_ids"] for r in rows], self.pad_id)
+        ids, mask = pad_rows([r["input_ids"] for r in rows], self.pad_id)
+        cand, cand_mask = pad_rows([r["cand_ids"] for r in rows], self.pad_id)
         return {"input_ids": ids, "attention_mask": mask, "cand_ids": cand, "cand_mask": cand_mask}
 
 

@@ -219,6 +219,16 @@ def _non_empty(out: dict[str, list], names: Mapping[str, str]) -> dict[str, list
     return out
 
 
+def pad_rows(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists -> (B, longest) ids padded with pad_id and the (B, longest) 0/1 mask."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)], mask[i, : len(s)] = torch.tensor(s), 1
+    return ids, mask
+
+
 class Collator:
     """Dynamic padding: each batch is padded to its longest row (labels with -100 per token)."""
 
@@ -226,12 +236,8 @@ class Collator:
         self.pad_id, self.regression = pad_id, regression
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        width = max(len(r["input_ids"]) for r in rows)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, : len(r["input_ids"])] = torch.tensor(r["input_ids"])
-            mask[i, : len(r["input_ids"])] = 1
+        ids, mask = pad_rows([r["input_ids"] for r in rows], self.pad_id)
+        width = ids.shape[1]
         first = rows[0]["labels"]
         if isinstance(first, list):
             labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
