@@ -1,5 +1,6 @@
 """Activation memory of one MLM training step, on any device: the bytes autograd keeps for the
-backward (saved-tensor hooks; weights not counted), with and without activation checkpointing.
+backward (saved-tensor hooks; the parameters' own storage not counted, autocast's bf16 copies
+of them are), with and without activation checkpointing.
 What decides the batch that fits at 8192 tokens, measured without a GPU.
 
     PYTHONPATH=. python -m flexbert.bench.activation_memory --size base --rows 1 --len 8192
@@ -18,7 +19,8 @@ import flexbert
 
 
 def saved_activation_bytes(model: torch.nn.Module, inputs: dict[str, Any], bf16: bool) -> int:
-    """Bytes of the distinct tensors autograd saves in one forward (parameters excluded)."""
+    """Bytes of the distinct storages autograd saves in one forward (the parameters' own
+    excluded; autocast's low-precision copies of them included: they are held too)."""
     kept: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:

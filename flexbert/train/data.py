@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -92,6 +93,11 @@ def stream_specs(data: DictConfig) -> list[StreamSpec] | None:
     specs = []
     for name, node in streams.items():
         node = node or {}
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", str(name)):
+            raise ConfigError(
+                f"data.mds.streams: name {name!r} may hold only letters, digits, '_', '.' and "
+                "'-' (it names the stream's metrics)"
+            )
         unknown = sorted(set(node) - set(STREAM_KEYS))
         if unknown:
             raise ConfigError(
@@ -161,7 +167,9 @@ def get_shards(
 def eval_stream_names(data: DictConfig, eval_batches: int = -1) -> list[str] | None:
     """The mixture's stream names when `data.eval_per_stream` asks for per-stream metrics.
     `eval_batches` (trainer.eval_subset_num_batches) must be -1: the val split is read stream
-    after stream, so a subset would leave the later streams unevaluated."""
+    after stream, so a subset would leave the later streams unevaluated. (With several ranks
+    every rank stops at the shortest rank's last batch, for these metrics as for the
+    combined ones, so a few of the last stream's documents may go unscored.)"""
     if not data.get("eval_per_stream"):
         return None
     streams = stream_specs(data)

@@ -26,7 +26,7 @@ from flexbert.train.app import (
     trainer_kwargs,
 )
 from flexbert.train.checkpoints import last_checkpoint
-from flexbert.train.runtime import is_main_process, start_distributed, trained_model
+from flexbert.train.runtime import final_model, is_main_process, start_distributed
 
 
 def _loader(rows: list[dict[str, Any]], batch_size: int, collate: Any, shuffle: bool) -> Any:
@@ -115,7 +115,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     if not metrics:  # no eval ran during fit (eval_interval longer than the run)
         trainer.eval()
         metrics = eval_metrics(trainer)
-    model = trained_model(trainer)
+    model = final_model(trainer)
     main = is_main_process()
     hf_dir = run_dir / "hf"
     if cfg.get("export_hf", True) and main:

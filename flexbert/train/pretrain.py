@@ -25,7 +25,7 @@ from flexbert.train.app import (
     trainer_kwargs,
 )
 from flexbert.train.checkpoints import last_checkpoint
-from flexbert.train.runtime import is_main_process, start_distributed, trained_model
+from flexbert.train.runtime import final_model, is_main_process, start_distributed
 
 log = logging.getLogger("flexbert.train")
 
@@ -137,7 +137,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     seconds = time.perf_counter() - t0
     trainer.eval()
     metrics = _metrics(trainer)
-    model = trained_model(trainer)
+    model = final_model(trainer)
     main = is_main_process()
     hf_dir = run_dir / "hf"
     export = cfg.get("export_hf", True) and main

@@ -51,3 +51,15 @@ def trained_model(trainer: Any) -> Any:
     """The FlexBERT model inside the trainer's ComposerModel (unwrapping DDP)."""
     wrapper = trainer.state.model
     return getattr(wrapper, "module", wrapper).model
+
+
+def final_model(trainer: Any) -> Any:
+    """The model a finished run exports: with Composer's EMA, the averaged weights (what its
+    evaluations and checkpoints hold) are put in place of the training ones first."""
+    from composer.algorithms import EMA
+
+    for algorithm in trainer.state.algorithms:
+        started = isinstance(algorithm, EMA) and algorithm.ema_model is not None
+        if started and not algorithm.ema_weights_active:
+            algorithm.get_ema_model(trainer.state.model)
+    return trained_model(trainer)

@@ -205,6 +205,7 @@ def test_per_stream_metrics_split_the_combined_ones(sparse):
         "MaskedAccuracy/b",
         "LanguageCrossEntropy/b",
     }
+    expected = {s: {"total": 0, "correct": 0, "loss": 0.0} for s in (0, 1)}
     for batch in _batches(3, packed=True, positions=True):
         lengths = [24, 17, 9, 24]
         batch["stream_ids"] = torch.repeat_interleave(
@@ -215,6 +216,21 @@ def test_per_stream_metrics_split_the_combined_ones(sparse):
             outputs = model.eval_forward(batch)
         for metric in metrics.values():
             model.update_metric(batch, outputs, metric)
+        # by hand: the labelled tokens of each stream, their logits picked by position
+        positions = batch["label_positions"]
+        logits = outputs.logits if sparse else outputs.logits[positions]
+        labels, streams = batch["labels"][positions], batch["stream_ids"][positions]
+        for s in (0, 1):
+            mine = streams == s
+            expected[s]["total"] += int(mine.sum())
+            expected[s]["correct"] += int((logits[mine].argmax(-1) == labels[mine]).sum())
+            loss = torch.nn.functional.cross_entropy(logits[mine], labels[mine], reduction="sum")
+            expected[s]["loss"] += float(loss)
+    for s, name in ((0, "a"), (1, "b")):
+        assert int(metrics[f"MaskedAccuracy/{name}"].total) == expected[s]["total"]
+        assert int(metrics[f"MaskedAccuracy/{name}"].correct) == expected[s]["correct"]
+        ce = metrics[f"LanguageCrossEntropy/{name}"]
+        assert float(ce.sum_loss) == pytest.approx(expected[s]["loss"], rel=1e-5)
     acc = {k: v for k, v in metrics.items() if k.startswith("MaskedAccuracy")}
     ce = {k: v for k, v in metrics.items() if k.startswith("LanguageCrossEntropy")}
     for name in ("total", "correct"):

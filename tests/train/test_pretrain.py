@@ -289,6 +289,18 @@ def test_a_mixture_of_streams_trains_and_is_recorded(first_run, tiny_run_config,
     assert ev["LanguageCrossEntropy/web"] == pytest.approx(ev["LanguageCrossEntropy/code"], rel=0.1)
 
 
+def test_a_stream_name_that_cannot_name_metrics_is_refused():
+    from omegaconf import OmegaConf
+
+    from flexbert.train.data import stream_specs
+
+    data = OmegaConf.create({"mds": {"streams": {"wiki(en": {"dir": "/x"}}}})
+    with pytest.raises(ConfigError, match=r"name 'wiki\(en' may hold only letters"):
+        stream_specs(data)
+    ok = OmegaConf.create({"mds": {"streams": {"wiki-en_2.0": {"dir": "/x"}}}})
+    assert [s.name for s in stream_specs(ok)] == ["wiki-en_2.0"]
+
+
 def test_per_stream_eval_needs_a_mixture(tiny_run_config):
     from flexbert.train.data import eval_stream_names
 
@@ -466,3 +478,23 @@ def test_init_from_with_another_tokenizer_names_the_fix(first_run, tiny_run_conf
     )
     with pytest.raises(ConfigError, match="vocab_size differs.*data.tokenizer.path"):
         train(cfg, tmp_path / "run")
+
+
+def test_with_ema_the_export_is_the_averaged_model(tiny_run_config, tmp_path):
+    """Composer's EMA evaluates and checkpoints the averaged weights; hf/ must be them too
+    (not the raw training weights that are back in place after the last evaluation)."""
+    from flexbert import FlexBertForMaskedLM
+
+    cfg = tiny_run_config(
+        "algorithms=ema",
+        "algorithms.ema.half_life=2ba",
+        "trainer.max_duration=4ba",
+        "trainer.eval_interval=2ba",
+        "trainer.save_interval=4ba",
+    )
+    summary = train(cfg, tmp_path / "run")
+    state = torch.load(summary["paths"]["last_checkpoint"], weights_only=False)["state"]
+    saved = state["model"]
+    exported = FlexBertForMaskedLM.from_hf(summary["paths"]["hf"]).state_dict()
+    for key in ("model.layers.0.attn.Wqkv.weight", "model.layers.1.mlp.Wo.weight"):
+        torch.testing.assert_close(exported[key], saved["model." + key], rtol=0, atol=0)
