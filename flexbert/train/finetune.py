@@ -68,7 +68,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> tuple[Any, dict[str, Any]]:
     check_tokenizer_matches(tokenizer, **{k: getattr(model.config, k) for k in TOKENIZER_FIELDS})
     max_len = min(int(cfg.data.max_seq_len), model.config.max_seq_len)
     examples, label_names = build_examples(cfg.task, tokenizer, max_len)
-    composer_model, collate = composer_parts(cfg.task, model, tokenizer.pad_token_id)
+    composer_model, collate = composer_parts(cfg.task, model, tokenizer.pad_token_id, label_names)
     if is_main_process():
         task = {"name": cfg.task.name, "type": cfg.task.type, "labels": label_names}
         write_run_files(run_dir, model.config, tokenizer, task)

@@ -45,8 +45,63 @@ class EntityF1(Metric):
         return 2 * self.correct / denom if denom > 0 else torch.tensor(0.0)
 
 
-def build_metrics(kind: str, num_labels: int, names: Sequence[str]) -> dict[str, Metric]:
-    """The task's metrics by name: accuracy, f1, matthews, pearson, spearman, entity_f1."""
+def entity_spans(tags: Sequence[str]) -> set[tuple[str, int, int]]:
+    """(type, first, last) of every entity in a BIO tag sequence (IOB2, or IOB1 where an I-X
+    after O or another type opens an entity, as conlleval reads it)."""
+    spans, current = set(), None  # current: [type, first, last]
+    for i, tag in enumerate([*tags, "O"]):
+        prefix, _, kind = tag.partition("-")
+        continues = prefix == "I" and current is not None and current[0] == kind
+        if current is not None and not continues:
+            spans.add(tuple(current))
+            current = None
+        if prefix == "B" or (prefix == "I" and not continues):
+            current = [kind, i, i]
+        elif continues:
+            current[2] = i
+    return spans
+
+
+def check_bio_names(label_names: Sequence[str] | None) -> list[str]:
+    from flexbert import ConfigError
+
+    bad = [n for n in label_names or [] if n != "O" and n.partition("-")[0] not in ("B", "I")]
+    if not label_names or bad:
+        raise ConfigError(
+            "task.metrics: span_f1 needs BIO label names (O, B-TYPE, I-TYPE) from "
+            f"task.label_names, string labels or the dataset's ClassLabel; got {label_names}"
+        )
+    return list(label_names)
+
+
+class SpanF1(Metric):
+    """CoNLL entity F1: a predicted entity counts when its type and exact span match a gold
+    one; micro-averaged over every entity of the evaluation (conlleval / seqeval's default)."""
+
+    def __init__(self, label_names: Sequence[str]) -> None:
+        super().__init__()
+        self.label_names = check_bio_names(label_names)
+        for name in ("correct", "predicted", "gold"):
+            self.add_state(name, default=torch.tensor(0.0), dist_reduce_fx="sum")
+
+    def update(self, preds: Sequence[Sequence[int]], target: Sequence[Sequence[int]]) -> None:
+        for p, t in zip(preds, target):
+            pred = entity_spans([self.label_names[i] for i in p])
+            gold = entity_spans([self.label_names[i] for i in t])
+            self.correct += len(pred & gold)
+            self.predicted += len(pred)
+            self.gold += len(gold)
+
+    def compute(self) -> torch.Tensor:
+        denom = self.predicted + self.gold
+        return 2 * self.correct / denom if denom > 0 else torch.tensor(0.0)
+
+
+def build_metrics(
+    kind: str, num_labels: int, names: Sequence[str], label_names: Sequence[str] | None = None
+) -> dict[str, Metric]:
+    """The task's metrics by name: accuracy, f1, matthews, pearson, spearman, entity_f1,
+    span_f1 (token classification with BIO label names)."""
     from torchmetrics.classification import (
         BinaryF1Score,
         MulticlassAccuracy,
@@ -63,11 +118,12 @@ def build_metrics(kind: str, num_labels: int, names: Sequence[str]) -> dict[str,
         "pearson": PearsonCorrCoef,
         "spearman": SpearmanCorrCoef,
         "entity_f1": EntityF1,
+        "span_f1": lambda: SpanF1(label_names),
     }
     allowed = {
         "sequence_classification": ("accuracy", "f1", "matthews"),
         "regression": ("pearson", "spearman"),
-        "token_classification": ("accuracy", "f1", "matthews", "entity_f1"),
+        "token_classification": ("accuracy", "f1", "matthews", "entity_f1", "span_f1"),
         "multiple_choice": ("accuracy",),
     }[kind]
     bad = [m for m in names if m not in allowed]
@@ -81,10 +137,16 @@ def build_metrics(kind: str, num_labels: int, names: Sequence[str]) -> dict[str,
 class ComposerFlexBertClassifier(FlexBertComposerModel):
     """Sequence classification/regression or token classification; loss from the head."""
 
-    def __init__(self, model: torch.nn.Module, kind: str, metrics: Sequence[str]) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        kind: str,
+        metrics: Sequence[str],
+        label_names: Sequence[str] | None = None,
+    ) -> None:
         super().__init__(model)
         self.kind = kind
-        self.val_metrics = build_metrics(kind, model.config.num_labels, metrics)
+        self.val_metrics = build_metrics(kind, model.config.num_labels, metrics, label_names)
 
     def predictions(
         self, outputs: FlexBertOutput, batch: dict[str, Any]
@@ -100,6 +162,14 @@ class ComposerFlexBertClassifier(FlexBertComposerModel):
         return preds, labels
 
     def update_metric(self, batch: dict[str, Any], outputs: FlexBertOutput, metric) -> None:
+        if isinstance(metric, SpanF1):  # whole sentences: entities must not run across rows
+            preds, labels = outputs.logits.detach().argmax(-1).tolist(), batch["labels"].tolist()
+            rows = [
+                [(p, t) for p, t in zip(pr, tr) if t != IGNORE_INDEX]
+                for pr, tr in zip(preds, labels)
+            ]
+            metric.update([[p for p, _ in r] for r in rows], [[t for _, t in r] for r in rows])
+            return
         preds, target = self.predictions(outputs, batch)
         metric.update(preds, target)
 
@@ -143,7 +213,9 @@ def load_task_model(cfg: Any) -> Any:
     )
 
 
-def composer_parts(task: Any, model: torch.nn.Module, pad_id: int) -> tuple[ComposerModel, Any]:
+def composer_parts(
+    task: Any, model: torch.nn.Module, pad_id: int, label_names: Sequence[str] | None = None
+) -> tuple[ComposerModel, Any]:
     """The Composer wrapper and the batch collator for the task type."""
     from flexbert.train.finetune_qa import ComposerFlexBertQA, QACollator
     from flexbert.train.finetune_retrieval import ComposerFlexBertRetrieval, PairCollator
@@ -158,7 +230,7 @@ def composer_parts(task: Any, model: torch.nn.Module, pad_id: int) -> tuple[Comp
         gather = bool(task.get("gather_negatives", True))
         wrapper = ComposerFlexBertRetrieval(model, gather, list(task.metrics))
         return wrapper, PairCollator(pad_id)
-    wrapper = ComposerFlexBertClassifier(model, task.type, list(task.metrics))
+    wrapper = ComposerFlexBertClassifier(model, task.type, list(task.metrics), label_names)
     if task.type == "multiple_choice":
         return wrapper, ChoiceCollator(pad_id)
     return wrapper, Collator(pad_id, regression=task.type == "regression")

@@ -83,12 +83,23 @@ def check_fields(ds: Any, fields: Sequence[str], split: str) -> None:
         )
 
 
-def label_mapper(task: Mapping[str, Any], values: Sequence[Any]) -> tuple[Any, list[str] | None]:
-    """A function raw label -> target, and the label names (for id2label) when known."""
+def feature_label_names(ds: Any, field: str) -> list[str] | None:
+    """The names of a `datasets` ClassLabel column (or a sequence of ClassLabel), if it is one."""
+    feature = (getattr(ds, "features", None) or {}).get(field)
+    inner = getattr(feature, "feature", feature)  # Sequence / List(ClassLabel) -> ClassLabel
+    names = getattr(inner, "names", None)
+    return list(names) if names else None
+
+
+def label_mapper(
+    task: Mapping[str, Any], values: Sequence[Any], known_names: Sequence[str] | None = None
+) -> tuple[Any, list[str] | None]:
+    """A function raw label -> target, and the label names (for id2label) when known: from
+    task.label_names, else `known_names` (a ClassLabel column's), else string labels."""
     kind, num_labels = task["type"], int(task["num_labels"])
     if kind == "regression":
         return float, None
-    names = list(task.get("label_names") or [])
+    names = list(task.get("label_names") or known_names or [])
     if not names and any(isinstance(v, str) for v in values):
         names = sorted({str(v) for v in values})  # string labels: ids in sorted order
     if len(names) > num_labels:
@@ -204,7 +215,9 @@ def build_examples(
     values = train[task["label_field"]]
     if kind == "token_classification":
         values = [v for tags in values for v in tags]
-    to_label, label_names = label_mapper(task, values)
+    to_label, label_names = label_mapper(
+        task, values, feature_label_names(train, task["label_field"])
+    )
     encode = {"token_classification": encode_tokens, "multiple_choice": encode_choices}.get(
         kind, encode_sequences
     )
