@@ -126,11 +126,16 @@ def build_metrics(
         "token_classification": ("accuracy", "f1", "matthews", "entity_f1", "span_f1"),
         "multiple_choice": ("accuracy",),
     }[kind]
+    from flexbert import ConfigError
+
     bad = [m for m in names if m not in allowed]
     if bad:
-        from flexbert import ConfigError
-
         raise ConfigError(f"task.metrics: {bad} do not apply to {kind}; choose from {allowed}")
+    if "span_f1" in names and label_names is not None and len(label_names) != num_labels:
+        raise ConfigError(
+            f"task.metrics: span_f1 needs a name for each of the task.num_labels={num_labels} "
+            f"labels, got {len(label_names)} ({list(label_names)}); set task.label_names"
+        )
     return {m: factories[m]() for m in names}
 
 

@@ -101,7 +101,9 @@ def label_mapper(
         return float, None
     names = list(task.get("label_names") or known_names or [])
     if not names and any(isinstance(v, str) for v in values):
-        names = sorted({str(v) for v in values})  # string labels: ids in sorted order
+        names = sorted({str(v) for v in values})  # string labels: ids in sorted order,
+        if kind == "token_classification" and "O" in names:  # but the outside tag is id 0
+            names = ["O", *[n for n in names if n != "O"]]
     if len(names) > num_labels:
         raise DataError(f"{len(names)} labels {names} but task.num_labels={num_labels}")
     index = {n: i for i, n in enumerate(names)}

@@ -51,6 +51,10 @@ def test_span_f1_counts_exact_typed_spans():
         check_bio_names(["person", "O"])
     with pytest.raises(ConfigError, match="span_f1 needs BIO label names"):
         check_bio_names(None)
+    from flexbert.train.finetune_model import build_metrics
+
+    with pytest.raises(ConfigError, match=r"num_labels=7 labels, got 5"):
+        build_metrics("token_classification", 7, ["span_f1"], NAMES)
 
 
 def test_entities_never_run_from_one_sentence_into_the_next():
@@ -90,6 +94,45 @@ def test_class_label_columns_name_the_labels():
     task = {"type": "token_classification", "num_labels": 5}
     to_id, names = label_mapper(task, [1, 2], feature_label_names(ds, "ner_tags"))
     assert names == NAMES and to_id(2) == 2
+
+
+def test_a_saved_class_label_dataset_names_its_tags(pretrained, tmp_path):  # noqa: F811
+    """Through build_examples, as a run reads it: a datasets directory whose tags column is a
+    sequence of ClassLabel gives the names (for span_f1 and the export's id2label)."""
+    import datasets
+
+    from flexbert.data.tokenizer import load_tokenizer
+    from flexbert.train.tasks import build_examples
+
+    features = datasets.Features(
+        {
+            "tokens": datasets.Sequence(datasets.Value("string")),
+            "ner_tags": datasets.Sequence(datasets.ClassLabel(names=NAMES)),
+        }
+    )
+    rows = {"tokens": [["Ada", "in", "Paris"]] * 4, "ner_tags": [[1, 0, 3]] * 4}
+    split = datasets.Dataset.from_dict(rows, features=features)
+    datasets.DatasetDict({"train": split, "validation": split}).save_to_disk(tmp_path / "ds")
+    task = {
+        "type": "token_classification",
+        "num_labels": 5,
+        "dataset": {"path": str(tmp_path / "ds")},
+        "train_split": "train",
+        "eval_split": "validation",
+        "text_fields": ["tokens"],
+        "label_field": "ner_tags",
+    }
+    examples, names = build_examples(task, load_tokenizer(pretrained), 32)
+    assert names == NAMES
+    assert [t for t in examples["eval"][0]["labels"] if t != -100] == [1, 0, 3]
+
+
+def test_string_tags_put_the_outside_tag_first():
+    from flexbert.train.tasks import label_mapper
+
+    task = {"type": "token_classification", "num_labels": 3}
+    to_id, names = label_mapper(task, ["B-KEY", "O", "I-KEY"])
+    assert names == ["O", "B-KEY", "I-KEY"] and to_id("O") == 0  # what entity_f1 assumes
 
 
 def test_ner_with_bio_tags_reports_span_f1(pretrained, tmp_path):  # noqa: F811
