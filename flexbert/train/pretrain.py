@@ -132,16 +132,22 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     trainer, facts = build_trainer(cfg, run_dir)
     state = trainer.state
     start_batch, start_tokens = int(state.timestamp.batch), int(state.timestamp.token)
+    eval_only = bool(cfg.get("eval_only"))
     t0 = time.perf_counter()
-    trainer.fit()
+    if not eval_only:
+        trainer.fit()
     seconds = time.perf_counter() - t0
     trainer.eval()
     metrics = _metrics(trainer)
     model = final_model(trainer)
     main = is_main_process()
     hf_dir = run_dir / "hf"
-    export = cfg.get("export_hf", True) and main
-    skipped = _export(model, facts["tokenizer"], hf_dir) if export else "off"
+    if eval_only:
+        skipped = "eval_only (nothing was trained)"
+    elif cfg.get("export_hf", True) and main:
+        skipped = _export(model, facts["tokenizer"], hf_dir)
+    else:
+        skipped = "off"
     tokens = int(state.timestamp.token) - start_tokens
     steps = facts["history"].steps
     last = last_checkpoint(run_dir)
@@ -187,10 +193,15 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
 def report(summary: dict[str, Any]) -> str:
     """The closing console message: what was trained and where everything went."""
     t, e, p = summary["train"], summary["eval"], summary["paths"]
+    done = (
+        "evaluated (eval_only)"
+        if summary["config"].get("eval_only")
+        else f"done in {t['seconds']:.0f}s, {t['batches']} batches, {t['tokens']:,} tokens "
+        f"({t['tokens_per_second'] or 0:,.0f} tokens/s)"
+    )
     lines = [
         "",
-        f"flexbert-train: done in {t['seconds']:.0f}s, {t['batches']} batches, "
-        f"{t['tokens']:,} tokens ({t['tokens_per_second'] or 0:,.0f} tokens/s)",
+        f"flexbert-train: {done}",
         f"  train loss   {t['loss_first']:.3f} -> {t['loss_last']:.3f}"
         if t["loss_first"] is not None
         else "  train loss   (no steps this run)",

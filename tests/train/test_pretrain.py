@@ -498,3 +498,29 @@ def test_with_ema_the_export_is_the_averaged_model(tiny_run_config, tmp_path):
     exported = FlexBertForMaskedLM.from_hf(summary["paths"]["hf"]).state_dict()
     for key in ("model.layers.0.attn.Wqkv.weight", "model.layers.1.mlp.Wo.weight"):
         torch.testing.assert_close(exported[key], saved["model." + key], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("source", ["checkpoint", "hf"])
+def test_eval_only_scores_a_trained_model_as_its_run_did(
+    first_run, tiny_run_config, tmp_path, source
+):
+    """eval_only=true evaluates the starting weights without a step: the first run's final
+    model (its last checkpoint, or its hf/ export) gets the first run's eval numbers."""
+    root, _, first = first_run
+    start = (
+        [f"trainer.load_path={first['paths']['last_checkpoint']}"]
+        if source == "checkpoint"
+        else [f"init_from.path={first['paths']['hf']}"]
+    )
+    cfg = tiny_run_config(
+        f"paths.cache_dir={root / 'cache'}",
+        "eval_only=true",
+        "callbacks.batch_size_warmup=null",
+        *start,
+    )
+    summary = train(cfg, tmp_path / "eval")
+    assert summary["train"]["batches_this_run"] == 0 and summary["train"]["loss_curve"] == []
+    for name, value in first["eval"].items():
+        assert summary["eval"][name] == pytest.approx(value, rel=1e-5), name
+    assert summary["paths"]["hf"] is None and "eval_only" in summary["paths"]["hf_skipped"]
+    assert "evaluated (eval_only)" in report(summary)
