@@ -42,6 +42,15 @@ TINY_RUN = [
 ]
 
 
+# A 2-batch run that evaluates once and exports nothing: for tests about one behaviour.
+SHORT_RUN = [
+    "trainer.max_duration=2ba",
+    "trainer.eval_interval=2ba",
+    "callbacks.batch_size_warmup=null",
+    "export_hf=false",
+]
+
+
 def compose_config(overrides: list[str] | None = None, return_hydra: bool = False) -> DictConfig:
     """Compose conf/pretrain.yaml (plus experiments/ablations) the way flexbert-train does."""
     register_overlays()
@@ -55,6 +64,17 @@ def tiny_run_config(tmp_path):
         return compose_config([*TINY_RUN, f"paths.cache_dir={tmp_path / 'cache'}", *extra])
 
     return make
+
+
+@pytest.fixture(scope="session")
+def first_run(tmp_path_factory):
+    """One 6-batch run (checkpoints at batches 3 and 6), shared by the pretraining tests."""
+    from flexbert.train.pretrain import train
+
+    root = tmp_path_factory.mktemp("pretrain")
+    cfg = compose_config([*TINY_RUN, f"paths.cache_dir={root / 'cache'}"])
+    summary = train(cfg, root / "run")
+    return root, cfg, summary
 
 
 @pytest.fixture(autouse=True)

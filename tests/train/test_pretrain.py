@@ -15,19 +15,9 @@ from flexbert import ConfigError
 from flexbert.train.checkpoints import load_checkpoint_model, read_model_config
 from flexbert.train.export import main as export_main
 from flexbert.train.pretrain import report, train
+from tests.train.conftest import SHORT_RUN
 
 GOLDEN = Path(__file__).with_name("golden_loss.json")
-
-
-@pytest.fixture(scope="module")
-def first_run(tmp_path_factory):
-    """One 6-batch run (checkpoints at batches 3 and 6), shared by the tests below."""
-    from tests.train.conftest import TINY_RUN, compose_config
-
-    root = tmp_path_factory.mktemp("pretrain")
-    cfg = compose_config([*TINY_RUN, f"paths.cache_dir={root / 'cache'}"])
-    summary = train(cfg, root / "run")
-    return root, cfg, summary
 
 
 def test_run_writes_summary_checkpoints_and_hf_export(first_run):
@@ -119,13 +109,7 @@ def test_golden_losses_of_the_short_deterministic_run(first_run):
 
 
 def test_padded_layout_trains_through_the_same_entry_point(tiny_run_config, tmp_path):
-    cfg = tiny_run_config(
-        "model.padding=padded",
-        "trainer.max_duration=2ba",
-        "trainer.eval_interval=2ba",
-        "callbacks.batch_size_warmup=null",
-        "export_hf=false",
-    )
+    cfg = tiny_run_config("model.padding=padded", *SHORT_RUN)
     summary = train(cfg, tmp_path / "padded")
     assert summary["train"]["batches"] == 2 and summary["paths"]["hf"] is None
     assert summary["model_config"]["padding"] == "padded"
@@ -240,110 +224,6 @@ def test_two_ranks_train_and_resume_exactly_under_composers_launcher(first_run, 
     assert [s["loss"] for s in resumed["train"]["loss_curve"]] == pytest.approx(tail, rel=1e-5)
 
 
-def test_shards_stream_from_a_remote_into_the_local_cache(first_run, tiny_run_config, tmp_path):
-    """data.mds.remote (here a directory standing in for an object store) is read through
-    mosaicml-streaming's cache in data.mds.dir, as a multi-node run reads s3://..."""
-    root, _, first = first_run
-    cache = tmp_path / "mds_cache"
-    cfg = tiny_run_config(
-        "data.corpus=null",
-        f"data.tokenizer.path={root / 'run' / 'tokenizer'}",
-        f"data.mds.remote={first['data']['mds_dir']}",
-        f"data.mds.dir={cache}",
-        "trainer.max_duration=2ba",
-        "trainer.eval_interval=2ba",
-        "callbacks.batch_size_warmup=null",
-        "export_hf=false",
-    )
-    summary = train(cfg, tmp_path / "run")
-    assert summary["train"]["batches"] == 2
-    assert (cache / "train" / "index.json").exists() and (cache / "val" / "index.json").exists()
-    assert list((cache / "train").glob("shard.*.mds*"))  # shards were fetched into the cache
-
-
-def test_a_mixture_of_streams_trains_and_is_recorded(first_run, tiny_run_config, tmp_path):
-    root, _, first = first_run
-    code = tmp_path / "code_shards"
-    shutil.copytree(first["data"]["mds_dir"], code)
-    streams = f"{{web: {{dir: '{first['data']['mds_dir']}', proportion: 0.7}}, code: {{dir: '{code}', proportion: 0.3}}}}"
-    cfg = tiny_run_config(
-        "data.corpus=null",
-        f"data.tokenizer.path={root / 'run' / 'tokenizer'}",
-        f"data.mds.streams={streams}",
-        "data.eval_per_stream=true",
-        "trainer.eval_subset_num_batches=-1",
-        "trainer.max_duration=2ba",
-        "trainer.eval_interval=2ba",
-        "callbacks.batch_size_warmup=null",
-        "export_hf=false",
-    )
-    summary = train(cfg, tmp_path / "run")
-    assert summary["train"]["batches"] == 2 and summary["data"]["mds_dir"] is None
-    assert [s["name"] for s in summary["data"]["streams"]] == ["web", "code"]
-    assert [s["proportion"] for s in summary["data"]["streams"]] == [0.7, 0.3]
-    assert set(summary["data"]["counts"]) == {"web", "code"}
-    # each source evaluated on its own tokens too; code is a copy of web: the same text
-    ev = summary["eval"]
-    for metric in ("MaskedAccuracy", "LanguageCrossEntropy", "Perplexity"):
-        assert {f"{metric}/web", f"{metric}/code"} <= set(ev)
-    assert ev["LanguageCrossEntropy/web"] == pytest.approx(ev["LanguageCrossEntropy/code"], rel=0.1)
-
-
-def test_a_stream_name_that_cannot_name_metrics_is_refused():
-    from omegaconf import OmegaConf
-
-    from flexbert.train.data import stream_specs
-
-    data = OmegaConf.create({"mds": {"streams": {"wiki(en": {"dir": "/x"}}}})
-    with pytest.raises(ConfigError, match=r"name 'wiki\(en' may hold only letters"):
-        stream_specs(data)
-    ok = OmegaConf.create({"mds": {"streams": {"wiki-en_2.0": {"dir": "/x"}}}})
-    assert [s.name for s in stream_specs(ok)] == ["wiki-en_2.0"]
-
-
-def test_per_stream_eval_needs_a_mixture(tiny_run_config):
-    from flexbert.train.data import eval_stream_names
-
-    cfg = tiny_run_config("data.eval_per_stream=true")
-    with pytest.raises(ConfigError, match=r"eval_per_stream=true needs a mixture"):
-        eval_stream_names(cfg.data)
-    assert eval_stream_names(tiny_run_config().data) is None
-    mixture = tiny_run_config(
-        "data.corpus=null", "data.mds.streams={a: {dir: /x}}", "data.eval_per_stream=true"
-    )
-    with pytest.raises(ConfigError, match=r"eval_subset_num_batches=-1 \(got 50\)"):
-        eval_stream_names(mixture.data, 50)
-    assert eval_stream_names(mixture.data, -1) == ["a"]
-
-
-@pytest.mark.parametrize(
-    ("streams", "needle"),
-    [
-        ("{a: {dir: /x, weight: 2}}", r"unknown key\(s\) \['weight'\]"),
-        ("{a: {remote: 's3://b/x'}}", "data.mds.streams.a.dir is required"),
-        (
-            "{a: {dir: /x, proportion: 0.5}, b: {dir: /y}}",
-            r"every stream needs one \(missing: \['b'\]\)",
-        ),
-        ("{a: {dir: /x, proportion: 0.5, repeat: 2}}", "at most one of"),
-    ],
-)
-def test_bad_streams_are_one_clear_error(tiny_run_config, streams, needle):
-    from flexbert.train.data import get_shards
-
-    cfg = tiny_run_config("data.corpus=null", f"data.mds.streams={streams}")
-    with pytest.raises(ConfigError, match=needle):
-        get_shards(cfg.data, tokenizer=None, cache_dir=None)
-
-
-def test_streams_and_a_corpus_together_are_refused(tiny_run_config):
-    from flexbert.train.data import get_shards
-
-    cfg = tiny_run_config("data.mds.streams={a: {dir: /x}}")
-    with pytest.raises(ConfigError, match="set data.corpus=null"):
-        get_shards(cfg.data, tokenizer=None, cache_dir=None)
-
-
 @pytest.mark.slow
 def test_a_sweep_ends_with_one_table_of_its_jobs(first_run, tmp_path):
     """`flexbert-train -m` over two activations: both jobs train, and the SweepReport callback
@@ -360,10 +240,7 @@ def test_a_sweep_ends_with_one_table_of_its_jobs(first_run, tmp_path):
     ]
     overrides += [
         f"paths.cache_dir={root / 'cache'}",
-        "trainer.max_duration=2ba",
-        "trainer.eval_interval=2ba",
-        "callbacks.batch_size_warmup=null",
-        "export_hf=false",
+        *SHORT_RUN,
         f"hydra.sweep.dir={tmp_path / 'sweep'}",
         "model/activation=gelu,silu",
     ]
@@ -434,10 +311,7 @@ def test_wandb_offline_run_records_the_whole_config_in_the_run_dir(
     cfg = tiny_run_config(
         "logger=wandb",
         f"paths.cache_dir={root / 'cache'}",
-        "trainer.max_duration=2ba",
-        "trainer.eval_interval=2ba",
-        "callbacks.batch_size_warmup=null",
-        "export_hf=false",
+        *SHORT_RUN,
     )
     train(cfg, tmp_path / "run")
     logs = list((tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb"))
@@ -457,10 +331,7 @@ def test_hub_ids_for_init_from_and_the_tokenizer(first_run, tiny_run_config, mon
         "init_from.path=flexbert-tests/mlm",
         "data.tokenizer.path=flexbert-tests/mlm",
         f"paths.cache_dir={root / 'cache'}",
-        "trainer.max_duration=2ba",
-        "trainer.eval_interval=2ba",
-        "callbacks.batch_size_warmup=null",
-        "export_hf=false",
+        *SHORT_RUN,
     )
     summary = train(cfg, tmp_path / "run")
     assert summary["init_from"]["copied"] > 0 and summary["train"]["batches"] == 2
@@ -468,7 +339,6 @@ def test_hub_ids_for_init_from_and_the_tokenizer(first_run, tiny_run_config, mon
 
 
 def test_init_from_with_another_tokenizer_names_the_fix(first_run, tiny_run_config, tmp_path):
-    from flexbert import ConfigError
 
     root, _, first = first_run
     cfg = tiny_run_config(
