@@ -1,15 +1,17 @@
 """Extractive question answering (SQuAD-style): data, span decoding, metrics, Composer wrapper.
 
 Rows hold a question, a context and `answers` as in SQuAD: `{"text": [...], "answer_start":
-[...]}` (character offsets into the context). Each example becomes one sequence
-`[CLS] question [SEP] context [SEP]`, the context truncated to fit `data.max_seq_len`
-(ModernBERT reads 8192 tokens, so set it long enough for your contexts); a training example
-whose answer was cut off targets [CLS]. Evaluation decodes the best span inside the context
-(start <= end, at most `task.max_answer_tokens`) back to its text through the tokenizer's
-offsets and scores it against every gold answer with SQuAD's exact match and F1 (lower case,
-no punctuation, articles or extra spaces). Examples without an answer (SQuAD v2) need
-`task.allow_no_answer=true`: they target [CLS], and evaluation answers "" when the [CLS]
-score beats the best span's, as SQuAD v2's evaluation does.
+[...]}` (character offsets into the context). Each example becomes `[CLS] question [SEP]
+context [SEP]`; a context longer than `data.max_seq_len` allows is read in overlapping windows
+(`task.doc_stride` tokens shared by consecutive windows, as Hugging Face's run_qa does; null
+truncates it instead). A training window that does not hold the whole answer targets [CLS].
+Evaluation decodes each window's best span inside the context (start <= end, at most
+`task.max_answer_tokens`) back to its text through the tokenizer's offsets, answers each
+example with its highest-scoring window's span, and scores that against every gold answer with
+SQuAD's exact match and F1 (lower case, no punctuation, articles or extra spaces). Examples
+without an answer (SQuAD v2) need `task.allow_no_answer=true`: they target [CLS], and
+evaluation answers "" when the lowest [CLS] score of the example's windows beats its best
+span's, as SQuAD v2's evaluation does.
 """
 
 from __future__ import annotations
@@ -87,9 +89,10 @@ def encode_questions(
     split: str,
     for_eval: bool = False,
 ) -> list[dict[str, Any]]:
-    """text_fields = [question, context], label_field = answers -> one row per example with
-    the answer's token span and, `for_eval`, what decoding needs (context offsets, gold texts:
-    kept for the eval split only, they outweigh the ids)."""
+    """text_fields = [question, context], label_field = answers -> one row per window (one per
+    example unless `task.doc_stride` splits a long context) with the answer's token span and,
+    `for_eval`, what decoding needs (its example's index, context offsets and gold texts: kept
+    for the eval split only, they outweigh the ids)."""
     fields = list(task["text_fields"])
     if len(fields) != 2:
         raise DataError(
@@ -103,6 +106,11 @@ def encode_questions(
     contexts = [str(t) for t in ds[fields[1]]]
     answers = ds[answer_field]
     allow_no_answer = bool(task.get("allow_no_answer", False))
+    stride = task.get("doc_stride")
+    windows = {}
+    if stride is not None:
+        check_doc_stride(int(stride), questions, tokenizer, max_len, split)
+        windows = {"stride": int(stride), "return_overflowing_tokens": True}
     try:
         enc = tokenizer(
             questions,
@@ -110,20 +118,26 @@ def encode_questions(
             truncation="only_second",
             max_length=max_len,
             return_offsets_mapping=True,
+            **windows,
         )
     except Exception as e:  # noqa: BLE001 - a question longer than max_len, mostly
         raise DataError(
             f"split '{split}': could not fit question + context into data.max_seq_len="
             f"{max_len} ({e}); raise data.max_seq_len or shorten the questions"
         ) from e
+    example_of = enc.get("overflow_to_sample_mapping", range(len(questions)))
+    char_spans: dict[int, tuple[int, int] | None] = {}
     rows = []
-    for i, (ids, offsets) in enumerate(zip(enc["input_ids"], enc["offset_mapping"])):
-        in_context = [s == 1 for s in enc.sequence_ids(i)]
-        where = f"split '{split}' row {i}"
-        chars = answer_char_span(answers[i], contexts[i], where, allow_no_answer)
-        start, end = token_span(offsets, in_context, chars)
+    for j, (ids, offsets) in enumerate(zip(enc["input_ids"], enc["offset_mapping"])):
+        i = int(example_of[j])
+        if i not in char_spans:
+            where = f"split '{split}' row {i}"
+            char_spans[i] = answer_char_span(answers[i], contexts[i], where, allow_no_answer)
+        in_context = [s == 1 for s in enc.sequence_ids(j)]
+        start, end = token_span(offsets, in_context, char_spans[i])
         row = {"input_ids": ids, "start_positions": start, "end_positions": end}
         if for_eval:
+            row["example_id"] = i
             row["offsets"] = [list(o) if c else [-1, -1] for o, c in zip(offsets, in_context)]
             row["context"] = contexts[i]
             row["answers"] = [str(t) for t in answers[i]["text"]] or [""]
@@ -131,9 +145,32 @@ def encode_questions(
     return rows
 
 
+def check_doc_stride(
+    stride: int, questions: Sequence[str], tokenizer: Any, max_len: int, split: str
+) -> None:
+    """Windows must advance: the stride (overlap) has to be smaller than the context room
+    that every question leaves in `max_len` (the tokenizer would abort the process)."""
+    if stride < 0:
+        raise DataError(f"task.doc_stride must be >= 0 (or null to truncate), got {stride}")
+    specials = tokenizer.num_special_tokens_to_add(pair=True)
+    lengths = [len(q) for q in tokenizer(questions, add_special_tokens=False)["input_ids"]]
+    if not lengths:
+        return
+    i = max(range(len(lengths)), key=lengths.__getitem__)
+    room = max_len - specials - lengths[i]
+    if stride >= room:
+        raise DataError(
+            f"split '{split}' row {i}: its question takes {lengths[i]} tokens, leaving "
+            f"{max(room, 0)} for the context in data.max_seq_len={max_len}, so windows sharing "
+            f"task.doc_stride={stride} tokens cannot advance; lower task.doc_stride below "
+            f"{max(room, 0)} or raise data.max_seq_len"
+        )
+
+
 class QACollator:
-    """Padded ids and mask, the target spans and, for eval rows, each token's context offsets
-    ((-1, -1) outside the context) and, as lists, the contexts and gold answers."""
+    """Padded ids and mask, the target spans and, for eval rows, each window's example index,
+    each token's context offsets ((-1, -1) outside the context) and, as lists, the contexts
+    and gold answers."""
 
     def __init__(self, pad_id: int) -> None:
         self.pad_id = pad_id
@@ -152,6 +189,7 @@ class QACollator:
             for i, r in enumerate(rows):
                 offsets[i, : len(r["offsets"])] = torch.tensor(r["offsets"])
             batch["offsets"] = offsets
+            batch["example_ids"] = torch.tensor([r["example_id"] for r in rows])
             batch["contexts"] = [r["context"] for r in rows]
             batch["answers"] = [r["answers"] for r in rows]
         return batch
@@ -228,25 +266,60 @@ def token_f1(prediction: str, gold: str) -> float:
 
 
 class AnswerScore(Metric):
-    """Mean over examples of the best score against any gold answer (SQuAD's max over golds)."""
+    """Mean over examples of the answer's best score against any gold answer (SQuAD's max
+    over golds). The answer of an example read in several windows is the span of its
+    highest-scoring window, or "" when the example's lowest no-answer score beats that span's
+    (Hugging Face's run_qa post-processing). Windows of one example may arrive in different
+    batches or on different ranks: each window's candidate is kept (as tensors, gathered
+    across ranks) and examples are formed in `compute`."""
+
+    full_state_update = False
 
     def __init__(self, score) -> None:
         super().__init__()
         self.score = score
-        self.add_state(
-            "total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum"
-        )
-        self.add_state(
-            "count", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum"
-        )
+        for name in ("example_ids", "span_scores", "null_scores", "span_values", "empty_values"):
+            self.add_state(name, default=[], dist_reduce_fx="cat")
 
-    def update(self, predictions: Sequence[str], golds: Sequence[Sequence[str]]) -> None:
-        for prediction, answers in zip(predictions, golds):
-            self.total += max(self.score(prediction, gold) for gold in answers)
-        self.count += len(predictions)
+    def update(
+        self,
+        predictions: Sequence[str],
+        golds: Sequence[Sequence[str]],
+        example_ids: torch.Tensor,
+        span_scores: torch.Tensor,
+        null_scores: torch.Tensor | None = None,
+    ) -> None:
+        """One entry per window: its best span's text and score, its example's gold answers
+        and index, and its no-answer ([CLS]) score (None: unanswerable is not an option)."""
+        best = [max(self.score(p, g) for g in answers) for p, answers in zip(predictions, golds)]
+        empty = [max(self.score("", g) for g in answers) for answers in golds]
+        device = span_scores.device
+        if null_scores is None:
+            null_scores = torch.full_like(span_scores, float("-inf"), dtype=torch.float32)
+        self.example_ids.append(example_ids.to(device=device, dtype=torch.long))
+        self.span_scores.append(span_scores.float())
+        self.null_scores.append(null_scores.float().to(device))
+        self.span_values.append(torch.tensor(best, dtype=torch.float64, device=device))
+        self.empty_values.append(torch.tensor(empty, dtype=torch.float64, device=device))
 
     def compute(self) -> torch.Tensor:
-        return (self.total / self.count).float() if self.count > 0 else torch.tensor(0.0)
+        from torchmetrics.utilities import dim_zero_cat
+
+        if not self.example_ids:
+            return torch.tensor(0.0)
+        ids = dim_zero_cat(self.example_ids)
+        span, null = dim_zero_cat(self.span_scores), dim_zero_cat(self.null_scores)
+        span_values, empty_values = dim_zero_cat(self.span_values), dim_zero_cat(self.empty_values)
+        _, example = torch.unique(ids, return_inverse=True)
+        n, windows = int(example.max()) + 1, torch.arange(len(ids), device=ids.device)
+        low = torch.full((n,), float("-inf"), device=ids.device)
+        best = low.scatter_reduce(0, example, span, "amax")
+        chosen = torch.full((n,), len(ids), device=ids.device).scatter_reduce(
+            0, example, windows.masked_fill(span < best[example], len(ids)), "amin"
+        )  # the first window holding the example's best span
+        lowest_null = (-low).scatter_reduce(0, example, null, "amin")
+        values = torch.where(lowest_null > best, empty_values[chosen], span_values[chosen])
+        return values.mean().float()
 
 
 def build_qa_metrics(names: Sequence[str]) -> dict[str, Metric]:
@@ -278,15 +351,25 @@ class ComposerFlexBertQA(FlexBertComposerModel):
         self.max_answer_tokens = max_answer_tokens
         self.allow_no_answer = allow_no_answer
 
-    def predicted_answers(self, batch: dict[str, Any], outputs: FlexBertOutput) -> list[str]:
+    def window_answers(
+        self, batch: dict[str, Any], outputs: FlexBertOutput
+    ) -> tuple[list[str], torch.Tensor, torch.Tensor | None]:
+        """Each window's best span as text, that span's score (-inf when none fits) and, with
+        `allow_no_answer`, its [CLS] (no-answer) score."""
         offsets = batch["offsets"]
         in_context = offsets[..., 0] >= 0  # (B, L)
         start, end = outputs.start_logits.detach(), outputs.end_logits.detach()
         spans = best_spans(start, end, in_context, self.max_answer_tokens)
-        if self.allow_no_answer:  # "" where [CLS] scores above the best span (SQuAD v2)
-            null = start[:, 0].float() + end[:, 0].float()
-            spans = spans.masked_fill((null > span_scores(start, end, spans))[:, None], -1)
-        return span_texts(spans, offsets, batch["contexts"])
+        null = start[:, 0].float() + end[:, 0].float() if self.allow_no_answer else None
+        return span_texts(spans, offsets, batch["contexts"]), span_scores(start, end, spans), null
+
+    def predicted_answers(self, batch: dict[str, Any], outputs: FlexBertOutput) -> list[str]:
+        """Each window's answer on its own: "" where [CLS] beats the best span (SQuAD v2)."""
+        texts, scores, null = self.window_answers(batch, outputs)
+        if null is None:
+            return texts
+        return [t if n <= s else "" for t, s, n in zip(texts, scores.tolist(), null.tolist())]
 
     def update_metric(self, batch: dict[str, Any], outputs: FlexBertOutput, metric) -> None:
-        metric.update(self.predicted_answers(batch, outputs), batch["answers"])
+        texts, scores, null = self.window_answers(batch, outputs)
+        metric.update(texts, batch["answers"], batch["example_ids"], scores, null)

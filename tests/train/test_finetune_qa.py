@@ -101,6 +101,109 @@ def test_answers_cut_off_by_truncation_target_cls(tokenizer):
     assert "offsets" not in QACollator(0)([encoded])
 
 
+def _long_rows(n: int, seed: int, n_words: int = 60) -> list[dict]:
+    rng = random.Random(seed)
+    return [_example(rng, n_words) for _ in range(n)]
+
+
+def _oracle(batch: dict, scale: float = 10.0):
+    """Logits peaked on each window's target span ([CLS] where the window lacks the answer)."""
+    from flexbert.outputs import FlexBertOutput
+
+    width = batch["input_ids"].shape[1]
+    start = torch.nn.functional.one_hot(batch["start_positions"], width).float() * scale
+    end = torch.nn.functional.one_hot(batch["end_positions"], width).float() * scale
+    return FlexBertOutput(start_logits=start, end_logits=end)
+
+
+def test_long_contexts_are_read_in_overlapping_windows(tokenizer):
+    """With task.doc_stride every context token lands in some window, consecutive windows
+    share exactly doc_stride tokens, and only the windows holding the whole answer target it
+    (the others target [CLS])."""
+    rows = _long_rows(6, seed=7)
+    task = {**TASK, "doc_stride": 8}
+    encoded = encode_questions(_Split(_columns(rows)), task, tokenizer, 32, "validation", True)
+    assert len(encoded) > 2 * len(rows)  # 60 words do not fit in 32 tokens
+    assert max(len(r["input_ids"]) for r in encoded) == 32
+    for i, row in enumerate(rows):
+        windows = [r for r in encoded if r["example_id"] == i]
+        assert len(windows) >= 2
+        spans = [[tuple(o) for o in w["offsets"] if o[0] >= 0] for w in windows]
+        for a, b in zip(spans, spans[1:]):
+            assert a[-8:] == b[:8]  # the stride: the next window starts 8 tokens back
+        whole = tokenizer(row["context"], add_special_tokens=False, return_offsets_mapping=True)
+        covered = sorted({o for span in spans for o in span})
+        assert covered == [tuple(o) for o in whole["offset_mapping"]]
+        a0 = row["answers"]["answer_start"][0]
+        a1 = a0 + len(row["answers"]["text"][0])
+        for w, span in zip(windows, spans):
+            holds = span[0][0] <= a0 and a1 <= span[-1][1]
+            assert (w["start_positions"] > 0) == holds
+            if holds:
+                s, e = w["start_positions"], w["end_positions"]
+                text = row["context"][w["offsets"][s][0] : w["offsets"][e][1]].strip()
+                assert text == row["answers"]["text"][0]
+        assert any(w["start_positions"] > 0 for w in windows)
+
+
+def test_each_example_is_answered_by_its_best_window_across_batches(tokenizer):
+    """Oracle logits on every window: the windows without the answer predict a wrong span
+    with a lower score, so only an example-level choice scores 1.0; and the windows of one
+    example are split over batches (as over ranks), which must not change the result."""
+    from flexbert.train.finetune_qa import ComposerFlexBertQA
+
+    rows = _long_rows(6, seed=8)
+    task = {**TASK, "doc_stride": 8}
+    encoded = encode_questions(_Split(_columns(rows)), task, tokenizer, 32, "validation", True)
+    wrapper = ComposerFlexBertQA(torch.nn.Linear(1, 1), ["exact_match", "f1"], 30)
+    per_window = []
+    for half in (encoded[: len(encoded) // 2 + 1], encoded[len(encoded) // 2 + 1 :]):
+        batch = QACollator(tokenizer.pad_token_id)(half)
+        outputs = _oracle(batch)
+        # a window without the answer: a weak (score 2) guess on its first context token
+        lacking = batch["start_positions"] == 0
+        first = (batch["offsets"][..., 0] >= 0).int().argmax(dim=1)
+        rows_idx = torch.arange(len(half))[lacking]
+        outputs.start_logits[rows_idx, first[lacking]] = 1.0
+        outputs.end_logits[rows_idx, first[lacking]] = 1.0
+        per_window += wrapper.predicted_answers(batch, outputs)
+        for metric in wrapper.val_metrics.values():
+            wrapper.update_metric(batch, outputs, metric)
+    gold = [rows[r["example_id"]]["answers"]["text"][0] for r in encoded]
+    assert 0 < sum(p == g for p, g in zip(per_window, gold)) < len(encoded)
+    for metric in wrapper.val_metrics.values():
+        assert metric.compute().item() == 1.0
+
+
+def test_no_answer_across_windows_uses_the_lowest_null_score():
+    """SQuAD v2 over windows (run_qa's rule): "" only when the example's lowest [CLS] score
+    beats its best span; windows repeated (as a distributed sampler pads) count once."""
+    metric = build_qa_metrics(["exact_match"])["exact_match"]
+    golds = [["river"], ["river"], ["bank"], ["bank"]]
+    ids = torch.tensor([0, 0, 1, 1])
+    spans = torch.tensor([3.0, 9.0, 4.0, 2.0])
+    # example 0: best span 9 (window 1: "river") vs lowest null 5 (not 20) -> "river"
+    # example 1: best span 4 vs lowest null 3 -> "bank", although window 3's null 8 beats 4
+    nulls = torch.tensor([20.0, 5.0, 3.0, 8.0])
+    metric.update(["bank", "river", "bank", "x"], golds, ids, spans, nulls)
+    assert metric.compute().item() == 1.0
+    metric.update(["bank"], [["river"]], torch.tensor([0]), torch.tensor([3.0]), nulls[:1])
+    assert metric.compute().item() == 1.0  # example 0 again (a padded sampler): 2 examples
+    metric.reset()
+    metric.update(["bank", "x"], [[""], [""]], torch.tensor([1, 1]), spans[2:], nulls[2:] + 2)
+    assert metric.compute().item() == 1.0  # lowest null 5 > best span 4: ""
+
+
+def test_a_doc_stride_that_cannot_advance_is_one_clear_error(tokenizer):
+    rows = _rows(3, seed=9)
+    rows[1]["question"] = "where is " + " ".join(["apple"] * 12)
+    task = {**TASK, "doc_stride": 16}
+    with pytest.raises(DataError, match=r"row 1: its question takes .*task.doc_stride=16"):
+        encode_questions(_Split(_columns(rows)), task, tokenizer, 32, "train")
+    with pytest.raises(DataError, match="doc_stride must be >= 0"):
+        encode_questions(_Split(_columns(rows)), {**TASK, "doc_stride": -1}, tokenizer, 32, "x")
+
+
 def test_a_question_that_fills_the_sequence_is_one_clear_error(tokenizer):
     row = _rows(1, seed=2)[0]
     row["question"] = " ".join(["where"] * 40)
@@ -168,7 +271,8 @@ def test_squad_scores_match_the_official_definitions():
     )
     assert token_f1("Paris", "Eiffel Tower") == 0.0
     metric = build_qa_metrics(["f1"])["f1"]
-    metric.update(["Eiffel", "Paris"], [["Eiffel Tower", "Eiffel"], ["London"]])  # best gold
+    golds = [["Eiffel Tower", "Eiffel"], ["London"]]
+    metric.update(["Eiffel", "Paris"], golds, torch.tensor([0, 1]), torch.zeros(2))  # best gold
     assert metric.compute().item() == pytest.approx(0.5)
     with pytest.raises(Exception, match="do not apply to question_answering"):
         build_qa_metrics(["accuracy"])
@@ -180,11 +284,12 @@ def test_question_answering_trains_evaluates_and_exports(pretrained, tmp_path): 
     from flexbert import FlexBertForQuestionAnswering
     from flexbert.train.finetune import train
 
-    files = {
-        split: _write_jsonl(tmp_path / f"{split}.jsonl", _rows(n, seed))
-        for split, n, seed in (("train", 64, 3), ("validation", 16, 4))
+    files = {  # validation contexts outgrow data.max_seq_len=32: read in windows
+        "train": _write_jsonl(tmp_path / "train.jsonl", _rows(64, 3)),
+        "validation": _write_jsonl(tmp_path / "validation.jsonl", _long_rows(16, 4, 30)),
     }
     overrides = [f"task.dataset.files.{k}={v}" for k, v in files.items()]
+    overrides.append("task.doc_stride=8")
     cfg = _compose(
         [f"model.path={pretrained}", "task=local_question_answering", *overrides, *FAST]
         + ["trainer.max_duration=2ep"]
