@@ -295,3 +295,15 @@ def test_help_names_the_command_and_its_examples_compose(config, app):
         for args in examples:
             overrides = [a.split(",")[0] for a in args if a != "-m"]  # one point of a sweep
             compose(config, overrides=overrides)
+
+
+@pytest.mark.parametrize("group", ["experiment", "ablation"])
+def test_a_misspelt_experiment_or_ablation_is_refused_not_skipped(group):
+    """A typo must not silently fall back to the quickstart: Hydra names the valid options."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import MissingConfigException
+
+    register_overlays()
+    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
+        with pytest.raises(MissingConfigException, match=f"Could not find '{group}/nope'"):
+            compose("pretrain", overrides=[f"{group}=nope"])

@@ -252,6 +252,7 @@ def test_a_sweep_ends_with_one_table_of_its_jobs(first_run, tmp_path):
     assert lines[0].startswith("| job | model/activation | eval.LanguageCrossEntropy")
     assert [line.split(" | ")[1] for line in lines[2:]] == ["gelu", "silu"]
     assert "sweep results" in done.stdout
+    assert (tmp_path / "sweep" / "0" / "pretrain.log").stat().st_size > 0  # hydra.job.name
     rows = json.loads((tmp_path / "sweep" / "sweep_results.json").read_text())
     assert all(r["metrics"]["eval.LanguageCrossEntropy"] > 0 for r in rows)
     assert sweep_main([str(tmp_path / "sweep")]) == 0  # the same table, rebuilt later
