@@ -25,6 +25,42 @@ def instantiate_all(node: DictConfig | None) -> list[Any]:
 FLEXBERT_TRAINER_KEYS = ("compile_layers", "activation_checkpointing")
 
 
+# composer.Trainer arguments given as durations ("800ba", "1ep", "0.5dur", "1000000tok")
+TIME_KEYS = ("max_duration", "eval_interval", "save_interval", "console_log_interval")
+
+
+def check_trainer_node(trainer: DictConfig) -> None:
+    """Refuse, before any data is prepared, a `trainer` key that composer.Trainer does not
+    take and a duration it cannot read, naming what would be valid."""
+    import difflib
+    import inspect
+
+    from composer import Trainer
+    from composer.core import Time
+
+    valid = set(inspect.signature(Trainer.__init__).parameters) - {"self"}
+    valid |= set(FLEXBERT_TRAINER_KEYS)
+    for key in trainer:
+        if key not in valid:
+            close = difflib.get_close_matches(str(key), sorted(valid), n=3)
+            hint = f"; did you mean {close}?" if close else ""
+            raise ConfigError(
+                f"trainer.{key} is not a composer.Trainer argument nor one of FlexBERT's "
+                f"{list(FLEXBERT_TRAINER_KEYS)}{hint}"
+            )
+    for key in TIME_KEYS:
+        value = trainer.get(key)
+        if isinstance(value, str):
+            try:
+                Time.from_timestring(value)
+            except ValueError:
+                raise ConfigError(
+                    f"trainer.{key}={value!r} is not a duration: give a number and a unit, "
+                    "e.g. 800ba (batches), 2ep (epochs), 1000000tok (tokens), 1000sp "
+                    "(samples) or 0.5dur (a fraction of max_duration)"
+                ) from None
+
+
 def trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
     """The `trainer` node as composer.Trainer keyword arguments."""
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
@@ -50,6 +86,22 @@ def prepare_layers(cfg: DictConfig, model: Any) -> None:
         model.set_activation_checkpointing(True)
     if cfg.trainer.get("compile_layers"):
         model.compile_layers(dynamic=True)
+    check_backend_trains_here(cfg, model)
+
+
+def check_backend_trains_here(cfg: DictConfig, model: Any) -> None:
+    """FlexAttention has no backward pass on the CPU: refuse a CPU training run with backend
+    'flex' now, not at its first backward."""
+    import torch
+
+    backend = getattr(model.config, "backend", None)
+    name = backend.get("name") if isinstance(backend, dict) else getattr(backend, "name", backend)
+    device = cfg.trainer.get("device") or ("gpu" if torch.cuda.is_available() else "cpu")
+    if name == "flex" and device == "cpu" and not cfg.get("eval_only"):
+        raise ConfigError(
+            "model/backend=flex cannot train on the CPU (FlexAttention has no CPU backward); "
+            "use model/backend=sdpa or auto here, or trainer=gpu on a GPU"
+        )
 
 
 def composer_trainer(
@@ -115,6 +167,7 @@ def run_app(prog: str, config_name: str, task: Callable[[DictConfig, Path], Any]
         from flexbert.hf import CheckpointError
 
         try:
+            check_trainer_node(cfg.trainer)
             return task(cfg, Path(HydraConfig.get().runtime.output_dir))
         except (ConfigError, DataError, CheckpointError, FileNotFoundError) as err:
             print(f"{prog}: error: {err}", file=sys.stderr, flush=True)

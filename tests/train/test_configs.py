@@ -229,6 +229,47 @@ def test_activation_checkpointing_twice_is_refused():
     assert all(layer.checkpointing for layer in model.model.layers)
 
 
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("trainer.max_duration=abc", r"trainer.max_duration='abc' is not a duration.*800ba"),
+        ("trainer.eval_interval=5 batches", "trainer.eval_interval='5 batches' is not a dur"),
+        ("+trainer.max_duraton=5ba", r"trainer.max_duraton is not .*did you mean \['max_dura"),
+    ],
+)
+def test_a_bad_trainer_key_or_duration_is_one_line_before_any_data(
+    override, needle, tmp_path, monkeypatch, capsys
+):
+    """Checked in run_app before the task starts: no shards are prepared, no traceback."""
+    import re
+    import sys
+
+    from flexbert.train.pretrain import main
+
+    cache = tmp_path / "cache"
+    argv = ["flexbert-train", override, f"paths.cache_dir={cache}", f"hydra.run.dir={tmp_path}"]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert re.search(needle, err.strip().splitlines()[-1]), err
+    assert not cache.exists()
+
+
+def test_flex_training_on_the_cpu_is_refused_when_the_model_is_prepared():
+    from flexbert import FlexBertForMaskedLM, ModelConfig
+    from flexbert.train.app import prepare_layers
+
+    model = FlexBertForMaskedLM(ModelConfig.preset("tiny", backend="flex"))
+    with pytest.raises(ConfigError, match="backend=flex cannot train on the CPU"):
+        prepare_layers(compose_config(["trainer.device=cpu"]), model)
+    prepare_layers(compose_config(["trainer.device=cpu", "eval_only=true"]), model)  # inference
+    sdpa = FlexBertForMaskedLM(ModelConfig.preset("tiny", backend="sdpa"))
+    prepare_layers(compose_config(["trainer.device=cpu"]), sdpa)
+
+
 def test_sweep_table_orders_jobs_by_number_and_shows_only_what_varies(tmp_path):
     from flexbert.train.sweep import collect, table
 
@@ -304,6 +345,6 @@ def test_a_misspelt_experiment_or_ablation_is_refused_not_skipped(group):
     from hydra.errors import MissingConfigException
 
     register_overlays()
-    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
-        with pytest.raises(MissingConfigException, match=f"Could not find '{group}/nope'"):
-            compose("pretrain", overrides=[f"{group}=nope"])
+    missing = pytest.raises(MissingConfigException, match=f"Could not find '{group}/nope'")
+    with initialize_config_dir(str(conf_dir()), version_base="1.3"), missing:
+        compose("pretrain", overrides=[f"{group}=nope"])
