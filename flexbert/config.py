@@ -8,6 +8,7 @@ at construction, with messages that name the field and the allowed values.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -121,7 +122,7 @@ class ModelConfig:
         """`tiny` | `base` | `large`, with keyword overrides of any field."""
         if name not in PRESETS:
             raise ConfigError(f"preset: unknown preset '{name}'; valid presets are {list(PRESETS)}")
-        return cls(**{**PRESETS[name], **overrides})
+        return cls.from_dict({**PRESETS[name], **overrides})
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
@@ -129,8 +130,14 @@ class ModelConfig:
         allowed = {f.name for f in dataclasses.fields(cls) if f.init}
         unknown = sorted(set(values) - allowed)
         if unknown:
+            hints = [
+                f"'{key}': did you mean '{close[0]}'?"
+                for key in unknown
+                if (close := difflib.get_close_matches(key, allowed, n=1))
+            ]
+            hint = f" ({'; '.join(hints)})" if hints else ""
             raise ConfigError(
-                f"unknown ModelConfig key(s) {unknown}; valid keys are {sorted(allowed)}"
+                f"unknown ModelConfig key(s) {unknown}{hint}; valid keys are {sorted(allowed)}"
             )
         return cls(**values)
 

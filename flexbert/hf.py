@@ -101,7 +101,7 @@ def config_from_hf(hf_config: Any, **overrides: Any) -> ModelConfig:
             f"{ModelConfig.mask_token_id} is outside vocab_size={hf_config.vocab_size}; "
             "pass mask_token_id=... to from_hf"
         )
-    return ModelConfig(**{**values, **overrides})
+    return ModelConfig.from_dict({**values, **overrides})  # unknown override keys: ConfigError
 
 
 def _act_from_hf(name: str, field: str) -> str:

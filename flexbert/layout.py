@@ -87,6 +87,46 @@ class Layout:
         return self.cache[key]
 
 
+def can_read_values(t: torch.Tensor) -> bool:
+    """Whether input checks may read `t`'s values: only where that costs no host-device sync
+    (a CPU tensor) and cannot break a graph (not while torch.compile traces). GPU inputs get
+    the shape checks only; the packed GPU path never waits for the device."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def _short(values: list[int], limit: int = 12) -> str:
+    if len(values) <= limit:
+        return str(values)
+    head = ", ".join(map(str, values[: limit // 2]))
+    return f"[{head}, ..., {values[-1]}] ({len(values)} entries)"
+
+
+def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, max_seqlen: int | None) -> None:
+    """Refuse `cu_seqlens` that do not describe `total` packed tokens, with a message that
+    says what is valid. Shape and dtype always; values only when `can_read_values`."""
+    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
+        raise ValueError(
+            "cu_seqlens must be 1-D (num_seqs + 1,) offsets starting at 0, "
+            f"got shape {tuple(cu_seqlens.shape)}"
+        )
+    if cu_seqlens.is_floating_point() or cu_seqlens.is_complex() or cu_seqlens.dtype == torch.bool:
+        raise ValueError(f"cu_seqlens must be an integer tensor, got {cu_seqlens.dtype}")
+    if not can_read_values(cu_seqlens):
+        return
+    cu = cu_seqlens.tolist()  # host memory: no sync on the CPU
+    lengths = [b - a for a, b in zip(cu[:-1], cu[1:])]
+    if cu[0] != 0 or cu[-1] != total or min(lengths) < 0:
+        raise ValueError(
+            "cu_seqlens must start at 0, never decrease, and end at the number of tokens "
+            f"({total}); got {_short(cu)}"
+        )
+    if max_seqlen is not None and max_seqlen < max(lengths):
+        raise ValueError(
+            f"max_seqlen={max_seqlen} is shorter than the longest sequence in cu_seqlens "
+            f"({max(lengths)} tokens); pass at least {max(lengths)}, or None to compute it"
+        )
+
+
 def seq_ids_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
     tokens = torch.arange(total, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
     return torch.searchsorted(cu_seqlens[1:].contiguous(), tokens, right=True)  # (T,)

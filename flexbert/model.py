@@ -18,7 +18,14 @@ from flexbert.attention import Attention
 from flexbert.components import INITS, MLPS, POSITIONS
 from flexbert.config import ModelConfig
 from flexbert.hf_interop import HFInteropMixin
-from flexbert.layout import Layout, positions_from_cu_seqlens, repad, unpad
+from flexbert.layout import (
+    Layout,
+    can_read_values,
+    check_cu_seqlens,
+    positions_from_cu_seqlens,
+    repad,
+    unpad,
+)
 from flexbert.outputs import FlexBertOutput
 from flexbert.registry import ConfigError
 
@@ -133,6 +140,12 @@ class FlexBertModel(FlexBertPreTrainedModel):
                 )
             if self.config.padding != "unpadded":
                 raise ConfigError("packed input (cu_seqlens) needs padding='unpadded'")
+            if attention_mask is not None:
+                raise ValueError(
+                    "pass either attention_mask (a padded batch) or cu_seqlens (a packed one), "
+                    "not both"
+                )
+            check_cu_seqlens(cu_seqlens, input_ids.shape[0], max_seqlen)
             if max_seqlen is None:
                 max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max().item())
             if max_seqlen > limit:
@@ -149,6 +162,11 @@ class FlexBertModel(FlexBertPreTrainedModel):
             raise ValueError(f"sequence length {seqlen} exceeds max_seq_len={limit}")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
+        elif attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
+                f"got {tuple(attention_mask.shape)}"
+            )
         attention_mask = attention_mask.bool()
         positions = torch.arange(seqlen, device=input_ids.device).expand(batch, seqlen)
         if self.config.padding == "padded":
@@ -177,6 +195,7 @@ class FlexBertModel(FlexBertPreTrainedModel):
     ) -> tuple[torch.Tensor, Layout]:
         """Hidden states in the internal layout ((T, D) or (B, L, D)) and their Layout."""
         ids, layout = self.make_layout(input_ids, attention_mask, cu_seqlens, max_seqlen)
+        check_token_ids(ids, self.config.vocab_size)
         hidden = self.embeddings(ids, self.position, layout.positions)
         rotary = self.position.rotary(layout.positions, hidden.dtype)
         for layer in self.layers:
@@ -192,6 +211,22 @@ class FlexBertModel(FlexBertPreTrainedModel):
     ) -> FlexBertOutput:
         hidden, layout = self.encode(input_ids, attention_mask, cu_seqlens, max_seqlen)
         return FlexBertOutput(last_hidden_state=to_caller_layout(hidden, layout))
+
+
+def check_token_ids(ids: torch.Tensor, vocab_size: int) -> None:
+    """Token ids outside the embedding table fail here, naming the valid range, instead of
+    as a bare IndexError (or, on CUDA, a device-side assert). Reading the values would make
+    the host wait for a GPU, so only CPU tensors outside torch.compile are checked."""
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise ValueError(f"input_ids must be an integer tensor, got {ids.dtype}")
+    if not can_read_values(ids) or ids.numel() == 0:
+        return
+    low, high = torch.stack(torch.aminmax(ids)).tolist()  # host memory: no sync on the CPU
+    if low < 0 or high >= vocab_size:
+        raise ValueError(
+            f"input_ids must be token ids in [0, vocab_size={vocab_size}); "
+            f"got ids from {low} to {high}"
+        )
 
 
 def to_caller_layout(x: torch.Tensor, layout: Layout) -> torch.Tensor:
