@@ -209,7 +209,9 @@ def prepare_mds(
             return {**existing, "reused": True}
         if not overwrite:
             what = "a different conversion" if existing else "other files"
-            raise DataError(f"{out} already holds {what}; pass overwrite=True (flexbert-data prepare --overwrite) to replace it")
+            raise DataError(
+                f"{out} already holds {what}; pass overwrite=True (flexbert-data prepare --overwrite) to replace it"
+            )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
