@@ -3,7 +3,10 @@
 After `flexbert-train -m ...` (or `flexbert-finetune -m ...`) the `SweepReport` Hydra callback
 reads every job's `summary.json` and `.hydra/overrides.yaml` and writes, into the sweep
 directory, `sweep_results.md` (printed too) and `sweep_results.json`. Only the overrides that
-differ between jobs become columns. For a sweep directory from any time:
+differ between jobs become columns. When the sweep varies `seed`, a second table groups the
+jobs that differ only in their seed: each metric's mean +- standard deviation and median over
+the seeds (fine-tuning results are usually reported that way). For a sweep directory from any
+time:
 
     python -m flexbert.train.sweep multirun/pretrain/<time>
 """
@@ -11,6 +14,7 @@ differ between jobs become columns. For a sweep directory from any time:
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,6 +24,8 @@ from omegaconf import DictConfig
 
 RESULTS_MD = "sweep_results.md"
 RESULTS_JSON = "sweep_results.json"
+SEEDS_JSON = "sweep_over_seeds.json"
+SEED_KEYS = ("seed", "+seed")
 
 
 def _overrides(job_dir: Path) -> dict[str, str]:
@@ -77,8 +83,7 @@ def _fmt(value: Any) -> str:
 
 def table(rows: list[dict[str, Any]]) -> str:
     """A Markdown table: job, the overrides that vary across jobs, then every metric."""
-    keys = sorted({k for r in rows for k in r["overrides"]})
-    varying = [k for k in keys if len({r["overrides"].get(k) for r in rows}) > 1]
+    varying = _varying(rows)
     metrics = list(dict.fromkeys(m for r in rows for m in r["metrics"]))
     head = ["job", *varying, *metrics]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -89,13 +94,77 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _varying(rows: list[dict[str, Any]]) -> list[str]:
+    keys = sorted({k for r in rows for k in r["overrides"]})
+    return [k for k in keys if len({r["overrides"].get(k) for r in rows}) > 1]
+
+
+def over_seeds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Jobs that differ only in their seed, grouped: for each numeric metric the number of
+    seeds, mean, standard deviation (0 for one seed), median, min and max. Empty when the
+    sweep does not vary the seed."""
+    varying = _varying(rows)
+    if not any(k in SEED_KEYS for k in varying):
+        return []
+    setting = [k for k in varying if k not in SEED_KEYS]
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(tuple(r["overrides"].get(k) for k in setting), []).append(r)
+    out = []
+    for values, members in groups.items():
+        stats = {}
+        for m in dict.fromkeys(m for r in members for m in r["metrics"]):
+            xs = [r["metrics"].get(m) for r in members]
+            xs = [float(x) for x in xs if isinstance(x, (int, float)) and not isinstance(x, bool)]
+            if not xs:
+                continue
+            stats[m] = {
+                "n": len(xs),
+                "mean": statistics.fmean(xs),
+                "std": statistics.stdev(xs) if len(xs) > 1 else 0.0,
+                "median": statistics.median(xs),
+                "min": min(xs),
+                "max": max(xs),
+            }
+        seeds = [r["overrides"].get("seed", r["overrides"].get("+seed")) for r in members]
+        out.append({"overrides": dict(zip(setting, values)), "seeds": seeds, "metrics": stats})
+    return out
+
+
+def seed_table(groups: list[dict[str, Any]]) -> str:
+    """Markdown: the setting, its number of seeds, then `mean +- std (median)` per metric."""
+    setting = list(groups[0]["overrides"])
+    metrics = [
+        m for m in dict.fromkeys(m for g in groups for m in g["metrics"]) if m != "parameters"
+    ]
+    head = [*setting, "seeds", *metrics]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for g in groups:
+        cells = [str(g["overrides"][k]) for k in setting] + [str(len(g["seeds"]))]
+        for m in metrics:
+            st = g["metrics"].get(m)
+            cells.append(
+                "-"
+                if st is None
+                else f"{_fmt(st['mean'])} ± {_fmt(st['std'])} ({_fmt(st['median'])})"
+            )
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def write_report(sweep_dir: str | Path) -> str:
-    """Write sweep_results.md and .json into `sweep_dir`; return the table."""
+    """Write sweep_results.md and .json into `sweep_dir` (and, when the sweep varies the
+    seed, sweep_over_seeds.json); return the table(s)."""
     sweep_dir = Path(sweep_dir)
     rows = collect(sweep_dir)
     text = table(rows) if rows else "(no finished jobs: no summary.json under the sweep dir)"
+    groups = over_seeds(rows)
+    if groups:
+        text += "\n\nover seeds: mean ± std (median)\n\n" + seed_table(groups)
     (sweep_dir / RESULTS_MD).write_text(text + "\n")
     (sweep_dir / RESULTS_JSON).write_text(json.dumps(rows, indent=2) + "\n")
+    if groups:
+        (sweep_dir / SEEDS_JSON).write_text(json.dumps(groups, indent=2) + "\n")
     return text
 
 

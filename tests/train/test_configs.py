@@ -290,6 +290,40 @@ def test_sweep_table_orders_jobs_by_number_and_shows_only_what_varies(tmp_path):
     assert lines[2] == "| 2_cola | cola | 0.5 | 0.1 | 0.6 | 2 | 7 |"
 
 
+def test_a_sweep_over_seeds_reports_mean_std_and_median_per_setting(tmp_path):
+    """Jobs that differ only in their seed are grouped; the statistics are over those seeds
+    only, and a sweep without a seed axis writes no such table."""
+    from flexbert.train.sweep import SEEDS_JSON, write_report
+
+    accuracy = {("1e-5", "1"): 0.5, ("1e-5", "2"): 0.7, ("1e-5", "3"): 0.9, ("3e-5", "1"): 0.8}
+    for n, ((lr, seed), acc) in enumerate(accuracy.items()):
+        job = tmp_path / f"{n}_sst2"
+        (job / ".hydra").mkdir(parents=True)
+        overrides = f"- task=sst2\n- optimizer.lr={lr}\n- seed={seed}\n"
+        (job / ".hydra" / "overrides.yaml").write_text(overrides)
+        summary = {"eval": {"accuracy": acc}, "train": {"loss_last": 0.1}, "parameters": 7}
+        (job / "summary.json").write_text(json.dumps(summary))
+    text = write_report(tmp_path)
+    groups = json.loads((tmp_path / SEEDS_JSON).read_text())
+    assert [(g["overrides"], g["seeds"]) for g in groups] == [
+        ({"optimizer.lr": "1e-5"}, ["1", "2", "3"]),
+        ({"optimizer.lr": "3e-5"}, ["1"]),
+    ]
+    stats = groups[0]["metrics"]["eval.accuracy"]
+    assert stats["n"] == 3 and stats["median"] == 0.7 and stats["min"] == 0.5
+    assert stats["mean"] == pytest.approx(0.7) and stats["std"] == pytest.approx(0.2)
+    assert groups[1]["metrics"]["eval.accuracy"]["std"] == 0.0
+    assert "| optimizer.lr | seeds | eval.accuracy |" in text
+    assert "| 1e-5 | 3 | 0.7 ± 0.2 (0.7) |" in text
+    # without a seed axis: the plain table only
+    other = tmp_path / "no_seeds"
+    for n, lr in enumerate(("1e-5", "3e-5")):
+        (other / str(n) / ".hydra").mkdir(parents=True)
+        (other / str(n) / ".hydra" / "overrides.yaml").write_text(f"- optimizer.lr={lr}\n")
+        (other / str(n) / "summary.json").write_text(json.dumps({"eval": {"accuracy": 0.5}}))
+    assert "over seeds" not in write_report(other) and not (other / SEEDS_JSON).exists()
+
+
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the CPU-only case")
 def test_gpu_trainer_without_a_gpu_is_a_one_line_config_error(tiny_run_config, tmp_path):
     from flexbert.train.pretrain import train
