@@ -52,3 +52,12 @@ def all_ranks(flag: bool) -> bool:
     value = torch.tensor([1 if flag else 0], dtype=torch.int32)
     dist.all_reduce(value, op=dist.ReduceOp.MIN, group=_cpu_group())
     return bool(value.item())
+
+
+def any_rank(flag: bool) -> bool:
+    """True when `flag` is true on at least one rank (all ranks must call this together)."""
+    if not _active():
+        return flag
+    value = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=_cpu_group())
+    return bool(value.item())

@@ -14,7 +14,10 @@ so all ranks must take it together, as Composer does): the dataset resumes at th
 ranks have read, and each rank re-reads its own extra documents and restores its own buffer,
 so every rank continues exactly. Ranks agree on the end of an epoch (one tiny all-reduce per
 batch): when one rank's documents run out, all stop, and no rank waits for a step the others
-never take. Resuming on a different number of ranks restarts the buffers (with a warning).
+never take. An evaluation loader (`finish_every_rank=True`) instead reads on until every
+rank's documents are done: a rank that runs out first yields empty batches (one pad token, no
+label) meanwhile, so the ranks still step together and no val document goes unscored.
+Resuming on a different number of ranks restarts the buffers (with a warning).
 """
 
 from __future__ import annotations
@@ -32,9 +35,9 @@ import torch
 from streaming import StreamingDataLoader, StreamingDataset
 
 from flexbert.data.collate import PaddedMLMCollator
-from flexbert.data.distributed import all_ranks, gather_objects, rank_and_world
+from flexbert.data.distributed import all_ranks, any_rank, gather_objects, rank_and_world
 from flexbert.data.errors import DataError, DataFileNotFoundError
-from flexbert.data.masking import MLMMasker, batch_generator, label_positions
+from flexbert.data.masking import IGNORE_INDEX, MLMMasker, batch_generator, label_positions
 from flexbert.data.packing import PackedBatch, Prefetcher, SequencePacker
 
 log = logging.getLogger(__name__)
@@ -197,7 +200,9 @@ class PackedMLMLoader:
     `max_seqlen` a python int and `label_positions` (M,) int64 the indices of the labelled
     tokens; see `flexbert.data.packing` for the layout. With `stream_ids`, also `stream_ids`
     (total_tokens,): each token's source stream (for per-stream evaluation of a mixture). The
-    packing efficiency of everything yielded so far is `self.efficiency`.
+    packing efficiency of everything yielded so far is `self.efficiency`. With
+    `finish_every_rank` (evaluation) the epoch ends when every rank's documents are done, a
+    rank that finished first yielding `empty_batch()`s until then.
     """
 
     def __init__(
@@ -215,6 +220,7 @@ class PackedMLMLoader:
         read_batch_size: int | None = None,
         fixed_masks: bool = False,
         stream_ids: bool = False,
+        finish_every_rank: bool = False,
     ) -> None:
         # Streaming partitions samples by its batch_size; the reading DataLoader must match it.
         if dataset.batch_size is None:
@@ -228,6 +234,7 @@ class PackedMLMLoader:
         self.seed = seed
         self.fixed_masks = fixed_masks  # eval: every pass masks the same positions
         self.stream_ids = stream_ids  # per-token source stream, for per-stream evaluation
+        self.finish_every_rank = finish_every_rank  # eval: no rank's documents left unread
         self.prefetch = prefetch
         self.num_workers = num_workers
         self.read_batch_size = dataset.batch_size
@@ -299,9 +306,17 @@ class PackedMLMLoader:
         if self.prefetch > 0:
             it = Prefetcher(it, self.prefetch)
         try:
+            done = False
             while True:
-                item = next(it, None)
-                if not all_ranks(item is not None):  # one rank ran out: the epoch ends for all
+                item = None if done else next(it, None)  # a finished Prefetcher would block
+                done = item is None
+                if self.finish_every_rank:  # evaluation: on until the last rank is done
+                    if not any_rank(not done):
+                        break
+                    if done:
+                        yield self.empty_batch()
+                        continue
+                elif not all_ranks(not done):  # one rank ran out: the epoch ends for all
                     break
                 batch, state = item
                 self._batches += 1
@@ -310,6 +325,21 @@ class PackedMLMLoader:
         finally:
             if isinstance(it, Prefetcher):
                 it.close()
+
+    def empty_batch(self) -> dict[str, Any]:
+        """A batch that changes no metric: one pad token, no label (what a rank that has read
+        all its documents yields while another rank still evaluates)."""
+        labels = torch.full((1,), IGNORE_INDEX, dtype=torch.long)
+        batch = {
+            "input_ids": torch.full((1,), self.packer.pad_token_id, dtype=torch.long),
+            "cu_seqlens": torch.tensor([0, 1], dtype=torch.int32),
+            "max_seqlen": 1,
+            "labels": labels,
+            "label_positions": label_positions(labels),
+        }
+        if self.stream_ids:
+            batch["stream_ids"] = torch.full((1,), -1, dtype=torch.long)
+        return batch
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue after the last yielded batch (small: ids, not tokens).

@@ -167,9 +167,7 @@ def get_shards(
 def eval_stream_names(data: DictConfig, eval_batches: int = -1) -> list[str] | None:
     """The mixture's stream names when `data.eval_per_stream` asks for per-stream metrics.
     `eval_batches` (trainer.eval_subset_num_batches) must be -1: the val split is read stream
-    after stream, so a subset would leave the later streams unevaluated. (With several ranks
-    every rank stops at the shortest rank's last batch, for these metrics as for the
-    combined ones, so a few of the last stream's documents may go unscored.)"""
+    after stream, so a subset would leave the later streams unevaluated."""
     if not data.get("eval_per_stream"):
         return None
     streams = stream_specs(data)
@@ -250,6 +248,7 @@ def build_loaders(
             prefetch=data.prefetch,
             fixed_masks=split == "val",
             stream_ids=stream_ids,
+            finish_every_rank=split == "val",
         )
 
     train = StepBatcher(loader("train", micro, True, seed), step, micro)

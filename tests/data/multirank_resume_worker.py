@@ -2,8 +2,9 @@
 
 Each rank reads packed batches, taking the loader state (a collective) after each, until the
 ranks have read different numbers of documents (at most `k` batches), reads the rest of the
-epoch, then a fresh loader resumes from that state and reads its epoch; everything is saved to
-OUT/rank<R>.pt for the test to compare.
+epoch, then a fresh loader resumes from that state and reads its epoch. Then it reads one
+epoch as an evaluation loader would (finish_every_rank) and as a training loader would, without
+shuffling. Everything is saved to OUT/rank<R>.pt for the test to compare.
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ from flexbert.data.masking import MLMMasker
 from flexbert.data.tokenizer import load_tokenizer
 
 
-def make_loader(shards: str, tokenizer) -> PackedMLMLoader:
-    ds = streaming_dataset(shards, split="train", shuffle=True, seed=5, batch_size=16)
+def make_loader(shards: str, tokenizer, shuffle: bool = True, **kw) -> PackedMLMLoader:
+    ds = streaming_dataset(shards, split="train", shuffle=shuffle, seed=5, batch_size=16)
     masker = MLMMasker.from_tokenizer(tokenizer, 0.3)
-    return PackedMLMLoader(ds, 2, 100, masker, tokenizer.pad_token_id, buffer_size=32, seed=5)
+    return PackedMLMLoader(ds, 2, 100, masker, tokenizer.pad_token_id, buffer_size=32, seed=5, **kw)
 
 
 def main(shards: str, tokenizer_dir: str, out: str, k: int) -> None:
@@ -43,8 +44,15 @@ def main(shards: str, tokenizer_dir: str, out: str, k: int) -> None:
     resumed = make_loader(shards, tokenizer)
     resumed.load_state_dict(state)
     again = list(resumed)
+    del resumed
+    dist.barrier()
+    reads = {}
+    for finish in (True, False):
+        read = list(make_loader(shards, tokenizer, shuffle=False, finish_every_rank=finish))
+        reads[finish] = [b["input_ids"].numel() if b["labels"].ne(-100).any() else 0 for b in read]
+        dist.barrier()
     torch.save(
-        {"first": first, "rest": rest, "again": again, "state": state},
+        {"first": first, "rest": rest, "again": again, "state": state, "reads": reads},
         Path(out) / f"rank{rank}.pt",
     )
     dist.barrier()

@@ -156,6 +156,63 @@ def test_padded_masks_follow_the_documents_not_the_call_order():
     assert not torch.equal(a["labels"], collate(other)["labels"])
 
 
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_an_eval_loader_waits_for_the_last_rank_with_empty_batches(
+    shards, tokenizer, monkeypatch, prefetch
+):
+    """finish_every_rank: this rank's own batches, then empty ones while (simulated) another
+    rank still reads, then the end together; a training loader stops with the first rank."""
+    import flexbert.data.loader as loader_module
+
+    own = list(make_loader(shards, tokenizer, prefetch=prefetch))
+    for finish, extra in ((True, 2), (False, 0)):
+        calls = {"left": 2}
+
+        def other_rank_reads(flag: bool, calls=calls) -> bool:  # another rank: 2 more batches
+            calls["left"] -= not flag
+            return flag or calls["left"] >= 0
+
+        def other_rank_done(flag: bool) -> bool:  # all_ranks: that rank has finished too
+            return flag
+
+        monkeypatch.setattr(loader_module, "any_rank", other_rank_reads)
+        monkeypatch.setattr(loader_module, "all_ranks", other_rank_done)
+        loader = make_loader(shards, tokenizer, prefetch=prefetch, finish_every_rank=finish)
+        batches = list(loader)
+        assert len(batches) == len(own) + extra
+        assert all(same(a, b) for a, b in zip(own, batches))
+        for empty in batches[len(own) :]:
+            assert empty["input_ids"].tolist() == [tokenizer.pad_token_id]
+            assert (
+                empty["labels"].tolist() == [IGNORE_INDEX] and empty["label_positions"].numel() == 0
+            )
+    assert loader._batches == len(own)  # the empty batches are not part of the epoch
+
+
+def test_an_empty_eval_batch_changes_no_metric(shards, tokenizer):
+    """What a finished rank evaluates meanwhile: runs through the model (sparse head, no
+    labelled token) and leaves every metric, per-stream ones included, as it was."""
+    from flexbert import FlexBertForMaskedLM, ModelConfig
+    from flexbert.train.composer_model import ComposerFlexBertMLM
+
+    cfg = ModelConfig.preset("tiny", vocab_size=512, pad_token_id=tokenizer.pad_token_id)
+    model = ComposerFlexBertMLM(FlexBertForMaskedLM(cfg).eval(), ["a"])
+    loader = make_loader(shards, tokenizer, stream_ids=False)
+    real = next(iter(loader))
+    real["stream_ids"] = torch.zeros_like(real["input_ids"])  # every token from stream "a"
+    loader.stream_ids = True
+    empty = loader.empty_batch()
+    assert empty["stream_ids"].tolist() == [-1]
+    with torch.no_grad():
+        for metric in model.val_metrics.values():
+            model.update_metric(real, model.eval_forward(real), metric)
+        before = {k: float(m.compute()) for k, m in model.val_metrics.items()}
+        for metric in model.val_metrics.values():
+            model.update_metric(empty, model.eval_forward(empty), metric)
+        after = {k: float(m.compute()) for k, m in model.val_metrics.items()}
+    assert after == before and len(before) == 4
+
+
 @pytest.mark.slow
 def test_two_ranks_resume_each_their_own_packer_exactly(shards, tokenizer_dir, tmp_path):
     """Two processes (torch.distributed.run, gloo): every rank continues exactly after
@@ -198,6 +255,14 @@ def test_two_ranks_resume_each_their_own_packer_exactly(shards, tokenizer_dir, t
     assert len(ranks[0]["rest"]) == len(ranks[1]["rest"])  # the epoch ends together
     ids = [torch.cat([b["input_ids"] for b in r["first"] + r["rest"]]) for r in ranks]
     assert not torch.equal(ids[0][:200], ids[1][:200])  # each rank reads its own documents
+    # an evaluation loader reads every rank's documents to the end, the ranks in step (empty
+    # batches, 0 tokens here, on the rank that finished first); a training one stops early
+    evals, trains = ([r["reads"][finish] for r in ranks] for finish in (True, False))
+    assert len(evals[0]) == len(evals[1]) and len(trains[0]) == len(trains[1])
+    assert sum(map(sum, evals)) > sum(map(sum, trains))
+    assert 0 in evals[0] + evals[1] and 0 not in trains[0] + trains[1]
+    for ev, tr in zip(evals, trains):
+        assert ev[: len(tr)] == tr  # the same batches up to where training stops
 
 
 def test_resuming_on_another_number_of_ranks_warns_and_continues(shards, tokenizer, caplog):
