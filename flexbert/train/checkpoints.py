@@ -3,13 +3,16 @@
 A Composer checkpoint holds the weights; what they belong to lives in the run directory,
 written before training (`write_run_files`): `model_config.json`, `tokenizer/` and, for a
 fine-tuning run, `task.json` (task type and label names). These are found next to a
-checkpoint or one folder up.
+checkpoint or one folder up. `find_run_checkpoint` / `load_pretrained` let a task model start
+from such a checkpoint (or a whole run folder) as well as from a Hugging Face directory: the
+way to fine-tune an ablated model that has no Hugging Face form.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +47,10 @@ def task_model_class(task_type: str | None) -> type:
         "retrieval": flexbert.FlexBertForSentenceEmbedding,
     }
     if task_type not in classes:
-        raise ValueError(f"unknown task type {task_type!r}; known: {sorted(map(str, classes))}")
+        from flexbert import ConfigError
+
+        known = sorted(t for t in classes if t)
+        raise ConfigError(f"task.type: unknown task type {task_type!r}; known: {known}")
     return classes[task_type]
 
 
@@ -100,6 +106,124 @@ def config_next_to(checkpoint: Path) -> Path:
             "(a run's model_config.json or summary.json)"
         )
     return path
+
+
+# What makes a folder a flexbert-train / flexbert-finetune run directory.
+RUN_MARKERS = ("summary.json", "model_config.json", "checkpoints")
+VALID_SOURCES = (
+    "a Hugging Face ModernBERT directory (config.json) or Hub id 'org/name', a flexbert-train "
+    "or flexbert-finetune run folder (summary.json, checkpoints/, tokenizer/) or one of its "
+    "Composer checkpoints (checkpoints/ep<N>-ba<M>-rank0.pt)"
+)
+
+
+@dataclass
+class RunCheckpoint:
+    """A Composer checkpoint and the run files that say what it holds."""
+
+    checkpoint: Path
+    config: Path  # model_config.json or summary.json
+    tokenizer: Path | None  # the run's tokenizer directory, when one is found
+    task_type: str | None  # None: a pretraining (MLM) checkpoint
+
+
+def read_summary(path: Path | None) -> dict[str, Any]:
+    """A run's summary.json as a dict; {} for None or a model_config.json."""
+    if path is None:
+        return {}
+    values = json.loads(Path(path).read_text())
+    return values if "model_config" in values else {}
+
+
+def run_tokenizer(checkpoint: Path, summary: Path | None = None) -> Path | None:
+    """The tokenizer of a checkpoint's run: its `tokenizer/` folder, else one that `summary`
+    or the run's summary.json names (`paths.tokenizer`, `data.tokenizer`) or holds beside it,
+    when that exists here; None when there is none."""
+    found = find_run_file(checkpoint, "tokenizer")
+    if found is not None:
+        return found
+    for path in (summary, find_run_file(checkpoint, "summary.json")):
+        values = read_summary(path)
+        named = [(values.get(k) or {}).get("tokenizer") for k in ("paths", "data")]
+        candidates = [Path(path).parent / "tokenizer"] if values else []
+        for candidate in [*candidates, *(Path(n) for n in named if n)]:
+            if candidate.exists():
+                return candidate
+    return None
+
+
+def run_task(checkpoint: Path, summary: Path | None = None) -> dict[str, Any]:
+    """What a checkpoint was fine-tuned for ({"type", "labels", ...}): the `task` of `summary`
+    when given, else the run's task.json, else its summary.json; {} for pretraining."""
+    task = read_summary(summary).get("task")
+    if not task:
+        task_file = find_run_file(checkpoint, TASK_FILE)
+        task = json.loads(task_file.read_text()) if task_file else None
+    if not task:
+        task = read_summary(find_run_file(checkpoint, "summary.json")).get("task")
+    return task if isinstance(task, dict) else {}
+
+
+def find_run_checkpoint(path: str | Path) -> RunCheckpoint | None:
+    """What `path` names when it is a Composer checkpoint (.pt), a run folder (its newest
+    checkpoint) or a run's summary.json; None for a Hugging Face directory or a Hub id.
+    Anything else is a FileNotFoundError that lists what would be valid."""
+    local = Path(path).expanduser()
+    if local.is_dir() and (local / "config.json").exists():
+        return None  # a Hugging Face directory
+    if local.is_file() and local.name == "summary.json":
+        local = local.parent
+    if local.is_file() and local.suffix == ".pt":
+        checkpoint = local.resolve()  # latest-rank0.pt is a link to the newest checkpoint
+    elif local.is_dir() and any((local / m).exists() for m in RUN_MARKERS):
+        checkpoint = last_checkpoint(local)
+        if checkpoint is None:
+            raise FileNotFoundError(
+                f"{local}: this run folder has no Composer checkpoint in checkpoints/ "
+                "(ep<N>-ba<M>-rank0.pt); did the run save one (trainer.save_interval)?"
+            )
+    elif local.exists():
+        raise FileNotFoundError(f"{local} is not a model: expected {VALID_SOURCES}")
+    elif local.suffix in (".pt", ".json"):
+        raise FileNotFoundError(f"{local}: no such file; expected {VALID_SOURCES}")
+    elif (local.parent / "summary.json").is_file():  # e.g. <run>/hf of a run that skipped it
+        paths = json.loads((local.parent / "summary.json").read_text()).get("paths") or {}
+        why = f" (the run skipped it: {paths['hf_skipped']})" if paths.get("hf_skipped") else ""
+        raise FileNotFoundError(
+            f"{local}: no such directory{why}; give the run folder {local.parent} (its newest "
+            "checkpoint and tokenizer are used) or one of its checkpoints/*.pt"
+        )
+    else:
+        return None  # a Hub id, or a missing directory that resolve_model_dir reports
+    config = find_run_file(checkpoint, "model_config.json") or find_run_file(
+        checkpoint, "summary.json"
+    )
+    if config is None:
+        raise FileNotFoundError(
+            f"no model_config.json or summary.json next to {checkpoint} or its parent: "
+            "keep the checkpoint inside its run folder"
+        )
+    return RunCheckpoint(
+        checkpoint, config, run_tokenizer(checkpoint), run_task(checkpoint).get("type")
+    )
+
+
+def load_pretrained(path: str | Path, model_class: type, **overrides: Any) -> Any:
+    """`model_class` (a task head, the MLM, the embedding model) over the trained encoder in
+    `path`: a Hugging Face directory or Hub id (`from_hf`), or a run checkpoint
+    (`find_run_checkpoint`), which also carries models that have no Hugging Face form
+    (rmsnorm, absolute or no positions). `overrides` are ModelConfig fields (num_labels, ...);
+    weights are matched as `from_hf` matches them (a new classifier starts fresh)."""
+    from flexbert.hf import match_state_dict
+
+    run = find_run_checkpoint(path)
+    if run is None:
+        return model_class.from_hf(path, **overrides)
+    config = read_model_config(run.config)
+    source = load_checkpoint_model(run.checkpoint, config, task_model_class(run.task_type))
+    model = model_class(config.replace(**overrides))
+    model.load_state_dict(match_state_dict(model, source.state_dict()), strict=False)
+    return model
 
 
 def load_pretrained_mlm(path: str | Path) -> Any:

@@ -4,10 +4,12 @@
     flexbert-export runs/finetune/<task>/<time>/checkpoints/ep1-ba80-rank0.pt --out my-classifier
 
 The model config comes from the run directory (`model_config.json`, written by flexbert-train
-and flexbert-finetune before training) or `--config`; the tokenizer from the run's
-`tokenizer/` or `--tokenizer`; a fine-tuning run's `task.json` picks the task head and its
-label names. The result loads with `AutoModelForMaskedLM` (or the task's Auto class, or
-sentence-transformers for retrieval) and `AutoTokenizer`.
+and flexbert-finetune before training) or `--config` (a model_config.json or a run's
+summary.json); the tokenizer from `--tokenizer`, the run's `tokenizer/` or the one its
+summary.json names (with none, nothing is written: AutoTokenizer could not load the result);
+the task head and its label names from `--config`'s summary.json or the run's `task.json`.
+The result loads with `AutoModelForMaskedLM` (or the task's Auto class, or sentence-transformers
+for retrieval) and `AutoTokenizer`.
 """
 
 from __future__ import annotations
@@ -25,13 +27,14 @@ def export(
     tokenizer: str | Path | None = None,
 ) -> Path:
     """Write `out` (config.json, model.safetensors, tokenizer files); return it."""
+    from flexbert import ConfigError
     from flexbert.data.tokenizer import load_tokenizer, save_tokenizer
     from flexbert.train.checkpoints import (
-        TASK_FILE,
         config_next_to,
-        find_run_file,
         load_checkpoint_model,
         read_model_config,
+        run_task,
+        run_tokenizer,
         task_model_class,
     )
     from flexbert.train.finetune_model import write_label_names
@@ -42,15 +45,18 @@ def export(
     cfg_path = Path(config) if config else config_next_to(ckpt)
     if not cfg_path.exists():
         raise FileNotFoundError(f"--config {cfg_path}: no such file")
-    tok_path = Path(tokenizer) if tokenizer else find_run_file(ckpt, "tokenizer")
-    task_file = find_run_file(ckpt, TASK_FILE)
-    task = json.loads(task_file.read_text()) if task_file else {}
+    tok_path = Path(tokenizer) if tokenizer else run_tokenizer(ckpt, cfg_path)
+    if tok_path is None:
+        raise ConfigError(
+            f"no tokenizer for {ckpt}: no tokenizer/ in its run folder and none named by a "
+            "summary.json; pass --tokenizer DIR (the tokenizer the run trained with)"
+        )
+    task = run_task(ckpt, cfg_path)
     model_class = task_model_class(task.get("type"))
     model = load_checkpoint_model(ckpt, read_model_config(cfg_path), model_class)
     out = Path(model.save_hf(out))
     write_label_names(out, task.get("labels"))
-    if tok_path is not None:
-        save_tokenizer(load_tokenizer(tok_path), out)
+    save_tokenizer(load_tokenizer(tok_path), out)
     return out
 
 
@@ -70,10 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `flexbert-export` console script."""
     args = build_parser().parse_args(argv)
     from flexbert import ConfigError
+    from flexbert.data.errors import DataError
 
     try:
         out = export(args.checkpoint, args.out, args.config, args.tokenizer)
-    except (FileNotFoundError, ConfigError, KeyError, RuntimeError) as e:
+    except (FileNotFoundError, ConfigError, DataError, KeyError, RuntimeError) as e:
         print(f"flexbert-export: error: {e}", file=sys.stderr)
         return 2
     print(f"flexbert-export: {args.checkpoint} -> {out}")

@@ -3,13 +3,16 @@
 Sequence classification / regression (GLUE-style, one or two text fields), token
 classification, multiple choice, extractive question answering (`finetune_qa.py`) and
 retrieval (`finetune_retrieval.py`), from local files, a saved `datasets` directory or a Hub
-dataset name. The run evaluates each epoch, checkpoints, saves the fine-tuned model as a
-Hugging Face directory (`<run_dir>/hf`, loadable with the task's AutoModelFor... class) and
-writes `summary.json`. `train(cfg, run_dir)` is the same run without Hydra's command line.
+dataset name. The pretrained encoder (`model.path`) is a Hugging Face directory or Hub id, or a flexbert-train
+run folder or Composer checkpoint (so ablated models without a Hugging Face form fine-tune too).
+The run evaluates each epoch, checkpoints, saves the fine-tuned model as a Hugging Face
+directory (`<run_dir>/hf`, loadable with the task's AutoModelFor... class; skipped, with the
+reason in the summary, for a model ModernBERT cannot express) and writes `summary.json`. `train(cfg, run_dir)` is the same run without Hydra's command line.
 """
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from pathlib import Path
@@ -28,6 +31,8 @@ from flexbert.train.app import (
 from flexbert.train.checkpoints import last_checkpoint
 from flexbert.train.runtime import final_model, is_main_process, start_distributed
 
+log = logging.getLogger("flexbert.train")
+
 
 def _loader(rows: list[dict[str, Any]], batch_size: int, collate: Any, shuffle: bool) -> Any:
     from composer.utils import dist
@@ -35,6 +40,30 @@ def _loader(rows: list[dict[str, Any]], batch_size: int, collate: Any, shuffle: 
 
     sampler = dist.get_sampler(rows, shuffle=shuffle)  # type: ignore[arg-type]
     return DataLoader(rows, batch_size=batch_size, sampler=sampler, collate_fn=collate)  # type: ignore[arg-type]
+
+
+def _token_counts(batch: dict[str, Any]) -> dict[str, int]:
+    """Composer's token counts (real tokens), with a retrieval batch's positives: the model
+    encodes those too, so tokens/s covers them."""
+    from flexbert.train.data_spec import token_counts
+
+    counts = token_counts(batch)
+    if "cand_mask" in batch:
+        counts["total"] += int(batch["cand_mask"].sum())
+    return counts
+
+
+def _data_spec(loader: Any) -> Any:
+    from composer.core import DataSpec
+
+    from flexbert.train.data_spec import num_samples, split_batch
+
+    return DataSpec(
+        loader,
+        get_num_samples_in_batch=num_samples,
+        get_num_tokens_in_batch=_token_counts,
+        split_batch=split_batch,
+    )
 
 
 def _in_batches(kwargs: dict[str, Any], per_epoch: int) -> dict[str, Any]:
@@ -51,11 +80,14 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> tuple[Any, dict[str, Any]]:
     from composer.utils import dist, reproducibility
 
     from flexbert.data.tokenizer import check_tokenizer_matches, load_tokenizer
-    from flexbert.hf import resolve_model_dir
     from flexbert.train.callbacks import LossHistory
-    from flexbert.train.checkpoints import write_run_files
-    from flexbert.train.data_spec import flexbert_data_spec
-    from flexbert.train.finetune_model import EvalHistory, composer_parts, load_task_model
+    from flexbert.train.checkpoints import find_run_checkpoint, write_run_files
+    from flexbert.train.finetune_model import (
+        EvalHistory,
+        composer_parts,
+        load_task_model,
+        pretrained_tokenizer,
+    )
     from flexbert.train.model_config import TOKENIZER_FIELDS
     from flexbert.train.tasks import build_examples
 
@@ -63,7 +95,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> tuple[Any, dict[str, Any]]:
     reproducibility.seed_all(cfg.seed)
     model = load_task_model(cfg)
     prepare_layers(cfg, model)
-    tok_path = cfg.get("tokenizer", {}).get("path") or resolve_model_dir(cfg.model.path)
+    tok_path = pretrained_tokenizer(cfg)
     tokenizer = load_tokenizer(tok_path)
     check_tokenizer_matches(tokenizer, **{k: getattr(model.config, k) for k in TOKENIZER_FIELDS})
     max_len = min(int(cfg.data.max_seq_len), model.config.max_seq_len)
@@ -81,16 +113,21 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> tuple[Any, dict[str, Any]]:
         cfg,
         run_dir,
         composer_model,
-        flexbert_data_spec(train_loader),
+        _data_spec(train_loader),
         Evaluator(
             label="eval",
-            dataloader=flexbert_data_spec(eval_loader),
+            dataloader=_data_spec(eval_loader),
             metric_names=list(composer_model.val_metrics),
         ),
         [history, evals],
         **_in_batches(trainer_kwargs(cfg), len(train_loader)),
     )
+    source = find_run_checkpoint(cfg.model.path)
     facts = {
+        "pretrained": {
+            "path": str(cfg.model.path),
+            "checkpoint": str(source.checkpoint) if source else None,
+        },
         "tokenizer": tokenizer,
         "tokenizer_source": str(tok_path),
         "label_names": label_names,
@@ -108,9 +145,11 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     run_dir = start_distributed(cfg, Path(run_dir).resolve())
     trainer, facts = build_trainer(cfg, run_dir)
     state = trainer.state
+    start_tokens = int(state.timestamp.token)
     t0 = time.perf_counter()
     trainer.fit()
     seconds = time.perf_counter() - t0
+    tokens = int(state.timestamp.token) - start_tokens
     metrics = eval_metrics(trainer)
     if not metrics:  # no eval ran during fit (eval_interval longer than the run)
         trainer.eval()
@@ -118,8 +157,11 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     model = final_model(trainer)
     main = is_main_process()
     hf_dir = run_dir / "hf"
-    if cfg.get("export_hf", True) and main:
-        save_task_model(model, facts["tokenizer"], hf_dir, facts["label_names"])
+    skipped = None if cfg.get("export_hf", True) else "export_hf=false"
+    if not skipped and main:
+        skipped = save_task_model(model, facts["tokenizer"], hf_dir, facts["label_names"])
+        if skipped:
+            log.warning("no Hugging Face export (hf/): %s", skipped)
     steps = facts["history"].steps
     last = last_checkpoint(run_dir)
     summary = {
@@ -127,6 +169,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         "run_dir": str(run_dir),
         "config": OmegaConf.to_container(cfg, resolve=True),
         "task": {"name": cfg.task.name, "type": cfg.task.type, "labels": facts["label_names"]},
+        "pretrained": facts["pretrained"],
         "model_config": model.config.to_dict(),
         "parameters": sum(p.numel() for p in model.parameters()),
         "data": {"tokenizer": facts["tokenizer_source"], "examples": facts["counts"]},
@@ -134,6 +177,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
             "epochs": int(state.timestamp.epoch),
             "batches": int(state.timestamp.batch),
             "seconds": round(seconds, 2),
+            "tokens": int(state.timestamp.token),
+            "tokens_per_second": round(tokens / seconds, 1) if seconds > 0 else None,
             "loss_first": steps[0]["loss"] if steps else None,
             "loss_last": steps[-1]["loss"] if steps else None,
             "loss_curve": steps,
@@ -145,7 +190,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
             "run_dir": str(run_dir),
             "checkpoints": str(run_dir / "checkpoints"),
             "last_checkpoint": str(last) if last else None,
-            "hf": str(hf_dir) if cfg.get("export_hf", True) else None,
+            "hf": None if skipped else str(hf_dir),
+            "hf_skipped": skipped,
             "summary": str(run_dir / "summary.json"),
         },
     }
@@ -168,13 +214,15 @@ def best_eval(history: list[dict[str, Any]], metrics: list[str]) -> dict[str, An
 
 def report(summary: dict[str, Any]) -> str:
     """The closing console message: what was fine-tuned, how well, and where it went."""
+    from flexbert.train.checkpoints import task_model_class
     from flexbert.train.export import auto_class
 
     t, e, p, task = summary["train"], summary["eval"], summary["paths"], summary["task"]
     lines = [
         "",
         f"flexbert-finetune: {task['name']} ({task['type']}) done in {t['seconds']:.0f}s, "
-        f"{t['epochs']} epochs, {t['batches']} batches",
+        f"{t['epochs']} epochs, {t['batches']} batches, {t['tokens']:,} tokens "
+        f"({t['tokens_per_second'] or 0:,.0f} tokens/s)",
         f"  train loss   {t['loss_first']:.3f} -> {t['loss_last']:.3f}"
         if t["loss_first"] is not None
         else "  train loss   (no steps this run)",
@@ -186,11 +234,18 @@ def report(summary: dict[str, Any]) -> str:
     lines += [
         f"  run dir      {p['run_dir']}",
         f"  checkpoint   {p['last_checkpoint']}",
-        f"  HF model     {p['hf'] or 'not exported (export_hf=false)'}",
+        f"  HF model     {p['hf'] or 'not exported: ' + str(p.get('hf_skipped'))}",
         f"  summary      {p['summary']}",
     ]
     if p["hf"]:
         lines.append(f"  load it:     {auto_class(p['hf'])}.from_pretrained('{p['hf']}')")
+    elif p["last_checkpoint"]:  # no HF form: FlexBERT reads its own checkpoint
+        cls = task_model_class(task["type"]).__name__
+        lines.append(
+            "  load it:     flexbert.train.checkpoints.load_checkpoint_model("
+            f"'{p['last_checkpoint']}', read_model_config('{p['run_dir']}/model_config.json'), "
+            f"flexbert.{cls})"
+        )
     return "\n".join(lines)
 
 

@@ -194,28 +194,51 @@ class EvalHistory(Callback):
 
 
 def load_task_model(cfg: Any) -> Any:
-    """The task head on the pretrained encoder in `model.path` (a fresh classifier)."""
+    """The task head (a fresh classifier) on the pretrained encoder in `model.path`: a Hugging
+    Face directory or Hub id, a flexbert-train/-finetune run folder or Composer checkpoint."""
     from omegaconf import OmegaConf
 
     from flexbert import ConfigError
-    from flexbert.train.checkpoints import task_model_class
+    from flexbert.train.checkpoints import VALID_SOURCES, load_pretrained, task_model_class
     from flexbert.train.finetune_retrieval import load_embedding_model
 
     path, task = cfg.model.get("path"), cfg.task
     if not path:
-        raise ConfigError("model.path: set it to a Hugging Face ModernBERT directory")
+        raise ConfigError(f"model.path: set it to {VALID_SOURCES}")
     node = cfg.model.get("overrides")
     overrides = OmegaConf.to_container(node, resolve=True) if node else {}
     if task.type == "retrieval":
         return load_embedding_model(path, **overrides)  # type: ignore[arg-type]
     head = task_model_class(task.type)
     problem = {"regression": "regression", "sequence_classification": "single_label_classification"}
-    return head.from_hf(
+    return load_pretrained(
         path,
+        head,
         num_labels=int(task.num_labels),
         problem_type=problem.get(task.type),
         **overrides,  # type: ignore[arg-type]
     )
+
+
+def pretrained_tokenizer(cfg: Any) -> Path:
+    """Where the run's tokenizer comes from: `tokenizer.path`, else the model's own (the
+    Hugging Face directory, or the tokenizer of the run that wrote the checkpoint)."""
+    from flexbert import ConfigError
+    from flexbert.hf import resolve_model_dir
+    from flexbert.train.checkpoints import find_run_checkpoint
+
+    given = (cfg.get("tokenizer") or {}).get("path")
+    if given:
+        return Path(given)
+    run = find_run_checkpoint(cfg.model.path)
+    if run is None:
+        return resolve_model_dir(cfg.model.path)
+    if run.tokenizer is None:
+        raise ConfigError(
+            f"model.path={cfg.model.path}: no tokenizer/ in the run folder of "
+            f"{run.checkpoint}, nor one named by its summary.json; set tokenizer.path"
+        )
+    return run.tokenizer
 
 
 def composer_parts(
@@ -241,17 +264,26 @@ def composer_parts(
     return wrapper, Collator(pad_id, regression=task.type == "regression")
 
 
-def save_task_model(model: Any, tokenizer: Any, out: Path, label_names: list[str] | None) -> None:
+def save_task_model(
+    model: Any, tokenizer: Any, out: Path, label_names: list[str] | None
+) -> str | None:
     """HF directory with the fine-tuned model, tokenizer files and, when known, id2label.
+    Returns None, or why nothing was written: a model Hugging Face ModernBERT cannot express
+    (an ablation such as rmsnorm); its weights stay in the run's Composer checkpoints.
 
     A sentence-embedding model is saved as its encoder (ModernBertModel, for AutoModel) with
     the sentence-transformers module files (`SentenceTransformer(out)`).
     """
+    from flexbert import ConfigError
     from flexbert.data.tokenizer import save_tokenizer
 
-    model.save_hf(out)
+    try:
+        model.save_hf(out)
+    except ConfigError as e:  # refused before anything is written
+        return str(e)
     save_tokenizer(tokenizer, out)
     write_label_names(out, label_names)
+    return None
 
 
 def write_label_names(out: Path, label_names: list[str] | None) -> None:

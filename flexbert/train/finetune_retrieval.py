@@ -22,10 +22,12 @@ from flexbert.train.tasks import pad_rows
 
 
 def load_embedding_model(path: str | Path, **overrides: Any) -> Any:
-    """FlexBertForSentenceEmbedding over the encoder of any ModernBERT checkpoint (MLM too)."""
+    """FlexBertForSentenceEmbedding over the encoder of any ModernBERT checkpoint (MLM too):
+    a Hugging Face directory or Hub id, a run folder or Composer checkpoint."""
     from flexbert.heads import FlexBertForSentenceEmbedding
+    from flexbert.train.checkpoints import load_pretrained
 
-    return FlexBertForSentenceEmbedding.from_hf(path, **overrides)  # drops MLM/classifier heads
+    return load_pretrained(path, FlexBertForSentenceEmbedding, **overrides)  # drops MLM heads
 
 
 def encode_pairs(

@@ -138,12 +138,28 @@ def encode_sequences(
     return [{"input_ids": ids, "labels": y} for ids, y in zip(enc["input_ids"], labels)]
 
 
+def check_word_lists(ds: Any, task: Mapping[str, Any], split: str) -> None:
+    """Token classification reads a list of words and a list of labels (one per word) in
+    each row; a plain string or one label per row is refused naming the field."""
+    fields = {task["text_fields"][0]: "words", task["label_field"]: "labels, one per word"}
+    for field, what in fields.items():
+        for row, value in enumerate(ds[field]):
+            if not isinstance(value, (list, tuple)):
+                raise DataError(
+                    f"split '{split}' row {row}: field '{field}' holds {value!r} "
+                    f"({type(value).__name__}); token classification expects a list of {what} "
+                    f"in each row (task.text_fields[0] = words, task.label_field = labels), "
+                    f'e.g. {{"tokens": ["EU", "rejects"], "tags": ["B-ORG", "O"]}}'
+                )
+
+
 def encode_tokens(
     ds: Any, task: Mapping[str, Any], tokenizer: Any, max_len: int, split: str, to_label: Any
 ) -> list[dict[str, Any]]:
     """Word lists -> sub-tokens; each word's label sits on its first sub-token, others -100."""
     words_field, label_field = task["text_fields"][0], task["label_field"]
     check_fields(ds, [words_field, label_field], split)
+    check_word_lists(ds, task, split)
     cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
     out = []
     for row, (words, tags) in enumerate(zip(ds[words_field], ds[label_field])):
@@ -216,6 +232,8 @@ def build_examples(
     check_fields(train, [task["label_field"]], names["train"])
     values = train[task["label_field"]]
     if kind == "token_classification":
+        check_fields(train, [task["text_fields"][0]], names["train"])
+        check_word_lists(train, task, names["train"])
         values = [v for tags in values for v in tags]
     to_label, label_names = label_mapper(
         task, values, feature_label_names(train, task["label_field"])

@@ -161,6 +161,76 @@ def test_flexbert_export_turns_a_fine_tuning_checkpoint_into_the_task_model(
     assert (tmp_path / "x" / "tokenizer.json").exists()
 
 
+def test_summary_reports_tokens_and_tokens_per_second(classification_run):
+    """As pretraining does: the real (non-padding) tokens trained on, over the fit's seconds."""
+    from omegaconf import OmegaConf
+
+    from flexbert.data.tokenizer import load_tokenizer
+    from flexbert.train.tasks import build_examples
+
+    run, summary = classification_run
+    task = OmegaConf.create(summary["config"]["task"])
+    examples, _ = build_examples(task, load_tokenizer(run / "tokenizer"), 32)
+    per_epoch = sum(len(r["input_ids"]) for r in examples["train"])
+    t = json.loads((run / "summary.json").read_text())["train"]
+    assert t["tokens"] == t["epochs"] * per_epoch
+    assert t["tokens_per_second"] == pytest.approx(t["tokens"] / t["seconds"], rel=0.05)
+    assert f"{t['tokens']:,} tokens (" in report(summary) and "tokens/s)" in report(summary)
+
+
+def _moved(run: Path, dest: Path, *names: str) -> Path:
+    """The run's last checkpoint copied to `dest` with only the named run files beside it."""
+    import shutil
+
+    dest.mkdir()
+    for name in names:
+        shutil.copy(run / name, dest / name)
+    ckpt = Path(json.loads((run / "summary.json").read_text())["paths"]["last_checkpoint"])
+    return Path(shutil.copy(ckpt, dest / ckpt.name))
+
+
+def test_flexbert_export_reads_task_and_tokenizer_from_a_summary(classification_run, tmp_path):
+    """--config summary.json with no task.json or tokenizer/ beside the checkpoint: the
+    summary's task picks the head and labels, its data.tokenizer the tokenizer."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from flexbert.train.export import main as export_main
+
+    run, _ = classification_run
+    ckpt = _moved(run, tmp_path / "moved", "summary.json")
+    out = tmp_path / "x"
+    assert (
+        export_main([str(ckpt), "--config", str(ckpt.parent / "summary.json"), "--out", str(out)])
+        == 0
+    )
+    exported = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    final = AutoModelForSequenceClassification.from_pretrained(run / "hf").eval()
+    assert exported.config.id2label == final.config.id2label
+    for a, b in zip(exported.state_dict().values(), final.state_dict().values()):
+        torch.testing.assert_close(a, b)
+    assert AutoTokenizer.from_pretrained(out)("apple river")["input_ids"]
+
+
+def test_flexbert_export_without_a_tokenizer_is_refused(
+    classification_run, pretrained, tmp_path, capsys
+):
+    """Config and task found but no tokenizer: nothing is written (AutoTokenizer could not
+    load it), and the error names --tokenizer; with it, the export is complete."""
+    from transformers import AutoTokenizer
+
+    from flexbert.train.export import main as export_main
+
+    run, _ = classification_run
+    ckpt = _moved(run, tmp_path / "moved", "model_config.json", "task.json")
+    assert export_main([str(ckpt), "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("flexbert-export: error: no tokenizer") and "--tokenizer" in err
+    assert not (tmp_path / "x").exists()
+    args = [str(ckpt), "--out", str(tmp_path / "y"), "--tokenizer", str(pretrained)]
+    assert export_main(args) == 0
+    assert AutoTokenizer.from_pretrained(tmp_path / "y")("apple river")["input_ids"]
+
+
 def test_regression_reports_pearson(pretrained, tmp_path):
     rng = random.Random(2)
     files = {}
@@ -312,6 +382,33 @@ def test_bad_input_raises_a_clear_error(pretrained, contains_word, tmp_path, bad
     cfg = _compose([f"model.path={pretrained}", *_files(contains_word), *FAST, bad])
     with pytest.raises((DataError, ConfigError, FileNotFoundError), match=expected):
         train(cfg, tmp_path / "run")
+
+
+def test_one_label_per_row_for_token_classification_is_a_clear_error(pretrained, tmp_path):
+    from flexbert.data.errors import DataError
+
+    rows = [{"tokens": ["apple", KEY], "tags": 1}, {"tokens": ["river"], "tags": 0}]
+    files = {s: _write_jsonl(tmp_path / f"{s}.jsonl", rows) for s in ("train", "validation")}
+    cfg = _compose(
+        [f"model.path={pretrained}", "task=local_token_classification", *_files(files), *FAST]
+    )
+    with pytest.raises(DataError, match=r"field 'tags' holds 1 \(int\).*a list of labels"):
+        train(cfg, tmp_path / "run")
+
+
+def test_an_unknown_task_type_is_one_clear_line(pretrained, tmp_path, monkeypatch, capsys):
+    from flexbert.train.finetune import main
+
+    args = [f"model.path={pretrained}", "task.type=bogus", f"hydra.run.dir={tmp_path}"]
+    monkeypatch.setattr(sys, "argv", ["flexbert-finetune", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("flexbert-finetune: error: task.type: unknown task type 'bogus'")
+    assert "sequence_classification" in last
 
 
 @pytest.mark.slow
