@@ -169,8 +169,8 @@ def find_run_checkpoint(path: str | Path) -> RunCheckpoint | None:
     checkpoint) or a run's summary.json; None for a Hugging Face directory or a Hub id.
     Anything else is a FileNotFoundError that lists what would be valid."""
     local = Path(path).expanduser()
-    if local.is_dir() and (local / "config.json").exists():
-        return None  # a Hugging Face directory
+    if local.is_dir() and any((local / f).exists() for f in ("config.json", "modules.json")):
+        return None  # a Hugging Face (or sentence-transformers) directory
     if local.is_file() and local.name == "summary.json":
         local = local.parent
     if local.is_file() and local.suffix == ".pt":
