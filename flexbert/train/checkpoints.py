@@ -227,19 +227,11 @@ def load_pretrained(path: str | Path, model_class: type, **overrides: Any) -> An
 
 
 def load_pretrained_mlm(path: str | Path) -> Any:
-    """A trained FlexBertForMaskedLM from a flexbert-train Composer checkpoint (.pt, config
-    from its run directory), a Hugging Face ModernBERT directory or a Hub id."""
+    """A trained FlexBertForMaskedLM from a Hugging Face ModernBERT directory or Hub id, a
+    flexbert-train run folder or one of its Composer checkpoints (`load_pretrained`)."""
     from flexbert import FlexBertForMaskedLM
 
-    local = Path(path).expanduser().resolve()
-    if local.is_file():
-        return load_checkpoint_model(local, read_model_config(config_next_to(local)))
-    if local.is_dir() and not (local / "config.json").exists():
-        raise FileNotFoundError(
-            f"{local}: expected a Hugging Face ModernBERT directory (with config.json) or a "
-            "flexbert-train checkpoint file (runs/pretrain/<time>/checkpoints/ep0-ba<N>-rank0.pt)"
-        )
-    return FlexBertForMaskedLM.from_hf(local if local.exists() else str(path)).eval()
+    return load_pretrained(path, FlexBertForMaskedLM).eval()
 
 
 def init_from(node: Any, model: Any) -> dict[str, Any] | None:

@@ -134,14 +134,17 @@ def test_eval_split_masks_at_the_eval_rate_with_the_same_masks_every_time(
     assert all(torch.equal(a["labels"], b["labels"]) for a, b in zip(first, second))
 
 
-@pytest.mark.parametrize("source", ["checkpoint", "hf"])
+@pytest.mark.parametrize("source", ["checkpoint", "hf", "run"])
 def test_init_from_grows_a_trained_run_into_a_larger_model(first_run, tiny_run_config, source):
     """A wider, deeper model starts from the first run's weights (center tiling, gopher map);
-    with lr 0 the weights after two steps are still exactly the grown ones."""
+    with lr 0 the weights after two steps are still exactly the grown ones. The source may be
+    a checkpoint, an HF export or the run folder (its newest checkpoint)."""
     from flexbert.train.checkpoints import load_pretrained_mlm
 
     root, _, first = first_run
-    path = first["paths"]["last_checkpoint"] if source == "checkpoint" else first["paths"]["hf"]
+    paths = first["paths"]
+    path = {"checkpoint": paths["last_checkpoint"], "hf": paths["hf"], "run": paths["run_dir"]}
+    path = path[source]
     cfg = tiny_run_config(
         f"init_from.path={path}",
         f"paths.cache_dir={root / 'cache'}",
