@@ -85,15 +85,38 @@ def load_checkpoint_model(
     checkpoint: str | Path, config: Any, model_class: type | None = None
 ) -> Any:
     """`model_class` (default FlexBertForMaskedLM) with the weights of a Composer checkpoint
-    of one of FlexBERT's Composer wrappers."""
+    of one of FlexBERT's Composer wrappers. A file that is not one (corrupt, truncated, another
+    format) or whose weights do not fit `config` is a CheckpointError naming the file."""
     from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
-    blob = torch.load(str(checkpoint), map_location="cpu", weights_only=False)
-    state = dict(blob["state"]["model"])
+    from flexbert.hf import CheckpointError
+
+    try:
+        blob = torch.load(str(checkpoint), map_location="cpu", weights_only=False)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # noqa: BLE001 - unpickling fails in many ways
+        raise CheckpointError(
+            f"{checkpoint} could not be read as a Composer checkpoint ({type(e).__name__}: "
+            f"{e}); it may be truncated or corrupt: use another of the run's checkpoints"
+        ) from e
+    model_state = blob.get("state", {}).get("model") if isinstance(blob, dict) else None
+    if not isinstance(model_state, dict):
+        raise CheckpointError(
+            f"{checkpoint} is not a Composer checkpoint (no state.model weights): expected a "
+            "flexbert-train / flexbert-finetune checkpoints/ep<N>-ba<M>-rank0.pt"
+        )
+    state = dict(model_state)
     consume_prefix_in_state_dict_if_present(state, "module.")  # DDP
     consume_prefix_in_state_dict_if_present(state, "model.")  # the wrapper's .model
     model = (model_class or task_model_class(None))(config)
-    model.load_state_dict(state, strict=True)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(
+            f"the weights in {checkpoint} do not fit a {type(model).__name__} of the run's "
+            f"model config (a checkpoint from another model or run?): {str(e)[:600]}"
+        ) from e
     return model.eval()
 
 

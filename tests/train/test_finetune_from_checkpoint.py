@@ -118,3 +118,36 @@ def test_a_wrong_model_path_is_one_clear_error(
         assert f"give the run folder {run}" in last
     else:
         assert "run folder" in last and ".pt" in last
+
+
+def test_a_corrupt_or_foreign_checkpoint_is_a_checkpoint_error(ablated_run, tmp_path):
+    """Truncated bytes, a .pt that is not a Composer checkpoint, and weights that do not fit
+    the run's model config: each one CheckpointError naming the file (run_app's one line)."""
+    import shutil
+
+    from flexbert.hf import CheckpointError
+    from flexbert.train.checkpoints import (
+        last_checkpoint,
+        load_checkpoint_model,
+        read_model_config,
+    )
+
+    run, _ = ablated_run
+    good = last_checkpoint(run)
+    config = read_model_config(run / "model_config.json")
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[:5000])
+    with pytest.raises(CheckpointError, match="truncated.pt could not be read"):
+        load_checkpoint_model(truncated, config)
+    foreign = tmp_path / "tensor.pt"
+    torch.save(torch.zeros(3), foreign)
+    with pytest.raises(CheckpointError, match="tensor.pt is not a Composer checkpoint"):
+        load_checkpoint_model(foreign, config)
+    with pytest.raises(CheckpointError, match="do not fit a FlexBertForMaskedLM"):
+        load_checkpoint_model(good, config.replace(num_layers=config.num_layers + 1))
+    # through flexbert-finetune: the same error, one line
+    other = tmp_path / "run"
+    shutil.copytree(run, other, ignore=shutil.ignore_patterns("*.pt"))
+    (other / "checkpoints" / good.name).write_bytes(good.read_bytes()[:5000])
+    with pytest.raises(CheckpointError, match="could not be read"):
+        train(_compose([f"model.path={other}", *FAST]), tmp_path / "ft")
