@@ -45,19 +45,19 @@ def gather_objects(obj: Any) -> list[Any]:
     return out
 
 
-def all_ranks(flag: bool) -> bool:
-    """True when `flag` is true on every rank (all ranks must call this together)."""
+def _reduce_flag(flag: bool, op: Any) -> bool:
     if not _active():
         return flag
     value = torch.tensor([1 if flag else 0], dtype=torch.int32)
-    dist.all_reduce(value, op=dist.ReduceOp.MIN, group=_cpu_group())
+    dist.all_reduce(value, op=op, group=_cpu_group())
     return bool(value.item())
+
+
+def all_ranks(flag: bool) -> bool:
+    """True when `flag` is true on every rank (all ranks must call this together)."""
+    return _reduce_flag(flag, dist.ReduceOp.MIN)
 
 
 def any_rank(flag: bool) -> bool:
     """True when `flag` is true on at least one rank (all ranks must call this together)."""
-    if not _active():
-        return flag
-    value = torch.tensor([1 if flag else 0], dtype=torch.int32)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=_cpu_group())
-    return bool(value.item())
+    return _reduce_flag(flag, dist.ReduceOp.MAX)
