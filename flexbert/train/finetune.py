@@ -33,6 +33,8 @@ from flexbert.train.runtime import final_model, is_main_process, start_distribut
 
 log = logging.getLogger("flexbert.train")
 
+PREDICTIONS_FILE = "eval_predictions.json"  # question answering: the last evaluation's answers
+
 
 def _loader(rows: list[dict[str, Any]], batch_size: int, collate: Any, shuffle: bool) -> Any:
     from composer.utils import dist
@@ -109,6 +111,11 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> tuple[Any, dict[str, Any]]:
     eval_loader = _loader(examples["eval"], cfg.data.eval_batch_size // world, collate, False)
 
     history, evals = LossHistory(), EvalHistory()
+    callbacks: list[Any] = [history, evals]
+    if cfg.task.type == "question_answering":  # the answers themselves, for error analysis
+        from flexbert.train.finetune_qa import QAPredictions
+
+        callbacks.append(QAPredictions(run_dir / PREDICTIONS_FILE))
     trainer = composer_trainer(
         cfg,
         run_dir,
@@ -119,7 +126,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> tuple[Any, dict[str, Any]]:
             dataloader=_data_spec(eval_loader),
             metric_names=list(composer_model.val_metrics),
         ),
-        [history, evals],
+        callbacks,
         **_in_batches(trainer_kwargs(cfg), len(train_loader)),
     )
     source = find_run_checkpoint(cfg.model.path)
@@ -195,6 +202,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
             "summary": str(run_dir / "summary.json"),
         },
     }
+    if (run_dir / PREDICTIONS_FILE).exists():
+        summary["paths"]["predictions"] = str(run_dir / PREDICTIONS_FILE)
     finish_run(trainer, run_dir, summary, main)
     return summary
 

@@ -17,12 +17,15 @@ span's, as SQuAD v2's evaluation does.
 from __future__ import annotations
 
 import collections
+import json
 import re
 import string
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
+from composer.core import Callback
 from torchmetrics import Metric
 
 from flexbert.data.errors import DataError
@@ -126,6 +129,9 @@ def encode_questions(
             f"{max_len} ({e}); raise data.max_seq_len or shorten the questions"
         ) from e
     example_of = enc.get("overflow_to_sample_mapping", range(len(questions)))
+    # what predictions are keyed by: the dataset's question ids (SQuAD's `id`), else row numbers
+    has_ids = "id" in (getattr(ds, "column_names", None) or [])
+    keys = [str(k) for k in ds["id"]] if has_ids else [str(i) for i in range(len(questions))]
     char_spans: dict[int, tuple[int, int] | None] = {}
     rows = []
     for j, (ids, offsets) in enumerate(zip(enc["input_ids"], enc["offset_mapping"])):
@@ -138,6 +144,7 @@ def encode_questions(
         row = {"input_ids": ids, "start_positions": start, "end_positions": end}
         if for_eval:
             row["example_id"] = i
+            row["example_key"] = keys[i]
             row["offsets"] = [list(o) if c else [-1, -1] for o, c in zip(offsets, in_context)]
             row["context"] = contexts[i]
             row["answers"] = [str(t) for t in answers[i]["text"]] or [""]
@@ -190,6 +197,7 @@ class QACollator:
                 offsets[i, : len(r["offsets"])] = torch.tensor(r["offsets"])
             batch["offsets"] = offsets
             batch["example_ids"] = torch.tensor([r["example_id"] for r in rows])
+            batch["example_keys"] = [r["example_key"] for r in rows]
             batch["contexts"] = [r["context"] for r in rows]
             batch["answers"] = [r["answers"] for r in rows]
         return batch
@@ -310,16 +318,26 @@ class AnswerScore(Metric):
         ids = dim_zero_cat(self.example_ids)
         span, null = dim_zero_cat(self.span_scores), dim_zero_cat(self.null_scores)
         span_values, empty_values = dim_zero_cat(self.span_values), dim_zero_cat(self.empty_values)
-        _, example = torch.unique(ids, return_inverse=True)
-        n, windows = int(example.max()) + 1, torch.arange(len(ids), device=ids.device)
-        low = torch.full((n,), float("-inf"), device=ids.device)
-        best = low.scatter_reduce(0, example, span, "amax")
-        chosen = torch.full((n,), len(ids), device=ids.device).scatter_reduce(
-            0, example, windows.masked_fill(span < best[example], len(ids)), "amin"
-        )  # the first window holding the example's best span
-        lowest_null = (-low).scatter_reduce(0, example, null, "amin")
-        values = torch.where(lowest_null > best, empty_values[chosen], span_values[chosen])
+        chosen, empty = select_answers(ids, span, null)
+        values = torch.where(empty, empty_values[chosen], span_values[chosen])
         return values.mean().float()
+
+
+def select_answers(
+    example_ids: torch.Tensor, span_scores: torch.Tensor, null_scores: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per example (in increasing id order): the first of its windows holding its best span,
+    and whether it answers "" (its lowest no-answer score beats that span: run_qa's rule)."""
+    _, example = torch.unique(example_ids, return_inverse=True)
+    n, device = int(example.max()) + 1, example_ids.device
+    windows = torch.arange(len(example_ids), device=device)
+    low = torch.full((n,), float("-inf"), device=device)
+    best = low.scatter_reduce(0, example, span_scores, "amax")
+    chosen = torch.full((n,), len(example_ids), device=device).scatter_reduce(
+        0, example, windows.masked_fill(span_scores < best[example], len(example_ids)), "amin"
+    )
+    lowest_null = (-low).scatter_reduce(0, example, null_scores, "amin")
+    return chosen, lowest_null > best
 
 
 def build_qa_metrics(names: Sequence[str]) -> dict[str, Metric]:
@@ -373,3 +391,42 @@ class ComposerFlexBertQA(FlexBertComposerModel):
     def update_metric(self, batch: dict[str, Any], outputs: FlexBertOutput, metric) -> None:
         texts, scores, null = self.window_answers(batch, outputs)
         metric.update(texts, batch["answers"], batch["example_ids"], scores, null)
+
+
+class QAPredictions(Callback):
+    """Writes each evaluation's answers to `path` as {question id: answer text} (the layout
+    of SQuAD's predictions.json, which its official evaluation script reads; ids are the
+    dataset's `id` column, else row numbers), chosen across windows as the metrics choose.
+    Every rank's windows are gathered; the main process writes."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.windows: list[tuple[int, float, float, str, str]] = []
+
+    def eval_start(self, state: Any, logger: Any) -> None:
+        self.windows = []
+
+    def eval_after_forward(self, state: Any, logger: Any) -> None:
+        batch = state.batch
+        if "offsets" not in batch:
+            return
+        wrapper = getattr(state.model, "module", state.model)  # DDP wraps the Composer model
+        texts, scores, null = wrapper.window_answers(batch, state.outputs)
+        nulls = null.tolist() if null is not None else [float("-inf")] * len(texts)
+        ids, keys = batch["example_ids"].tolist(), batch["example_keys"]
+        self.windows += list(zip(ids, scores.tolist(), nulls, texts, keys))
+
+    def eval_end(self, state: Any, logger: Any) -> None:
+        from flexbert.data.distributed import gather_objects, rank_and_world
+
+        windows = [w for part in gather_objects(self.windows) for w in part]
+        if rank_and_world()[0] != 0 or not windows:
+            return
+        ids, span, null = (torch.tensor([w[k] for w in windows]) for k in range(3))
+        chosen, empty = select_answers(ids, span.float(), null.float())
+        answers = {
+            windows[c][4]: "" if e else windows[c][3]
+            for c, e in zip(chosen.tolist(), empty.tolist())
+        }
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps(answers, indent=1, ensure_ascii=False) + "\n")

@@ -284,9 +284,12 @@ def test_question_answering_trains_evaluates_and_exports(pretrained, tmp_path): 
     from flexbert import FlexBertForQuestionAnswering
     from flexbert.train.finetune import train
 
+    validation = [{"id": f"q{i}", **r} for i, r in enumerate(_long_rows(16, 4, 30))]
     files = {  # validation contexts outgrow data.max_seq_len=32: read in windows
-        "train": _write_jsonl(tmp_path / "train.jsonl", _rows(64, 3)),
-        "validation": _write_jsonl(tmp_path / "validation.jsonl", _long_rows(16, 4, 30)),
+        "train": _write_jsonl(
+            tmp_path / "train.jsonl", [{"id": f"t{i}", **r} for i, r in enumerate(_rows(64, 3))]
+        ),
+        "validation": _write_jsonl(tmp_path / "validation.jsonl", validation),
     }
     overrides = [f"task.dataset.files.{k}={v}" for k, v in files.items()]
     overrides.append("task.doc_stride=8")
@@ -298,6 +301,15 @@ def test_question_answering_trains_evaluates_and_exports(pretrained, tmp_path): 
     assert set(summary["eval"]) == {"exact_match", "f1"}
     assert 0.0 <= summary["eval"]["exact_match"] <= summary["eval"]["f1"] <= 1.0
     assert summary["train"]["loss_last"] < summary["train"]["loss_first"]
+    # the last evaluation's answers by question id, scoring exactly what the metrics reported
+    predictions = json.loads((tmp_path / "run" / "eval_predictions.json").read_text())
+    assert list(predictions) == [r["id"] for r in validation]
+    scores = {
+        name: sum(score(predictions[r["id"]], r["answers"]["text"][0]) for r in validation) / 16
+        for name, score in (("exact_match", exact_match), ("f1", token_f1))
+    }
+    assert scores == pytest.approx(summary["eval"], abs=1e-6)
+    assert summary["paths"]["predictions"].endswith("eval_predictions.json")
     from flexbert.train.finetune import report
 
     assert "AutoModelForQuestionAnswering.from_pretrained" in report(summary)
