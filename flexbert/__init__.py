@@ -3,6 +3,7 @@
 from flexbert.config import ModelConfig
 from flexbert.growth import GrowthReport, grow_model
 from flexbert.heads import (
+    FlexBertForColBERT,
     FlexBertForMaskedLM,
     FlexBertForMultipleChoice,
     FlexBertForQuestionAnswering,
@@ -16,6 +17,7 @@ from flexbert.registry import ConfigError
 
 __all__ = [
     "ConfigError",
+    "FlexBertForColBERT",
     "FlexBertForMaskedLM",
     "FlexBertForMultipleChoice",
     "FlexBertForQuestionAnswering",

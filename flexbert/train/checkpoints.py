@@ -45,6 +45,7 @@ def task_model_class(task_type: str | None) -> type:
         "multiple_choice": flexbert.FlexBertForMultipleChoice,
         "question_answering": flexbert.FlexBertForQuestionAnswering,
         "retrieval": flexbert.FlexBertForSentenceEmbedding,
+        "colbert": flexbert.FlexBertForColBERT,
     }
     if task_type not in classes:
         from flexbert import ConfigError
@@ -109,7 +110,10 @@ def load_checkpoint_model(
     state = dict(model_state)
     consume_prefix_in_state_dict_if_present(state, "module.")  # DDP
     consume_prefix_in_state_dict_if_present(state, "model.")  # the wrapper's .model
-    model = (model_class or task_model_class(None))(config)
+    model_class = model_class or task_model_class(None)
+    # a head whose shape is not all in the model config (ColBERT) reads the rest from the state
+    settings_of = getattr(model_class, "settings_from_state_dict", None)
+    model = model_class(config, **(settings_of(state) if settings_of else {}))
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:

@@ -9,7 +9,7 @@ summary.json); the tokenizer from `--tokenizer`, the run's `tokenizer/` or the o
 summary.json names (with none, nothing is written: AutoTokenizer could not load the result);
 the task head and its label names from `--config`'s summary.json or the run's `task.json`.
 The result loads with `AutoModelForMaskedLM` (or the task's Auto class, or sentence-transformers
-for retrieval) and `AutoTokenizer`.
+for retrieval; `flexbert.FlexBertForColBERT.from_pretrained` for colbert) and `AutoTokenizer`.
 """
 
 from __future__ import annotations
@@ -90,6 +90,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def auto_class(hf_dir: str | Path) -> str:
     """The transformers Auto class that loads this saved model, from its architecture."""
+    from flexbert.heads import COLBERT_SETTINGS_FILE
+
+    if (Path(hf_dir) / COLBERT_SETTINGS_FILE).exists():  # the encoder + a ColBERT projection
+        return "flexbert.FlexBertForColBERT"
     arch = json.loads((Path(hf_dir) / "config.json").read_text())["architectures"][0]
     return {"ModernBertModel": "AutoModel"}.get(arch, arch.replace("ModernBert", "AutoModel"))
 

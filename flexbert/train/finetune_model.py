@@ -209,6 +209,10 @@ def load_task_model(cfg: Any) -> Any:
     overrides = OmegaConf.to_container(node, resolve=True) if node else {}
     if task.type == "retrieval":
         return load_embedding_model(path, **overrides)  # type: ignore[arg-type]
+    if task.type == "colbert":
+        from flexbert.train.finetune_colbert import load_colbert_model
+
+        return load_colbert_model(path, task, **overrides)  # type: ignore[arg-type]
     head = task_model_class(task.type)
     problem = {"regression": "regression", "sequence_classification": "single_label_classification"}
     return load_pretrained(
@@ -258,6 +262,11 @@ def composer_parts(
         gather = bool(task.get("gather_negatives", True))
         wrapper = ComposerFlexBertRetrieval(model, gather, list(task.metrics))
         return wrapper, PairCollator(pad_id)
+    if task.type == "colbert":
+        from flexbert.train.finetune_colbert import ComposerFlexBertColBERT
+
+        gather = bool(task.get("gather_negatives", False))
+        return ComposerFlexBertColBERT(model, list(task.metrics), gather), PairCollator(pad_id)
     wrapper = ComposerFlexBertClassifier(model, task.type, list(task.metrics), label_names)
     if task.type == "multiple_choice":
         return wrapper, ChoiceCollator(pad_id)
@@ -272,7 +281,8 @@ def save_task_model(
     (an ablation such as rmsnorm); its weights stay in the run's Composer checkpoints.
 
     A sentence-embedding model is saved as its encoder (ModernBertModel, for AutoModel) with
-    the sentence-transformers module files (`SentenceTransformer(out)`).
+    the sentence-transformers module files (`SentenceTransformer(out)`); a ColBERT model as
+    its encoder with the projection and settings (`FlexBertForColBERT.from_pretrained(out)`).
     """
     from flexbert import ConfigError
     from flexbert.data.tokenizer import save_tokenizer

@@ -8,7 +8,7 @@ sentence-transformers model: `SentenceTransformer(dir).encode(texts)` gives the 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +31,15 @@ def load_embedding_model(path: str | Path, **overrides: Any) -> Any:
 
 
 def encode_pairs(
-    ds: Any, task: Mapping[str, Any], tokenizer: Any, max_len: int, split: str
+    ds: Any,
+    task: Mapping[str, Any],
+    tokenizer: Any,
+    max_len: int,
+    split: str,
+    query_max_len: int | None = None,
 ) -> list[dict[str, Any]]:
-    """Rows {query ids, positive ids} from task.text_fields = [query_field, positive_field]."""
+    """Rows {query ids, positive ids} from task.text_fields = [query_field, positive_field];
+    queries are cut to `query_max_len` tokens (default: max_len, as positives are)."""
     from flexbert.data.errors import DataError
     from flexbert.train.tasks import check_fields
 
@@ -42,7 +48,7 @@ def encode_pairs(
         raise DataError(f"task.text_fields: retrieval needs [query, positive], got {fields}")
     check_fields(ds, fields, split)
     q, p = ([str(t) for t in ds[f]] for f in fields)
-    q_ids = tokenizer(q, truncation=True, max_length=max_len)["input_ids"]
+    q_ids = tokenizer(q, truncation=True, max_length=query_max_len or max_len)["input_ids"]
     p_ids = tokenizer(p, truncation=True, max_length=max_len)["input_ids"]
     return [{"input_ids": a, "cand_ids": b} for a, b in zip(q_ids, p_ids)]
 
@@ -59,13 +65,20 @@ class PairCollator:
         return {"input_ids": ids, "attention_mask": mask, "cand_ids": cand, "cand_mask": cand_mask}
 
 
-def positive_ranks(queries: torch.Tensor, docs: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+def positive_ranks(
+    queries: torch.Tensor,
+    docs: Any,
+    chunk: int = 1024,
+    score: Callable[[torch.Tensor, Any], torch.Tensor] | None = None,
+) -> torch.Tensor:
     """(N,) 1-based rank of doc i for query i among all N docs (ties do not count against).
 
-    Scored `chunk` queries at a time, so memory stays O(chunk x N)."""
+    Scored `chunk` queries at a time, so memory stays O(chunk x N). `score(query_chunk,
+    docs)` -> (c, N) scores; default: dot products of (N, D) vectors."""
     ranks = []
     for start in range(0, queries.shape[0], chunk):
-        scores = queries[start : start + chunk] @ docs.T  # (c, N)
+        part = queries[start : start + chunk]
+        scores = part @ docs.T if score is None else score(part, docs)  # (c, N)
         rows = torch.arange(scores.shape[0], device=scores.device)
         own = scores[rows, rows + start]  # (c,)
         ranks.append((scores > own[:, None]).sum(-1) + 1)
@@ -111,13 +124,18 @@ class CorpusRetrievalMetric(Metric):
         return self.score(positive_ranks(dim_zero_cat(self.queries), dim_zero_cat(self.docs)))
 
 
-def retrieval_metrics(names: Sequence[str]) -> dict[str, Metric]:
+def retrieval_metrics(
+    names: Sequence[str],
+    metric: Callable[[str], Metric] = CorpusRetrievalMetric,
+    kind: str = "retrieval",
+) -> dict[str, Metric]:
+    """`metric(name)` for each name in task.metrics; a name not in RANK_METRICS is refused."""
     bad = [n for n in names if n not in RANK_METRICS]
     if bad:
         raise ConfigError(
-            f"task.metrics: {bad} do not apply to retrieval; choose from {list(RANK_METRICS)}"
+            f"task.metrics: {bad} do not apply to {kind}; choose from {list(RANK_METRICS)}"
         )
-    return {name: CorpusRetrievalMetric(name) for name in names}
+    return {name: metric(name) for name in names}
 
 
 def gather_candidates(cand: torch.Tensor) -> tuple[torch.Tensor, int]:

@@ -24,6 +24,7 @@ TASK_TYPES = (
     "multiple_choice",
     "question_answering",
     "retrieval",
+    "colbert",
 )
 FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
@@ -219,6 +220,13 @@ def build_examples(
         from flexbert.train.finetune_retrieval import encode_pairs
 
         out = {k: encode_pairs(raw[s], task, tokenizer, max_len, s) for k, s in names.items()}
+        return out, None
+    if kind == "colbert":
+        from flexbert.train.finetune_colbert import encode_colbert_pairs
+
+        out = {
+            k: encode_colbert_pairs(raw[s], task, tokenizer, max_len, s) for k, s in names.items()
+        }
         return out, None
     if kind == "question_answering":
         from flexbert.train.finetune_qa import encode_questions

@@ -1,0 +1,160 @@
+"""ColBERT (multi-vector, late-interaction) retrieval fine-tuning: (query, positive) pairs.
+
+The data, its batches and the ranking metrics are retrieval's (`finetune_retrieval`): the same
+pair encoding (queries cut to `task.query_length` tokens, positives to `task.doc_max_len`),
+the same collator, and nDCG@10 / MRR@10 / recall@1 / recall@10 over the whole eval split.
+What changes is the model (`FlexBertForColBERT`: one vector per token, MaxSim scores) and so
+the corpus metric, which keeps every eval document's token vectors. Training: in-batch
+cross-entropy over MaxSim scores, every other positive of the batch a negative. Negatives
+are not gathered across ranks (`task.gather_negatives=true` on several ranks is refused).
+The export (`hf/`) is the encoder as a ModernBertModel directory plus the projection and the
+ColBERT settings: `FlexBertForColBERT.from_pretrained(dir)`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from flexbert.heads import ColBERTOutput, FlexBertForColBERT, maxsim
+from flexbert.registry import ConfigError
+from flexbert.train.composer_model import FlexBertComposerModel
+from flexbert.train.finetune_retrieval import (
+    CorpusRetrievalMetric,
+    encode_pairs,
+    positive_ranks,
+    retrieval_metrics,
+)
+
+QUERY_CHUNK = 32  # eval queries scored at a time
+SCORE_BUDGET = 1 << 26  # elements of one (queries, docs, query tokens, doc tokens) block
+
+
+def colbert_settings(task: Mapping[str, Any]) -> dict[str, int]:
+    """colbert_dim and query_length from the task node (ColBERT's defaults 128 and 32)."""
+    return {
+        "colbert_dim": task.get("colbert_dim", 128),
+        "query_length": task.get("query_length", 32),
+    }
+
+
+def load_colbert_model(path: Any, task: Mapping[str, Any], **overrides: Any) -> FlexBertForColBERT:
+    """FlexBertForColBERT over the encoder of any ModernBERT checkpoint: a Hugging Face
+    directory or Hub id (a saved ColBERT directory keeps its projection), a run folder or
+    Composer checkpoint (its encoder; the projection starts fresh)."""
+    from flexbert import FlexBertModel
+    from flexbert.train.checkpoints import find_run_checkpoint, load_pretrained
+
+    settings = colbert_settings(task)
+    if find_run_checkpoint(path) is None:
+        return FlexBertForColBERT.from_hf(path, **settings, **overrides)
+    encoder = load_pretrained(path, FlexBertModel, **overrides)
+    return FlexBertForColBERT.from_encoder(encoder, **settings)
+
+
+def encode_colbert_pairs(
+    ds: Any, task: Mapping[str, Any], tokenizer: Any, max_len: int, split: str
+) -> list[dict[str, Any]]:
+    """Retrieval's pairs, queries cut to task.query_length, positives to task.doc_max_len
+    (at most max_len, data.max_seq_len; unset: max_len)."""
+    settings = {**colbert_settings(task), "doc_max_len": task.get("doc_max_len") or max_len}
+    for name, value in settings.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"task.{name}: a positive integer, got {value!r}")
+    doc_len = min(settings["doc_max_len"], max_len)
+    return encode_pairs(ds, task, tokenizer, doc_len, split, settings["query_length"])
+
+
+def padded_chunks(
+    flat: torch.Tensor, lengths: torch.Tensor, tokens_per_chunk: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Documents stored as their (sum of lengths, d) token vectors -> (docs (n, T, d), mask
+    (n, T)) chunks in order, each padded to its own longest document, with at most
+    `tokens_per_chunk` padded tokens (at least one document) in each."""
+    if lengths.numel() == 0:
+        return []
+    per_chunk = max(1, tokens_per_chunk // int(lengths.max()))
+    ends = torch.cumsum(lengths, 0)
+    chunks = []
+    for start in range(0, lengths.shape[0], per_chunk):
+        part = lengths[start : start + per_chunk]  # (n,)
+        first, last = int(ends[start] - lengths[start]), int(ends[start + part.shape[0] - 1])
+        mask = torch.arange(int(part.max()), device=flat.device)[None, :] < part[:, None]
+        docs = flat.new_zeros((*mask.shape, flat.shape[-1]))  # (n, T, d)
+        docs[mask] = flat[first:last]
+        chunks.append((docs, mask))
+    return chunks
+
+
+class CorpusMaxSimMetric(CorpusRetrievalMetric):
+    """Retrieval's corpus ranking metric scored by MaxSim: every eval query's token vectors
+    against every eval document's (kept without their padding, so each rank's documents
+    concatenate in rank order like retrieval's vectors)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.add_state("doc_lengths", default=[], dist_reduce_fx="cat")
+
+    def update(  # type: ignore[override]
+        self, queries: torch.Tensor, docs: torch.Tensor, doc_mask: torch.Tensor
+    ) -> None:
+        """queries (B, S, d), docs (B, T, d), doc_mask (B, T) (real tokens first in a row)."""
+        mask = doc_mask.bool()
+        self.queries.append(queries.float())
+        self.docs.append(docs[mask].float())  # (tokens, d)
+        self.doc_lengths.append(mask.sum(-1))
+
+    def compute(self) -> torch.Tensor:
+        from torchmetrics.utilities import dim_zero_cat
+
+        queries = dim_zero_cat(self.queries)  # (N, S, d)
+        flat, lengths = dim_zero_cat(self.docs), dim_zero_cat(self.doc_lengths)
+        per_chunk = max(1, SCORE_BUDGET // (QUERY_CHUNK * queries.shape[1]))
+        chunks = padded_chunks(flat, lengths, per_chunk)
+
+        def score(part: torch.Tensor, _: Any) -> torch.Tensor:  # (c, N)
+            return torch.cat([maxsim(part, docs, mask) for docs, mask in chunks], dim=1)
+
+        return self.score(positive_ranks(queries, None, QUERY_CHUNK, score))
+
+
+def check_gather_negatives(gather_negatives: bool) -> None:
+    from composer.utils import dist
+
+    if gather_negatives and dist.get_world_size() > 1:
+        raise ConfigError(
+            "task.gather_negatives=true: colbert does not gather negatives across ranks yet "
+            f"({dist.get_world_size()} ranks); set task.gather_negatives=false (each rank "
+            "trains on its own batch's negatives)"
+        )
+
+
+class ComposerFlexBertColBERT(FlexBertComposerModel):
+    """In-batch cross-entropy over MaxSim scores of (query, positive) pairs; corpus-level
+    ranking metrics on eval (`CorpusMaxSimMetric`)."""
+
+    def __init__(
+        self,
+        model: FlexBertForColBERT,
+        metrics: Sequence[str] = ("ndcg_at_10",),
+        gather_negatives: bool = False,
+    ) -> None:
+        super().__init__(model)
+        check_gather_negatives(gather_negatives)
+        self.val_metrics = retrieval_metrics(metrics, CorpusMaxSimMetric, "colbert")
+
+    def forward(self, batch: dict[str, Any]) -> ColBERTOutput:
+        return self.model(
+            batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            candidates=(batch["cand_ids"], batch["cand_mask"]),
+        )
+
+    def update_metric(self, batch: dict[str, Any], outputs: ColBERTOutput, metric) -> None:
+        metric.update(
+            outputs.embeddings.detach(),
+            outputs.candidate_embeddings.detach(),
+            outputs.candidate_mask,
+        )

@@ -1,0 +1,174 @@
+"""FlexBertForColBERT: MaxSim against a hand-written reference, padded vs unpadded vs packed
+layouts, [MASK] query augmentation, the in-batch loss, saving and loading."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flexbert import ConfigError, FlexBertForColBERT, ModelConfig
+from flexbert.heads import maxsim
+
+
+def _model(padding: str = "unpadded", **kwargs) -> FlexBertForColBERT:
+    torch.manual_seed(0)
+    return FlexBertForColBERT(ModelConfig.preset("tiny", padding=padding), **kwargs).eval()
+
+
+def _batch(seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    queries = torch.randint(5, 200, (3, 6), generator=g)
+    q_mask = torch.ones_like(queries)
+    q_mask[0, 4:] = 0
+    docs = torch.randint(5, 200, (4, 11), generator=g)
+    d_mask = torch.ones_like(docs)
+    d_mask[1, 3:] = 0
+    d_mask[2, 8:] = 0
+    return queries, q_mask, docs, d_mask
+
+
+def reference_maxsim(q: torch.Tensor, docs: list[torch.Tensor]) -> torch.Tensor:
+    """Loops: for each query token, its best dot product over a document's tokens, summed."""
+    scores = torch.zeros(q.shape[0], len(docs))
+    for a in range(q.shape[0]):
+        for n, d in enumerate(docs):
+            scores[a, n] = sum(max(float(qt @ dt) for dt in d) for qt in q[a])
+    return scores
+
+
+def test_maxsim_matches_a_hand_written_reference_and_ignores_padding():
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 3, 5, generator=g)
+    docs = torch.randn(3, 4, 5, generator=g)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]], dtype=torch.bool)
+    docs[~mask] = 100.0  # padding that would win every max if it counted
+    expected = reference_maxsim(q, [docs[n][mask[n]] for n in range(3)])
+    torch.testing.assert_close(maxsim(q, docs, mask), expected)
+
+
+def test_model_scores_are_maxsim_of_normalised_projected_token_vectors():
+    model = _model(colbert_dim=16, query_length=8)
+    queries, q_mask, docs, d_mask = _batch()
+    with torch.no_grad():
+        scores = model.score((queries, q_mask), (docs, d_mask))
+        hidden_q = model.model(*model.augment_queries(queries, q_mask)).last_hidden_state
+        hidden_d = model.model(docs, d_mask).last_hidden_state
+        q_vec = torch.nn.functional.normalize(hidden_q @ model.projection.weight.T, dim=-1)
+        d_vec = torch.nn.functional.normalize(hidden_d @ model.projection.weight.T, dim=-1)
+    expected = reference_maxsim(q_vec, [d_vec[n][d_mask[n].bool()] for n in range(4)])
+    assert scores.shape == (3, 4)
+    torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-4)
+    # every query token scores: each of the 8 normalised vectors adds at most 1
+    assert bool((scores <= 8 + 1e-4).all()) and bool((scores > 1).all())
+
+
+def test_padded_unpadded_and_packed_layouts_give_the_same_scores():
+    unpadded = _model("unpadded", colbert_dim=16, query_length=8)
+    padded = _model("padded", colbert_dim=16, query_length=8)
+    padded.load_state_dict(unpadded.state_dict())
+    queries, q_mask, docs, d_mask = _batch()
+    lengths = d_mask.sum(-1)
+    packed = docs[d_mask.bool()]  # (T,) the documents back to back
+    cu = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]).to(torch.int32)
+    with torch.no_grad():
+        a = unpadded.score((queries, q_mask), (docs, d_mask))
+        b = padded.score((queries, q_mask), (docs, d_mask))
+        c = unpadded.score((queries, q_mask), (packed, None, cu, int(lengths.max())))
+        vectors, mask = unpadded.encode_documents(docs, d_mask)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5)
+    assert torch.equal(mask, d_mask.bool())
+    assert float(vectors[~mask].abs().sum()) == 0.0  # padding rows are empty
+    torch.testing.assert_close(vectors[mask].norm(dim=-1), torch.ones(int(lengths.sum())))
+
+
+def test_queries_are_padded_with_mask_tokens_that_are_attended_and_score():
+    model = _model(colbert_dim=16, query_length=8)
+    mask_id = model.config.mask_token_id
+    ids = torch.tensor([[7, 8, 9, 0, 0], [7, 8, 9, 10, 11]])
+    attn = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    aug, aug_mask = model.augment_queries(ids, attn)
+    assert aug.tolist() == [[7, 8, 9] + [mask_id] * 5, [7, 8, 9, 10, 11] + [mask_id] * 3]
+    assert bool(aug_mask.all())
+    # the same query padded to any width encodes the same: padding becomes [MASK]
+    with torch.no_grad():
+        wide = model.encode_queries(ids[:1], attn[:1])
+        short = model.encode_queries(ids[:1, :3])
+        # the [MASK] tokens change the real tokens' vectors: they are attended
+        no_mask = model.token_vectors(ids[:1, :3])[0]
+    torch.testing.assert_close(wide, short)
+    assert wide.shape == (1, 8, 16)
+    assert not torch.allclose(wide[:, :3], no_mask, atol=1e-4)
+
+
+def test_a_query_longer_than_query_length_is_a_clear_error():
+    model = _model(query_length=4)
+    with pytest.raises(ValueError, match="more than query_length=4"):
+        model.encode_queries(torch.tensor([[5, 6, 7, 8, 9]]))
+    with torch.no_grad():  # padding past query_length is fine
+        out = model.encode_queries(torch.tensor([[5, 6, 7, 0, 0]]), torch.tensor([[1, 1, 1, 0, 0]]))
+    assert out.shape[1] == 4
+
+
+@pytest.mark.parametrize(
+    "kwargs, name", [({"colbert_dim": 0}, "colbert_dim"), ({"query_length": 2.5}, "query_length")]
+)
+def test_bad_settings_name_the_field(kwargs, name):
+    with pytest.raises(ConfigError, match=f"{name}: a positive integer"):
+        FlexBertForColBERT(ModelConfig.preset("tiny"), **kwargs)
+
+
+def test_loss_is_in_batch_cross_entropy_over_maxsim_without_temperature():
+    model = _model(colbert_dim=16, query_length=8)
+    queries, q_mask, docs, d_mask = _batch()
+    labels = torch.tensor([2, 0, 1])
+    out = model(queries, q_mask, candidates=(docs, d_mask), labels=labels)
+    with torch.no_grad():
+        scores = model.score((queries, q_mask), (docs, d_mask))
+    torch.testing.assert_close(out.logits.detach(), scores)
+    expected = torch.nn.functional.cross_entropy(scores, labels)
+    torch.testing.assert_close(out.loss.detach(), expected)
+    out.loss.backward()
+    assert model.projection.weight.grad.abs().sum() > 0
+    default = model(queries[:3], q_mask[:3], candidates=(docs[:3], d_mask[:3])).loss
+    diag = torch.nn.functional.cross_entropy(scores[:, :3], torch.arange(3))
+    torch.testing.assert_close(default.detach(), diag)
+
+
+def test_save_and_from_pretrained_give_identical_scores(tmp_path):
+    model = _model(colbert_dim=24, query_length=6)
+    with torch.no_grad():
+        model.projection.weight.normal_()  # not the init: the saved weights must be read
+    queries, q_mask, docs, d_mask = _batch()
+    model.save_hf(tmp_path / "colbert")
+    loaded = FlexBertForColBERT.from_pretrained(tmp_path / "colbert").eval()
+    assert (loaded.colbert_dim, loaded.query_length) == (24, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded.score((queries, q_mask), (docs, d_mask)),
+            model.score((queries, q_mask), (docs, d_mask)),
+        )
+    with pytest.raises(ConfigError, match="holds a ColBERT head"):
+        FlexBertForColBERT.from_hf(tmp_path / "colbert", colbert_dim=128)
+
+
+def test_from_pretrained_refuses_a_plain_encoder_and_from_hf_starts_a_projection(tmp_path):
+    from flexbert import FlexBertForMaskedLM
+
+    FlexBertForMaskedLM(ModelConfig.preset("tiny")).save_hf(tmp_path / "mlm")
+    with pytest.raises(FileNotFoundError, match="not a saved FlexBertForColBERT"):
+        FlexBertForColBERT.from_pretrained(tmp_path / "mlm")
+    model = FlexBertForColBERT.from_hf(tmp_path / "mlm", colbert_dim=8)
+    assert model.projection.weight.shape == (8, model.config.hidden_size)
+
+
+def test_settings_travel_in_the_state_dict():
+    model = _model(colbert_dim=8, query_length=5)
+    state = model.state_dict()
+    assert FlexBertForColBERT.settings_from_state_dict(state) == {
+        "colbert_dim": 8,
+        "query_length": 5,
+    }
+    other = FlexBertForColBERT(ModelConfig.preset("tiny"), colbert_dim=8, query_length=7)
+    with pytest.raises(ConfigError, match="ColBERT settings"):
+        other.load_state_dict(state)

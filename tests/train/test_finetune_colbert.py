@@ -1,0 +1,198 @@
+"""flexbert-finetune task=local_colbert end to end: a tiny random encoder learns to find a
+query's reversed copy by MaxSim, is evaluated on the whole eval split, saved (Composer
+checkpoint and hf/), and reloads (from_pretrained, flexbert-export) with identical scores."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.train.test_finetune import (
+    FAST,
+    _compose,
+    _files,
+    _sentences,
+    _write_jsonl,
+    pretrained,  # noqa: F401 - the module fixture
+)
+
+COLBERT = ["task=local_colbert", "task.colbert_dim=32", "task.query_length=12"]
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory) -> dict[str, Path]:
+    rng, root = random.Random(4), tmp_path_factory.mktemp("colbert_data")
+    files = {}
+    for split, n in (("train", 96), ("validation", 32)):
+        rows = [{"query": " ".join(s), "positive": " ".join(s[::-1])} for s in _sentences(rng, n)]
+        files[split] = _write_jsonl(root / f"{split}.jsonl", rows)
+    return files
+
+
+@pytest.fixture(scope="module")
+def colbert_run(pretrained, pairs, tmp_path_factory):  # noqa: F811
+    from flexbert.train.finetune import train
+
+    cfg = _compose(
+        [f"model.path={pretrained}", *COLBERT, *_files(pairs), *FAST, "trainer.max_duration=3ep"]
+    )
+    run = tmp_path_factory.mktemp("colbert") / "run"
+    return run, train(cfg, run)
+
+
+def _texts(hf_dir: Path):
+    from flexbert.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(hf_dir)
+    sentences = _sentences(random.Random(9), 4)
+    q = tok([" ".join(s) for s in sentences], padding=True, return_tensors="pt")
+    d = tok([" ".join(s[::-1]) for s in sentences], padding=True, return_tensors="pt")
+    return (q["input_ids"], q["attention_mask"]), (d["input_ids"], d["attention_mask"])
+
+
+def test_colbert_trains_evaluates_and_writes_summary(colbert_run):
+    run, summary = colbert_run
+    assert summary["task"]["type"] == "colbert"
+    curve = [s["loss"] for s in summary["train"]["loss_curve"]]
+    assert len(curve) >= 9
+    assert sum(curve[-3:]) / 3 < 0.8 * sum(curve[:3]) / 3  # the loss falls
+    ev = summary["eval"]
+    assert set(ev) >= {"ndcg_at_10", "mrr_at_10", "recall_at_1", "recall_at_10"}
+    assert 0.0 <= ev["recall_at_1"] <= ev["mrr_at_10"] <= ev["ndcg_at_10"] <= ev["recall_at_10"]
+    assert ev["recall_at_10"] <= 1.0
+    assert ev["mrr_at_10"] > 0.3  # far above chance (about 0.13 among 32 documents)
+    assert summary["eval_best"]["metric"] == "ndcg_at_10"
+    assert len(summary["eval_history"]) == 3
+    written = json.loads((run / "summary.json").read_text())
+    assert written["eval"] == ev
+    assert summary["paths"]["hf_skipped"] is None
+
+
+def test_eval_metric_equals_ranking_by_the_saved_model(colbert_run, pairs):
+    """Recompute recall@1 over the eval split with the saved model's MaxSim scores."""
+    from flexbert import FlexBertForColBERT
+    from flexbert.data.tokenizer import load_tokenizer
+
+    run, summary = colbert_run
+    model = FlexBertForColBERT.from_pretrained(run / "hf").eval()
+    assert (model.colbert_dim, model.query_length) == (32, 12)
+    rows = [json.loads(line) for line in Path(pairs["validation"]).read_text().splitlines()]
+    tok = load_tokenizer(run / "hf")
+    q = tok([r["query"] for r in rows], padding=True, truncation=True, max_length=12)
+    d = tok([r["positive"] for r in rows], padding=True, truncation=True, max_length=32)
+    with torch.no_grad():
+        scores = model.score(
+            (torch.tensor(q["input_ids"]), torch.tensor(q["attention_mask"])),
+            (torch.tensor(d["input_ids"]), torch.tensor(d["attention_mask"])),
+        )
+    own = scores.diagonal()
+    ranks = (scores > own[:, None]).sum(-1) + 1
+    assert abs(float((ranks <= 1).float().mean()) - summary["eval"]["recall_at_1"]) < 1e-6
+    assert abs(float((ranks <= 10).float().mean()) - summary["eval"]["recall_at_10"]) < 1e-6
+
+
+def test_saved_model_reloads_with_identical_scores(colbert_run, tmp_path):
+    """hf/ (from_pretrained), the final Composer checkpoint (flexbert-export) and the
+    checkpoint loaded directly all score like the trained model."""
+    from flexbert import FlexBertForColBERT
+    from flexbert.train.checkpoints import load_checkpoint_model, read_model_config
+    from flexbert.train.export import main as export_main
+
+    run, summary = colbert_run
+    queries, docs = _texts(run / "hf")
+    hf_model = FlexBertForColBERT.from_pretrained(run / "hf").eval()
+    checkpoint = Path(summary["paths"]["last_checkpoint"])
+    direct = load_checkpoint_model(
+        checkpoint, read_model_config(run / "model_config.json"), FlexBertForColBERT
+    )
+    assert export_main([str(checkpoint), "--out", str(tmp_path / "exported")]) == 0
+    exported = FlexBertForColBERT.from_pretrained(tmp_path / "exported").eval()
+    assert (tmp_path / "exported" / "tokenizer.json").exists()
+    with torch.no_grad():
+        expected = hf_model.score(queries, docs)
+        torch.testing.assert_close(direct.score(queries, docs), expected)
+        torch.testing.assert_close(exported.score(queries, docs), expected)
+    # trained, not the random start: the positives now win
+    assert bool((expected.argmax(-1) == torch.arange(4)).float().mean() >= 0.5)
+
+
+def test_transformers_loads_the_encoder_of_the_export(colbert_run):
+    from transformers import AutoModel
+
+    run, _ = colbert_run
+    encoder = AutoModel.from_pretrained(run / "hf")
+    assert type(encoder).__name__ == "ModernBertModel"
+
+
+def test_a_colbert_run_can_start_from_a_colbert_run_folder(colbert_run, pairs, tmp_path):
+    from flexbert.train.finetune import train
+
+    run, _ = colbert_run
+    cfg = _compose(
+        [f"model.path={run}", *COLBERT, *_files(pairs), *FAST]
+        + ["trainer.max_duration=1ep", "export_hf=false"]
+    )
+    summary = train(cfg, tmp_path / "again")
+    assert summary["pretrained"]["checkpoint"] is not None
+    assert summary["train"]["batches"] > 0
+
+
+@pytest.mark.parametrize(
+    "bad, expected",
+    [
+        ("task.query_length=0", "query_length: a positive integer"),
+        ("task.doc_max_len=-3", "task.doc_max_len: a positive integer"),
+        ("task.metrics=[accuracy]", r"do not apply to colbert; choose from"),
+        ("task.text_fields=[query]", r"retrieval needs \[query, positive\]"),
+    ],
+)
+def test_bad_colbert_settings_are_clear_errors(pretrained, pairs, tmp_path, bad, expected):  # noqa: F811
+    from flexbert import ConfigError
+    from flexbert.data.errors import DataError
+    from flexbert.train.finetune import train
+
+    cfg = _compose([f"model.path={pretrained}", *COLBERT, *_files(pairs), *FAST, bad])
+    with pytest.raises((ConfigError, DataError), match=expected):
+        train(cfg, tmp_path / "run")
+
+
+def test_gathered_negatives_on_several_ranks_are_refused(monkeypatch):
+    from composer.utils import dist
+
+    from flexbert import ConfigError
+    from flexbert.train.finetune_colbert import check_gather_negatives
+
+    check_gather_negatives(True)  # one process: nothing to gather, nothing refused
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    check_gather_negatives(False)
+    with pytest.raises(ConfigError, match="set task.gather_negatives=false"):
+        check_gather_negatives(True)
+
+
+def test_corpus_metric_chunks_score_like_one_block():
+    """The eval metric's chunked MaxSim over unpadded storage equals one padded block."""
+    from flexbert.heads import maxsim
+    from flexbert.train import finetune_colbert as fc
+    from flexbert.train.finetune_retrieval import positive_ranks
+
+    g = torch.Generator().manual_seed(0)
+    queries = torch.nn.functional.normalize(torch.randn(10, 4, 8, generator=g), dim=-1)
+    docs = torch.nn.functional.normalize(torch.randn(10, 7, 8, generator=g), dim=-1)
+    mask = torch.arange(7)[None, :] < torch.randint(1, 8, (10,), generator=g)[:, None]
+    docs = docs * mask[..., None]
+    metric = fc.CorpusMaxSimMetric("recall_at_1")
+    for start in (0, 4):  # two eval batches of different widths
+        stop = start + (4 if start == 0 else 6)
+        width = int(mask[start:stop].sum(-1).max())
+        metric.update(queries[start:stop], docs[start:stop, :width], mask[start:stop, :width])
+    expected = positive_ranks(queries, None, 3, lambda q, _: maxsim(q, docs, mask)) <= 1
+    old = fc.SCORE_BUDGET
+    try:
+        fc.SCORE_BUDGET = fc.QUERY_CHUNK * 4 * 7 * 2  # two documents a chunk
+        torch.testing.assert_close(metric.compute(), expected.float().mean())
+    finally:
+        fc.SCORE_BUDGET = old
