@@ -194,8 +194,9 @@ class EvalHistory(Callback):
 
 
 def load_task_model(cfg: Any) -> Any:
-    """The task head (a fresh classifier) on the pretrained encoder in `model.path`: a Hugging
-    Face directory or Hub id, a flexbert-train/-finetune run folder or Composer checkpoint."""
+    """The task head on the pretrained encoder in `model.path`: a Hugging Face directory or
+    Hub id, a flexbert-train/-finetune run folder or Composer checkpoint. The classifier is
+    new, unless the source is a fine-tuning run with the same label count (`load_pretrained`)."""
     from omegaconf import OmegaConf
 
     from flexbert import ConfigError

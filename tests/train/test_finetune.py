@@ -161,6 +161,35 @@ def test_flexbert_export_turns_a_fine_tuning_checkpoint_into_the_task_model(
     assert (tmp_path / "x" / "tokenizer.json").exists()
 
 
+@pytest.mark.parametrize("num_labels", [2, 3])
+def test_a_fine_tuning_run_seeds_another_task_with_a_fresh_output_layer(
+    classification_run, num_labels
+):
+    """The paper's MNLI -> RTE protocol: from a fine-tuning run folder the encoder (and the
+    pooling head) carry over; the classifier too when the label count is the same, a new one
+    otherwise (not a shape error)."""
+    from flexbert import FlexBertForSequenceClassification
+    from flexbert.train.checkpoints import (
+        last_checkpoint,
+        load_checkpoint_model,
+        load_pretrained,
+        read_model_config,
+    )
+
+    run, _ = classification_run
+    source = load_checkpoint_model(
+        last_checkpoint(run),
+        read_model_config(run / "model_config.json"),
+        FlexBertForSequenceClassification,
+    )
+    model = load_pretrained(run, FlexBertForSequenceClassification, num_labels=num_labels)
+    ours, theirs = model.state_dict(), source.state_dict()
+    assert all(torch.equal(ours[k], v) for k, v in theirs.items() if not k.startswith("classifier"))
+    assert model.classifier.weight.shape[0] == num_labels
+    kept = torch.equal(model.classifier.weight, source.classifier.weight)
+    assert kept == (num_labels == source.classifier.weight.shape[0])
+
+
 def test_summary_reports_tokens_and_tokens_per_second(classification_run):
     """As pretraining does: the real (non-padding) tokens trained on, over the fit's seconds."""
     from omegaconf import OmegaConf
