@@ -98,9 +98,11 @@ def check_backend_trains_here(cfg: DictConfig, model: Any) -> None:
     name = backend.get("name") if isinstance(backend, dict) else getattr(backend, "name", backend)
     device = cfg.trainer.get("device") or ("gpu" if torch.cuda.is_available() else "cpu")
     if name == "flex" and device == "cpu" and not cfg.get("eval_only"):
+        # flexbert-finetune takes the model's settings from model.path, changed by overrides
+        fix = "+model.overrides.backend=sdpa" if "overrides" in cfg.model else "model/backend=sdpa"
         raise ConfigError(
-            "model/backend=flex cannot train on the CPU (FlexAttention has no CPU backward); "
-            "use model/backend=sdpa or auto here, or trainer=gpu on a GPU"
+            "backend flex cannot train on the CPU (FlexAttention has no CPU backward); "
+            f"set {fix} (or auto) here, or trainer=gpu on a GPU"
         )
 
 

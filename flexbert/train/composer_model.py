@@ -103,6 +103,8 @@ class ComposerFlexBertMLM(FlexBertComposerModel):
                 chosen = (labels.flatten() != IGNORE_INDEX).nonzero().flatten()
             labels = labels.flatten().index_select(0, chosen)
             streams = None if streams is None else streams.flatten().index_select(0, chosen)
+            if labels.numel() == 0:  # no labelled token (an empty eval batch): nothing to add
+                return
         else:
             logits = logits.reshape(-1, logits.shape[-1])
             labels = labels.reshape(-1)

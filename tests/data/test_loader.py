@@ -189,13 +189,16 @@ def test_an_eval_loader_waits_for_the_last_rank_with_empty_batches(
     assert loader._batches == len(own)  # the empty batches are not part of the epoch
 
 
-def test_an_empty_eval_batch_changes_no_metric(shards, tokenizer):
-    """What a finished rank evaluates meanwhile: runs through the model (sparse head, no
-    labelled token) and leaves every metric, per-stream ones included, as it was."""
+@pytest.mark.parametrize("sparse", [True, False])
+def test_an_empty_eval_batch_changes_no_metric(shards, tokenizer, sparse):
+    """What a finished rank evaluates meanwhile: runs through the model (dense or sparse
+    head, no labelled token) and leaves every metric, per-stream ones included, as it was."""
     from flexbert import FlexBertForMaskedLM, ModelConfig
     from flexbert.train.composer_model import ComposerFlexBertMLM
 
-    cfg = ModelConfig.preset("tiny", vocab_size=512, pad_token_id=tokenizer.pad_token_id)
+    cfg = ModelConfig.preset(
+        "tiny", vocab_size=512, pad_token_id=tokenizer.pad_token_id, sparse_prediction=sparse
+    )
     model = ComposerFlexBertMLM(FlexBertForMaskedLM(cfg).eval(), ["a"])
     loader = make_loader(shards, tokenizer, stream_ids=False)
     real = next(iter(loader))

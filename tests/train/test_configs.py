@@ -263,8 +263,13 @@ def test_flex_training_on_the_cpu_is_refused_when_the_model_is_prepared():
     from flexbert.train.app import prepare_layers
 
     model = FlexBertForMaskedLM(ModelConfig.preset("tiny", backend="flex"))
-    with pytest.raises(ConfigError, match="backend=flex cannot train on the CPU"):
+    with pytest.raises(ConfigError, match="flex cannot train on the CPU.*model/backend=sdpa"):
         prepare_layers(compose_config(["trainer.device=cpu"]), model)
+    from tests.train.test_finetune import _compose as compose_finetune
+
+    finetune = compose_finetune(["trainer.device=cpu"])  # no model/backend group there
+    with pytest.raises(ConfigError, match=r"set \+model.overrides.backend=sdpa"):
+        prepare_layers(finetune, model)
     prepare_layers(compose_config(["trainer.device=cpu", "eval_only=true"]), model)  # inference
     sdpa = FlexBertForMaskedLM(ModelConfig.preset("tiny", backend="sdpa"))
     prepare_layers(compose_config(["trainer.device=cpu"]), sdpa)
