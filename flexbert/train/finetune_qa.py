@@ -288,6 +288,9 @@ class AnswerScore(Metric):
         self.score = score
         for name in ("example_ids", "span_scores", "null_scores", "span_values", "empty_values"):
             self.add_state(name, default=[], dist_reduce_fx="cat")
+        # Every state is float64 (ids exact below 2**53): a rank without windows sends an
+        # empty tensor of the metric's dtype, which must match the others' for the gather.
+        self.set_dtype(torch.float64)
 
     def update(
         self,
@@ -301,24 +304,28 @@ class AnswerScore(Metric):
         and index, and its no-answer ([CLS]) score (None: unanswerable is not an option)."""
         best = [max(self.score(p, g) for g in answers) for p, answers in zip(predictions, golds)]
         empty = [max(self.score("", g) for g in answers) for answers in golds]
-        device = span_scores.device
+        device, f64 = span_scores.device, torch.float64
         if null_scores is None:
-            null_scores = torch.full_like(span_scores, float("-inf"), dtype=torch.float32)
-        self.example_ids.append(example_ids.to(device=device, dtype=torch.long))
-        self.span_scores.append(span_scores.float())
-        self.null_scores.append(null_scores.float().to(device))
-        self.span_values.append(torch.tensor(best, dtype=torch.float64, device=device))
-        self.empty_values.append(torch.tensor(empty, dtype=torch.float64, device=device))
+            null_scores = torch.full_like(span_scores, float("-inf"))
+        self.example_ids.append(example_ids.to(device=device, dtype=f64))
+        self.span_scores.append(span_scores.to(f64))
+        self.null_scores.append(null_scores.to(device=device, dtype=f64))
+        self.span_values.append(torch.tensor(best, dtype=f64, device=device))
+        self.empty_values.append(torch.tensor(empty, dtype=f64, device=device))
 
     def compute(self) -> torch.Tensor:
         from torchmetrics.utilities import dim_zero_cat
 
-        if not self.example_ids:
+        # lists in one process; one tensor each after torchmetrics gathered the ranks
+        ids = self.example_ids
+        if isinstance(ids, list) and not ids:
             return torch.tensor(0.0)
-        ids = dim_zero_cat(self.example_ids)
+        ids = dim_zero_cat(ids)
+        if ids.numel() == 0:
+            return torch.tensor(0.0)
         span, null = dim_zero_cat(self.span_scores), dim_zero_cat(self.null_scores)
         span_values, empty_values = dim_zero_cat(self.span_values), dim_zero_cat(self.empty_values)
-        chosen, empty = select_answers(ids, span, null)
+        chosen, empty = select_answers(ids.long(), span, null)
         values = torch.where(empty, empty_values[chosen], span_values[chosen])
         return values.mean().float()
 
@@ -331,7 +338,8 @@ def select_answers(
     _, example = torch.unique(example_ids, return_inverse=True)
     n, device = int(example.max()) + 1, example_ids.device
     windows = torch.arange(len(example_ids), device=device)
-    low = torch.full((n,), float("-inf"), device=device)
+    null_scores = null_scores.to(span_scores.dtype)
+    low = torch.full((n,), float("-inf"), device=device, dtype=span_scores.dtype)
     best = low.scatter_reduce(0, example, span_scores, "amax")
     chosen = torch.full((n,), len(example_ids), device=device).scatter_reduce(
         0, example, windows.masked_fill(span_scores < best[example], len(example_ids)), "amin"
