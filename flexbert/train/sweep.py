@@ -25,7 +25,7 @@ from omegaconf import DictConfig
 RESULTS_MD = "sweep_results.md"
 RESULTS_JSON = "sweep_results.json"
 SEEDS_JSON = "sweep_over_seeds.json"
-SEED_KEYS = ("seed", "+seed")
+SEED_KEYS = ("seed", "+seed", "++seed")
 
 
 def _overrides(job_dir: Path) -> dict[str, str]:
@@ -126,7 +126,10 @@ def over_seeds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "min": min(xs),
                 "max": max(xs),
             }
-        seeds = [r["overrides"].get("seed", r["overrides"].get("+seed")) for r in members]
+        seeds = [
+            next((r["overrides"][k] for k in SEED_KEYS if k in r["overrides"]), None)
+            for r in members
+        ]
         out.append({"overrides": dict(zip(setting, values)), "seeds": seeds, "metrics": stats})
     return out
 
@@ -165,6 +168,8 @@ def write_report(sweep_dir: str | Path) -> str:
     (sweep_dir / RESULTS_JSON).write_text(json.dumps(rows, indent=2) + "\n")
     if groups:
         (sweep_dir / SEEDS_JSON).write_text(json.dumps(groups, indent=2) + "\n")
+    else:  # no seed axis (any more): no stale table from an earlier report
+        (sweep_dir / SEEDS_JSON).unlink(missing_ok=True)
     return text
 
 

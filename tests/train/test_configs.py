@@ -326,6 +326,7 @@ def test_a_sweep_over_seeds_reports_mean_std_and_median_per_setting(tmp_path):
         (other / str(n) / ".hydra").mkdir(parents=True)
         (other / str(n) / ".hydra" / "overrides.yaml").write_text(f"- optimizer.lr={lr}\n")
         (other / str(n) / "summary.json").write_text(json.dumps({"eval": {"accuracy": 0.5}}))
+    (other / SEEDS_JSON).write_text("[]")  # from an earlier report: removed, not left stale
     assert "over seeds" not in write_report(other) and not (other / SEEDS_JSON).exists()
 
 
