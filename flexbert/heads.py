@@ -556,8 +556,10 @@ class FlexBertForColBERT(FlexBertPreTrainedModel):
     @classmethod
     def from_pretrained(cls, path: str | Path, **overrides: Any) -> FlexBertForColBERT:
         """A directory that `save_hf` wrote (a colbert fine-tuning run's `hf/`): encoder,
-        projection and settings, scoring exactly as the saved model did."""
-        folder = Path(path)
+        projection and settings, scoring exactly as the saved model did; or its Hub id."""
+        from flexbert.hf import resolve_model_dir
+
+        folder = resolve_model_dir(path)
         if read_colbert_settings(folder) is None:
             raise FileNotFoundError(
                 f"{folder} is not a saved FlexBertForColBERT: no {COLBERT_SETTINGS_FILE} "
@@ -572,6 +574,11 @@ def read_colbert_settings(folder: Path) -> dict[str, int] | None:
     or None when it holds no ColBERT head."""
     settings_file = Path(folder) / COLBERT_SETTINGS_FILE
     if not settings_file.exists():
+        if (Path(folder) / COLBERT_WEIGHTS_FILE).exists():  # half a head: not a fresh one
+            raise FileNotFoundError(
+                f"{folder} has the projection weights {COLBERT_WEIGHTS_FILE} but not "
+                f"{COLBERT_SETTINGS_FILE}: copy the whole directory that save_hf wrote"
+            )
         return None
     if not (Path(folder) / COLBERT_WEIGHTS_FILE).exists():
         raise FileNotFoundError(

@@ -36,8 +36,10 @@ HEAD_ARCHITECTURES = {
 # Keys a head may lack in a checkpoint of another head (a fresh classifier for fine-tuning),
 # and keys a checkpoint may hold that this model does not use (the MLM decoder, or a
 # prediction head when loading into a model without one, such as sentence embeddings).
-NEW_HEAD_PREFIXES = ("classifier.",)
-DROPPABLE_PREFIXES = ("decoder.", "classifier.", "head.")
+# A task model's own layers that may start fresh (the source has none: an encoder-only or
+# embedding model under a classifier), and a source's layers that a target without them drops.
+NEW_HEAD_PREFIXES = ("classifier.", "head.", "decoder.")
+DROPPABLE_PREFIXES = ("decoder.", "classifier.", "head.", "projection.", "_extra_state")
 
 
 class CheckpointError(ValueError):
@@ -249,7 +251,7 @@ def match_state_dict(
     shapes = [
         f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
         for k, v in state.items()
-        if k in own and v.shape != own[k].shape
+        if k in own and torch.is_tensor(v) and v.shape != own[k].shape
     ]
     if missing or unexpected or shapes:
         parts = []
@@ -283,6 +285,8 @@ HUB_FILES = [
     "*_Pooling/*",
     "*_Normalize/*",
     "0_Transformer/*",
+    # FlexBertForColBERT.save_hf: the projection's settings (its weights are *.safetensors)
+    "colbert_config.json",
 ]
 
 

@@ -256,7 +256,11 @@ def load_pretrained(path: str | Path, model_class: type, **overrides: Any) -> An
     state = source.state_dict()
     if run.task_type is not None:  # a fine-tuned head: keep what fits, not the old label count
         own = model.state_dict()
-        refit = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+        refit = [
+            k
+            for k, v in state.items()
+            if k in own and torch.is_tensor(v) and own[k].shape != v.shape
+        ]
         if refit:
             logging.getLogger(__name__).info("%s: new %s (another shape)", path, refit)
         state = {k: v for k, v in state.items() if k not in refit}

@@ -196,3 +196,62 @@ def test_corpus_metric_chunks_score_like_one_block():
         torch.testing.assert_close(metric.compute(), expected.float().mean())
     finally:
         fc.SCORE_BUDGET = old
+
+
+def test_every_file_of_a_saved_colbert_comes_from_the_hub(colbert_run, monkeypatch, tmp_path):
+    """A Hub download fetches only HUB_FILES: each file save_hf writes must match one (the
+    settings once did not, and the projection silently restarted), and a Hub id loads."""
+    from fnmatch import fnmatch
+
+    from flexbert import FlexBertForColBERT
+    from flexbert.hf import HUB_FILES
+    from tests.conftest import cache_hub_repo, offline_hub
+
+    run, _ = colbert_run
+    saved = [p.relative_to(run / "hf").as_posix() for p in (run / "hf").rglob("*") if p.is_file()]
+    assert "colbert_config.json" in saved
+    assert [f for f in saved if not any(fnmatch(f, pattern) for pattern in HUB_FILES)] == []
+    cache_hub_repo(offline_hub(monkeypatch, tmp_path), "flexbert-tests/colbert", run / "hf")
+    queries, docs = _texts(run / "hf")
+    with torch.no_grad():
+        local = FlexBertForColBERT.from_pretrained(run / "hf").eval().score(queries, docs)
+        hub = FlexBertForColBERT.from_pretrained("flexbert-tests/colbert").eval()
+        torch.testing.assert_close(hub.score(queries, docs), local)
+
+
+def test_half_a_saved_colbert_head_is_refused(colbert_run, tmp_path):
+    import shutil
+
+    from flexbert import FlexBertForColBERT
+
+    run, _ = colbert_run
+    shutil.copytree(run / "hf", tmp_path / "hf")
+    (tmp_path / "hf" / "colbert_config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="not colbert_config.json"):
+        FlexBertForColBERT.from_hf(tmp_path / "hf")
+
+
+def test_a_colbert_run_seeds_other_tasks_with_its_encoder(colbert_run):
+    """Its encoder carries over into a sentence-embedding, classification or MLM model (their
+    own heads start fresh; the projection and its settings are dropped)."""
+    from flexbert import FlexBertForColBERT, FlexBertForSequenceClassification
+    from flexbert.train.checkpoints import (
+        last_checkpoint,
+        load_checkpoint_model,
+        load_pretrained,
+        load_pretrained_mlm,
+        read_model_config,
+    )
+    from flexbert.train.finetune_retrieval import load_embedding_model
+
+    run, _ = colbert_run
+    source = load_checkpoint_model(
+        last_checkpoint(run), read_model_config(run / "model_config.json"), FlexBertForColBERT
+    )
+    encoder = source.model.state_dict()
+    for model in (
+        load_embedding_model(run),
+        load_pretrained(run, FlexBertForSequenceClassification, num_labels=3),
+        load_pretrained_mlm(run),
+    ):
+        assert all(torch.equal(v, encoder[k]) for k, v in model.model.state_dict().items())
