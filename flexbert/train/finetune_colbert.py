@@ -152,6 +152,15 @@ class ComposerFlexBertColBERT(FlexBertComposerModel):
             candidates=(batch["cand_ids"], batch["cand_mask"]),
         )
 
+    def eval_forward(self, batch: dict[str, Any], outputs: Any | None = None) -> ColBERTOutput:
+        """Token vectors only: the corpus metrics score them; the in-batch (B, B, S, T) score
+        tensor of the loss is not built (gigabytes at large eval batches)."""
+        if outputs is not None:
+            return outputs
+        queries = self.model.encode_queries(batch["input_ids"], batch["attention_mask"])
+        docs, mask = self.model.encode_documents(batch["cand_ids"], batch["cand_mask"])
+        return ColBERTOutput(embeddings=queries, candidate_embeddings=docs, candidate_mask=mask)
+
     def update_metric(self, batch: dict[str, Any], outputs: ColBERTOutput, metric) -> None:
         metric.update(
             outputs.embeddings.detach(),
