@@ -116,6 +116,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> tuple[Any, dict[str, Any]]:
         from flexbert.train.finetune_qa import QAPredictions
 
         callbacks.append(QAPredictions(run_dir / PREDICTIONS_FILE))
+        if is_main_process():  # a resumed run's earlier answers are not this run's
+            (run_dir / PREDICTIONS_FILE).unlink(missing_ok=True)
     trainer = composer_trainer(
         cfg,
         run_dir,

@@ -238,6 +238,15 @@ def test_a_question_that_fills_the_sequence_is_one_clear_error(tokenizer):
         encode_questions(_Split(_columns([row])), TASK, tokenizer, 16, "train")
 
 
+def test_duplicate_question_ids_in_the_eval_split_are_refused(tokenizer):
+    rows = [{"id": f"q{i}", **r} for i, r in enumerate(_rows(4, seed=10))]
+    rows[3]["id"] = "q1"
+    split = _Split(_columns(rows))
+    with pytest.raises(DataError, match="question id 'q1' is on rows 1 and 3"):
+        encode_questions(split, TASK, tokenizer, 64, "validation", for_eval=True)
+    assert len(encode_questions(split, TASK, tokenizer, 64, "train")) == 4  # training: fine
+
+
 def test_an_answer_not_at_its_offset_is_refused():
     with pytest.raises(DataError, match=r"row 3: answer 'river' is not at answer_start=0"):
         answer_char_span({"text": ["river"], "answer_start": [0]}, "the river", "row 3")
