@@ -22,6 +22,7 @@ from flexbert.heads import ColBERTOutput, FlexBertForColBERT, maxsim
 from flexbert.registry import ConfigError
 from flexbert.train.composer_model import FlexBertComposerModel
 from flexbert.train.finetune_retrieval import (
+    CorpusEmbeddings,
     CorpusRetrievalMetric,
     encode_pairs,
     positive_ranks,
@@ -88,13 +89,13 @@ def padded_chunks(
     return chunks
 
 
-class CorpusMaxSimMetric(CorpusRetrievalMetric):
-    """Retrieval's corpus ranking metric scored by MaxSim: every eval query's token vectors
-    against every eval document's (kept without their padding, so each rank's documents
-    concatenate in rank order like retrieval's vectors)."""
+class MaxSimEmbeddings(CorpusEmbeddings):
+    """Retrieval's corpus store for ColBERT: every eval query's token vectors and every eval
+    document's (kept without their padding, so each rank's documents concatenate in rank
+    order like retrieval's vectors), ranked by MaxSim in memory-bounded chunks."""
 
-    def __init__(self, name: str) -> None:
-        super().__init__(name)
+    def __init__(self) -> None:
+        super().__init__()
         self.add_state("doc_lengths", default=[], dist_reduce_fx="cat")
 
     def update(  # type: ignore[override]
@@ -117,7 +118,13 @@ class CorpusMaxSimMetric(CorpusRetrievalMetric):
         def score(part: torch.Tensor, _: Any) -> torch.Tensor:  # (c, N)
             return torch.cat([maxsim(part, docs, mask) for docs, mask in chunks], dim=1)
 
-        return self.score(positive_ranks(queries, None, QUERY_CHUNK, score))
+        return positive_ranks(queries, None, QUERY_CHUNK, score)
+
+
+class CorpusMaxSimMetric(CorpusRetrievalMetric):
+    """A retrieval ranking metric over the eval corpus, scored by MaxSim."""
+
+    store_class = MaxSimEmbeddings
 
 
 def check_gather_negatives(gather_negatives: bool) -> None:

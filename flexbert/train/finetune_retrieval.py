@@ -101,16 +101,17 @@ RANK_METRICS = {
 }
 
 
-class CorpusRetrievalMetric(Metric):
-    """A ranking metric over the whole eval split: every query against every eval positive
-    (the corpus), as BEIR-style evaluation does, not only against its batch. Each rank's
-    embeddings are concatenated in rank order, so queries stay aligned with their positives."""
+class CorpusEmbeddings(Metric):
+    """The eval split's query and positive embeddings, kept once for all the ranking metrics
+    of a task (`retrieval_metrics`), and ranked once per evaluation: `compute()` -> (N,)
+    1-based rank of each query's positive among every eval positive (the corpus), as
+    BEIR-style evaluation does, not only within its batch. Each rank's embeddings are
+    concatenated in rank order, so queries stay aligned with their positives."""
 
     full_state_update = False
 
-    def __init__(self, name: str) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.score = RANK_METRICS[name]
         self.add_state("queries", default=[], dist_reduce_fx="cat")
         self.add_state("docs", default=[], dist_reduce_fx="cat")
 
@@ -121,21 +122,55 @@ class CorpusRetrievalMetric(Metric):
     def compute(self) -> torch.Tensor:
         from torchmetrics.utilities import dim_zero_cat
 
-        return self.score(positive_ranks(dim_zero_cat(self.queries), dim_zero_cat(self.docs)))
+        return positive_ranks(dim_zero_cat(self.queries), dim_zero_cat(self.docs))
+
+
+class CorpusRetrievalMetric(Metric):
+    """One ranking metric (RANK_METRICS) over the eval corpus. The metrics of a task share one
+    `store` (torchmetrics caches its ranks until the next update): the first one, which made
+    the store, feeds it; the others only read, so the eval embeddings are kept and ranked once
+    however many metrics are asked for. Composer deep-copies a model's metrics in one go, which
+    keeps them sharing."""
+
+    full_state_update = False
+    store_class: type[Metric] = CorpusEmbeddings
+
+    def __init__(self, name: str, store: Metric | None = None) -> None:
+        super().__init__()
+        self.score = RANK_METRICS[name]
+        self.owner = store is None
+        self.store = self.store_class() if store is None else store
+
+    def update(self, *args: torch.Tensor) -> None:
+        if self.owner:
+            self.store.update(*args)
+
+    def compute(self) -> torch.Tensor:
+        return self.score(self.store.compute())
+
+    def reset(self) -> None:
+        super().reset()
+        if self.owner:
+            self.store.reset()
 
 
 def retrieval_metrics(
     names: Sequence[str],
-    metric: Callable[[str], Metric] = CorpusRetrievalMetric,
+    metric: Callable[..., CorpusRetrievalMetric] = CorpusRetrievalMetric,
     kind: str = "retrieval",
 ) -> dict[str, Metric]:
-    """`metric(name)` for each name in task.metrics; a name not in RANK_METRICS is refused."""
+    """`metric(name, store)` for each name in task.metrics, all sharing the first one's
+    embedding store; a name not in RANK_METRICS is refused."""
     bad = [n for n in names if n not in RANK_METRICS]
     if bad:
         raise ConfigError(
             f"task.metrics: {bad} do not apply to {kind}; choose from {list(RANK_METRICS)}"
         )
-    return {name: metric(name) for name in names}
+    out: dict[str, Metric] = {}
+    for name in names:
+        first = next(iter(out.values()), None)
+        out[name] = metric(name, first.store if first is not None else None)
+    return out
 
 
 def gather_candidates(cand: torch.Tensor) -> tuple[torch.Tensor, int]:

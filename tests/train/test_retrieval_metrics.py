@@ -54,3 +54,31 @@ def test_batching_of_the_eval_split_does_not_change_the_metric():
 def test_unknown_retrieval_metrics_are_named():
     with pytest.raises(ConfigError, match=r"\['accuracy'\] do not apply to retrieval"):
         retrieval_metrics(["ndcg_at_10", "accuracy"])
+
+
+def test_the_metrics_of_a_task_keep_and_rank_the_embeddings_once(monkeypatch):
+    """Composer updates every metric with every batch; the first one feeds the shared store,
+    so one copy is kept, it is ranked once per evaluation (however many metrics), a deep copy
+    of the metrics (as Composer makes) still shares it, and reset starts a new evaluation."""
+    import copy
+
+    import flexbert.train.finetune_retrieval as fr
+
+    calls = []
+    ranks = fr.positive_ranks
+    monkeypatch.setattr(fr, "positive_ranks", lambda *a, **k: calls.append(1) or ranks(*a, **k))
+    docs = _unit([[1, 0], [0, 1], [1, 1], [-1, 0]])
+    queries = _unit([[1, 0.1], [1, 0], [0.2, 1], [-1, 0]])  # ranks 1, 3, 2, 1
+    metrics = copy.deepcopy(retrieval_metrics(["recall_at_1", "recall_at_10", "mrr_at_10"]))
+    stores = {id(m.store) for m in metrics.values()}
+    assert len(stores) == 1
+    for _ in range(2):  # two evaluations
+        for m in metrics.values():
+            m.reset()
+        for start in (0, 2):
+            for m in metrics.values():
+                m.update(queries[start : start + 2], docs[start : start + 2])
+        values = [float(m.compute()) for m in metrics.values()]
+        assert values == pytest.approx([0.5, 1.0, (1 + 1 / 3 + 1 / 2 + 1) / 4])
+        assert len(next(iter(metrics.values())).store.queries) == 2  # one copy of 2 batches
+    assert len(calls) == 2  # ranked once per evaluation
