@@ -445,15 +445,8 @@ class FlexBertForColBERT(FlexBertPreTrainedModel):
         """(B, query_length, colbert_dim) query token vectors (augmented with [MASK])."""
         return self.token_vectors(*self.augment_queries(input_ids, attention_mask))[0]
 
-    def encode_documents(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        cu_seqlens: torch.Tensor | None = None,
-        max_seqlen: int | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, L, colbert_dim) document token vectors and their (B, L) mask."""
-        return self.token_vectors(input_ids, attention_mask, cu_seqlens, max_seqlen)
+    # (B, L, colbert_dim) document token vectors and their (B, L) mask: no augmentation
+    encode_documents = token_vectors
 
     def score(
         self,

@@ -84,3 +84,30 @@ def _clean_streaming_shm():
     from streaming.base.util import clean_stale_shared_memory
 
     clean_stale_shared_memory()
+
+
+def launch_two_ranks(worker: str, *args: str) -> None:
+    """tests/train/<worker> on two gloo processes (torch.distributed.run), with `args`."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).parent
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    cmd += ["--master-port", str(port), str(here / worker), *args]
+    env = {**os.environ, "PYTHONPATH": str(here.parents[1]), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def run_two_ranks(tmp_path, case: str) -> list:
+    """tests/train/metric_worker.py's `case` on two ranks: each rank's saved result."""
+    import torch
+
+    launch_two_ranks("metric_worker.py", str(tmp_path), case)
+    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]

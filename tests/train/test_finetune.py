@@ -444,23 +444,11 @@ def test_an_unknown_task_type_is_one_clear_line(pretrained, tmp_path, monkeypatc
 def test_gathered_negatives_on_two_ranks_equal_one_process_with_the_whole_batch(tmp_path):
     """Two processes (gloo), 3 pairs each, gathering every rank's positives: DDP-averaged
     gradients and the mean loss equal one process scoring 6 queries against 6 positives."""
-    import os
-    import socket
-    import subprocess
-
     from flexbert import FlexBertForSentenceEmbedding, ModelConfig
+    from tests.train.conftest import launch_two_ranks
     from tests.train.gathered_negatives_worker import batch
 
-    worker = Path(__file__).with_name("gathered_negatives_worker.py")
-    root = Path(__file__).resolve().parents[2]
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
-    cmd += ["--master-port", str(port), str(worker), str(tmp_path / "rank0.pt")]
-    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    launch_two_ranks("gathered_negatives_worker.py", str(tmp_path / "rank0.pt"))
     two_ranks = torch.load(tmp_path / "rank0.pt")
 
     torch.manual_seed(0)

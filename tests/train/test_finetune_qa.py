@@ -199,23 +199,9 @@ def test_no_answer_across_windows_uses_the_lowest_null_score():
 def test_answer_scores_gather_the_windows_of_every_rank(tmp_path, case):
     """Two processes (gloo): example 0's best window is on the other rank ("split"), or one
     rank has no window at all ("empty"); every rank computes the same, right score."""
-    import os
-    import socket
-    import subprocess
-    import sys
-    from pathlib import Path
+    from tests.train.conftest import run_two_ranks
 
-    worker = Path(__file__).with_name("qa_metric_worker.py")
-    root = Path(__file__).resolve().parents[2]
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
-    cmd += ["--master-port", str(port), str(worker), str(tmp_path), case]
-    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    scores = [torch.load(tmp_path / f"rank{r}.pt").item() for r in range(2)]
+    scores = [s.item() for s in run_two_ranks(tmp_path, case)]
     # split: "river" (score 7, rank 1) beats "bank" (1, rank 0) for example 0: both right.
     # empty: only rank 0's windows: "bank" is wrong, "shore" right.
     assert scores == ([1.0, 1.0] if case == "split" else [0.5, 0.5])

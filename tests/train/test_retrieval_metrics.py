@@ -82,3 +82,19 @@ def test_the_metrics_of_a_task_keep_and_rank_the_embeddings_once(monkeypatch):
         assert values == pytest.approx([0.5, 1.0, (1 + 1 / 3 + 1 / 2 + 1) / 4])
         assert len(next(iter(metrics.values())).store.queries) == 2  # one copy of 2 batches
     assert len(calls) == 2  # ranked once per evaluation
+
+
+@pytest.mark.slow
+def test_shared_ranking_metrics_gather_every_ranks_half_of_the_corpus(tmp_path):
+    """Two processes (gloo), each with half of the eval pairs: every rank's metrics equal one
+    process ranking all pairs (the shared store syncs once, in the same order on all ranks)."""
+    from tests.train.conftest import run_two_ranks
+    from tests.train.metric_worker import RETRIEVAL, retrieval_pairs
+
+    queries, docs = retrieval_pairs()
+    one = retrieval_metrics(RETRIEVAL)
+    for m in one.values():
+        m.update(queries, docs)
+    expected = [float(m.compute()) for m in one.values()]
+    assert 0 < expected[0] < 1  # not trivially perfect or zero
+    assert run_two_ranks(tmp_path, "retrieval") == [pytest.approx(expected)] * 2
