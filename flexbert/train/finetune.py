@@ -55,6 +55,16 @@ def _token_counts(batch: dict[str, Any]) -> dict[str, int]:
     return counts
 
 
+def example_counts(examples: dict[str, list[dict[str, Any]]]) -> dict[str, int]:
+    """Rows per split; for question answering read in windows, the eval split's examples
+    too (`eval_examples`: its rows are windows)."""
+    counts = {k: len(v) for k, v in examples.items()}
+    eval_rows = examples.get("eval") or []
+    if eval_rows and "example_id" in eval_rows[0]:
+        counts["eval_examples"] = len({r["example_id"] for r in eval_rows})
+    return counts
+
+
 def _data_spec(loader: Any) -> Any:
     from composer.core import DataSpec
 
@@ -142,7 +152,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> tuple[Any, dict[str, Any]]:
         "label_names": label_names,
         "history": history,
         "evals": evals,
-        "counts": {k: len(v) for k, v in examples.items()},
+        "counts": example_counts(examples),
     }
     return trainer, facts
 

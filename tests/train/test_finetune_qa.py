@@ -332,6 +332,8 @@ def test_question_answering_trains_evaluates_and_exports(pretrained, tmp_path): 
     }
     assert scores == pytest.approx(summary["eval"], abs=1e-6)
     assert summary["paths"]["predictions"].endswith("eval_predictions.json")
+    counts = summary["data"]["examples"]  # eval rows are windows; 16 questions behind them
+    assert counts["eval_examples"] == 16 < counts["eval"]
     from flexbert.train.finetune import report
 
     assert "AutoModelForQuestionAnswering.from_pretrained" in report(summary)
