@@ -463,16 +463,22 @@ class FlexBertForColBERT(FlexBertPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         candidates: tuple[torch.Tensor, ...] | None = None,
         labels: torch.Tensor | None = None,
+        candidate_pool: Callable[..., tuple[torch.Tensor, torch.Tensor, int]] | None = None,
     ) -> ColBERTOutput:
         """`input_ids` are queries; `candidates` documents as (ids, mask) or a packed batch
-        (ids, None, cu_seqlens, max_seqlen). Logits: (B, N) MaxSim scores."""
+        (ids, None, cu_seqlens, max_seqlen). Logits: (B, N) MaxSim scores. `candidate_pool`
+        widens the negatives: it maps this batch's document vectors and mask to the pool
+        scored against and this batch's offset in it (e.g. every rank's documents)."""
         queries = self.encode_queries(input_ids, attention_mask)
         if candidates is None:
             return ColBERTOutput(embeddings=queries)
         docs, doc_mask = self.encode_documents(*candidates)
-        logits = maxsim(queries, docs, doc_mask)  # (B, N)
+        pool, pool_mask, offset = (docs, doc_mask, 0)
+        if candidate_pool is not None:
+            pool, pool_mask, offset = candidate_pool(docs, doc_mask)
+        logits = maxsim(queries, pool, pool_mask)  # (B, N)
         if labels is None:
-            labels = torch.arange(queries.shape[0], device=queries.device)
+            labels = torch.arange(queries.shape[0], device=queries.device) + offset
         loss = F.cross_entropy(logits, labels)
         return ColBERTOutput(
             loss=loss,

@@ -45,19 +45,24 @@ def gather_objects(obj: Any) -> list[Any]:
     return out
 
 
-def _reduce_flag(flag: bool, op: Any) -> bool:
+def _reduce_int(value: int, op: Any) -> int:
     if not _active():
-        return flag
-    value = torch.tensor([1 if flag else 0], dtype=torch.int32)
-    dist.all_reduce(value, op=op, group=_cpu_group())
-    return bool(value.item())
+        return value
+    out = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(out, op=op, group=_cpu_group())
+    return int(out.item())  # a CPU tensor: no device to wait for
 
 
 def all_ranks(flag: bool) -> bool:
     """True when `flag` is true on every rank (all ranks must call this together)."""
-    return _reduce_flag(flag, dist.ReduceOp.MIN)
+    return bool(_reduce_int(int(flag), dist.ReduceOp.MIN))
 
 
 def any_rank(flag: bool) -> bool:
     """True when `flag` is true on at least one rank (all ranks must call this together)."""
-    return _reduce_flag(flag, dist.ReduceOp.MAX)
+    return bool(_reduce_int(int(flag), dist.ReduceOp.MAX))
+
+
+def max_over_ranks(value: int) -> int:
+    """The largest of every rank's host-side `value` (all ranks must call this together)."""
+    return _reduce_int(value, dist.ReduceOp.MAX)

@@ -5,8 +5,8 @@ pair encoding (queries cut to `task.query_length` tokens, positives to `task.doc
 the same collator, and nDCG@10 / MRR@10 / recall@1 / recall@10 over the whole eval split.
 What changes is the model (`FlexBertForColBERT`: one vector per token, MaxSim scores) and so
 the corpus metric, which keeps every eval document's token vectors. Training: in-batch
-cross-entropy over MaxSim scores, every other positive of the batch a negative. Negatives
-are not gathered across ranks (`task.gather_negatives=true` on several ranks is refused).
+cross-entropy over MaxSim scores, every other positive of the batch a negative; with several
+ranks, every rank's positives (`task.gather_negatives`, as retrieval does).
 The export (`hf/`) is the encoder as a ModernBertModel directory plus the projection and the
 ColBERT settings: `FlexBertForColBERT.from_pretrained(dir)`.
 """
@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from flexbert.heads import ColBERTOutput, FlexBertForColBERT, maxsim
 from flexbert.registry import ConfigError
@@ -25,6 +26,7 @@ from flexbert.train.finetune_retrieval import (
     CorpusEmbeddings,
     CorpusRetrievalMetric,
     encode_pairs,
+    gather_with_grad,
     positive_ranks,
     retrieval_metrics,
 )
@@ -127,36 +129,52 @@ class CorpusMaxSimMetric(CorpusRetrievalMetric):
     store_class = MaxSimEmbeddings
 
 
-def check_gather_negatives(gather_negatives: bool) -> None:
-    from composer.utils import dist
+def gather_documents(
+    docs: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Every rank's document vectors and masks in rank order, and this rank's offset among
+    them; gradients flow back to each rank's own part. Each rank pads its documents to the
+    widest on any rank, agreed over the host (the widths are host-side shapes, so no device
+    waits). One process: `docs` itself, offset 0."""
+    import torch.distributed as dist
 
-    if gather_negatives and dist.get_world_size() > 1:
-        raise ConfigError(
-            "task.gather_negatives=true: colbert does not gather negatives across ranks yet "
-            f"({dist.get_world_size()} ranks); set task.gather_negatives=false (each rank "
-            "trains on its own batch's negatives)"
-        )
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return docs, mask, 0
+    from flexbert.data.distributed import max_over_ranks
+
+    pad = max_over_ranks(docs.shape[1]) - docs.shape[1]
+    docs, mask = F.pad(docs, (0, 0, 0, pad)), F.pad(mask.to(torch.uint8), (0, pad))
+    masks = [torch.empty_like(mask) for _ in range(dist.get_world_size())]
+    dist.all_gather(masks, mask)
+    return (
+        torch.cat(gather_with_grad(docs)),
+        torch.cat(masks).bool(),
+        dist.get_rank() * docs.shape[0],
+    )
 
 
 class ComposerFlexBertColBERT(FlexBertComposerModel):
-    """In-batch cross-entropy over MaxSim scores of (query, positive) pairs; corpus-level
-    ranking metrics on eval (`CorpusMaxSimMetric`)."""
+    """In-batch cross-entropy over MaxSim scores of (query, positive) pairs; with several
+    ranks and `gather_negatives`, against every rank's positives (`gather_documents`), as
+    PyLate gathers them; corpus-level ranking metrics on eval (`CorpusMaxSimMetric`)."""
 
     def __init__(
         self,
         model: FlexBertForColBERT,
         metrics: Sequence[str] = ("ndcg_at_10",),
-        gather_negatives: bool = False,
+        gather_negatives: bool = True,
     ) -> None:
         super().__init__(model)
-        check_gather_negatives(gather_negatives)
+        self.gather_negatives = gather_negatives
         self.val_metrics = retrieval_metrics(metrics, CorpusMaxSimMetric, "colbert")
 
     def forward(self, batch: dict[str, Any]) -> ColBERTOutput:
+        pool = gather_documents if self.training and self.gather_negatives else None
         return self.model(
             batch["input_ids"],
             attention_mask=batch["attention_mask"],
             candidates=(batch["cand_ids"], batch["cand_mask"]),
+            candidate_pool=pool,
         )
 
     def eval_forward(self, batch: dict[str, Any], outputs: Any | None = None) -> ColBERTOutput:

@@ -266,7 +266,7 @@ def composer_parts(
     if task.type == "colbert":
         from flexbert.train.finetune_colbert import ComposerFlexBertColBERT
 
-        gather = bool(task.get("gather_negatives", False))
+        gather = bool(task.get("gather_negatives", True))
         return ComposerFlexBertColBERT(model, list(task.metrics), gather), PairCollator(pad_id)
     wrapper = ComposerFlexBertClassifier(model, task.type, list(task.metrics), label_names)
     if task.type == "multiple_choice":

@@ -180,9 +180,30 @@ def gather_candidates(cand: torch.Tensor) -> tuple[torch.Tensor, int]:
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return cand, 0
+    return torch.cat(gather_with_grad(cand)), dist.get_rank() * cand.shape[0]
+
+
+def gather_with_grad(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's `tensor` (same shape on all), differentiable: each rank's part gets the
+    sum of every rank's gradient for it."""
     from torch.distributed.nn.functional import all_gather
 
-    return torch.cat(all_gather(cand)), dist.get_rank() * cand.shape[0]
+    return [_ContiguousGrad.apply(part) for part in all_gather(tensor)]
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the gradient contiguous. torch's all_gather backward
+    receives into `empty_like(grad)` buffers, which keep a strided gradient's layout (MaxSim's
+    einsum gives one) while the collective writes them as contiguous memory: without this the
+    gradients sent back to each rank came out scrambled (found on gloo with ColBERT)."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
 
 
 class ComposerFlexBertRetrieval(FlexBertComposerModel):

@@ -160,17 +160,26 @@ def test_bad_colbert_settings_are_clear_errors(pretrained, pairs, tmp_path, bad,
         train(cfg, tmp_path / "run")
 
 
-def test_gathered_negatives_on_several_ranks_are_refused(monkeypatch):
-    from composer.utils import dist
+@pytest.mark.slow
+def test_gathered_documents_on_two_ranks_equal_one_process_with_the_whole_batch(tmp_path):
+    """Two processes (gloo), 3 pairs each and documents of different widths per rank: the
+    DDP-averaged gradients and mean loss equal one process scoring 6 queries against all 6
+    positives (padding to the widest document on any rank changes no score)."""
+    from flexbert import FlexBertForColBERT, ModelConfig
+    from tests.train.conftest import launch_two_ranks
+    from tests.train.metric_worker import colbert_batch
 
-    from flexbert import ConfigError
-    from flexbert.train.finetune_colbert import check_gather_negatives
-
-    check_gather_negatives(True)  # one process: nothing to gather, nothing refused
-    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
-    check_gather_negatives(False)
-    with pytest.raises(ConfigError, match="set task.gather_negatives=false"):
-        check_gather_negatives(True)
+    launch_two_ranks("metric_worker.py", str(tmp_path), "colbert")
+    two_ranks = torch.load(tmp_path / "rank0.pt")
+    torch.manual_seed(0)
+    model = FlexBertForColBERT(ModelConfig.preset("tiny"), colbert_dim=16, query_length=8)
+    queries, docs, mask = colbert_batch()
+    out = model(queries, candidates=(docs, mask))
+    out.loss.backward()
+    torch.testing.assert_close(two_ranks["loss"], out.loss.detach())
+    torch.testing.assert_close(two_ranks["grad"], model.model.layers[1].mlp.Wi.weight.grad)
+    local = model(queries[:3], candidates=(docs[:3], mask[:3])).loss.detach()
+    assert not torch.allclose(local, out.loss.detach())  # 3 candidates would differ
 
 
 def test_corpus_metric_chunks_score_like_one_block():
