@@ -13,7 +13,7 @@ ColBERT settings: `FlexBertForColBERT.from_pretrained(dir)`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -21,14 +21,13 @@ import torch.nn.functional as F
 
 from flexbert.heads import ColBERTOutput, FlexBertForColBERT, maxsim
 from flexbert.registry import ConfigError
-from flexbert.train.composer_model import FlexBertComposerModel
 from flexbert.train.finetune_retrieval import (
+    ComposerFlexBertRetrieval,
     CorpusEmbeddings,
     CorpusRetrievalMetric,
     encode_pairs,
     gather_with_grad,
     positive_ranks,
-    retrieval_metrics,
 )
 
 QUERY_CHUNK = 32  # eval queries scored at a time
@@ -153,29 +152,15 @@ def gather_documents(
     )
 
 
-class ComposerFlexBertColBERT(FlexBertComposerModel):
-    """In-batch cross-entropy over MaxSim scores of (query, positive) pairs; with several
-    ranks and `gather_negatives`, against every rank's positives (`gather_documents`), as
-    PyLate gathers them; corpus-level ranking metrics on eval (`CorpusMaxSimMetric`)."""
+class ComposerFlexBertColBERT(ComposerFlexBertRetrieval):
+    """Retrieval's training and evaluation with MaxSim: in-batch cross-entropy over MaxSim
+    scores of (query, positive) pairs, with several ranks and `gather_negatives` against
+    every rank's positives (`gather_documents`, as PyLate gathers them); corpus-level ranking
+    metrics on eval (`CorpusMaxSimMetric`)."""
 
-    def __init__(
-        self,
-        model: FlexBertForColBERT,
-        metrics: Sequence[str] = ("ndcg_at_10",),
-        gather_negatives: bool = True,
-    ) -> None:
-        super().__init__(model)
-        self.gather_negatives = gather_negatives
-        self.val_metrics = retrieval_metrics(metrics, CorpusMaxSimMetric, "colbert")
-
-    def forward(self, batch: dict[str, Any]) -> ColBERTOutput:
-        pool = gather_documents if self.training and self.gather_negatives else None
-        return self.model(
-            batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            candidates=(batch["cand_ids"], batch["cand_mask"]),
-            candidate_pool=pool,
-        )
+    candidate_pool = staticmethod(gather_documents)
+    corpus_metric = CorpusMaxSimMetric
+    kind = "colbert"
 
     def eval_forward(self, batch: dict[str, Any], outputs: Any | None = None) -> ColBERTOutput:
         """Token vectors only: the corpus metrics score them; the in-batch (B, B, S, T) score

@@ -267,7 +267,7 @@ def composer_parts(
         from flexbert.train.finetune_colbert import ComposerFlexBertColBERT
 
         gather = bool(task.get("gather_negatives", True))
-        return ComposerFlexBertColBERT(model, list(task.metrics), gather), PairCollator(pad_id)
+        return ComposerFlexBertColBERT(model, gather, list(task.metrics)), PairCollator(pad_id)
     wrapper = ComposerFlexBertClassifier(model, task.type, list(task.metrics), label_names)
     if task.type == "multiple_choice":
         return wrapper, ChoiceCollator(pad_id)

@@ -214,6 +214,11 @@ class ComposerFlexBertRetrieval(FlexBertComposerModel):
     the whole batch would see them. Evaluation ranks every eval query against all eval
     positives (`CorpusRetrievalMetric`)."""
 
+    # what a subclass (ColBERT) changes: the pool of negatives and the corpus metric
+    candidate_pool: Callable[..., Any] = staticmethod(gather_candidates)
+    corpus_metric: Callable[..., CorpusRetrievalMetric] = CorpusRetrievalMetric
+    kind = "retrieval"
+
     def __init__(
         self,
         model: torch.nn.Module,
@@ -222,10 +227,10 @@ class ComposerFlexBertRetrieval(FlexBertComposerModel):
     ) -> None:
         super().__init__(model)
         self.gather_negatives = gather_negatives
-        self.val_metrics = retrieval_metrics(metrics)
+        self.val_metrics = retrieval_metrics(metrics, self.corpus_metric, self.kind)
 
-    def forward(self, batch: dict[str, Any]) -> FlexBertOutput:
-        pool = gather_candidates if self.training and self.gather_negatives else None
+    def forward(self, batch: dict[str, Any]) -> Any:
+        pool = self.candidate_pool if self.training and self.gather_negatives else None
         return self.model(
             batch["input_ids"],
             attention_mask=batch["attention_mask"],
