@@ -1,9 +1,9 @@
 """FlexBERT: a config-driven framework for modern bidirectional encoders."""
 
+from flexbert.colbert import FlexBertForColBERT
 from flexbert.config import ModelConfig
 from flexbert.growth import GrowthReport, grow_model
 from flexbert.heads import (
-    FlexBertForColBERT,
     FlexBertForMaskedLM,
     FlexBertForMultipleChoice,
     FlexBertForQuestionAnswering,

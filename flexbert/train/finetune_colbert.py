@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from flexbert.heads import ColBERTOutput, FlexBertForColBERT, maxsim
+from flexbert.colbert import ColBERTOutput, FlexBertForColBERT, maxsim
 from flexbert.registry import ConfigError
 from flexbert.train.finetune_retrieval import (
     ComposerFlexBertRetrieval,

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from flexbert import ConfigError, FlexBertForColBERT, ModelConfig
-from flexbert.heads import maxsim
+from flexbert.colbert import maxsim
 
 
 def _model(padding: str = "unpadded", **kwargs) -> FlexBertForColBERT:

@@ -184,7 +184,7 @@ def test_gathered_documents_on_two_ranks_equal_one_process_with_the_whole_batch(
 
 def test_corpus_metric_chunks_score_like_one_block():
     """The eval metric's chunked MaxSim over unpadded storage equals one padded block."""
-    from flexbert.heads import maxsim
+    from flexbert.colbert import maxsim
     from flexbert.train import finetune_colbert as fc
     from flexbert.train.finetune_retrieval import positive_ranks
 

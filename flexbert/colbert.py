@@ -1,0 +1,288 @@
+"""ColBERT-style multi-vector (late-interaction) retrieval on top of `FlexBertModel`: one
+normalised vector per token, MaxSim scores, [MASK] query augmentation; saved as a Hugging Face
+ModernBertModel directory plus the projection and its settings."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flexbert.config import ModelConfig
+from flexbert.layout import to_rows
+from flexbert.model import FlexBertModel, FlexBertPreTrainedModel
+from flexbert.outputs import FlexBertOutput
+from flexbert.registry import ConfigError
+
+COLBERT_SETTINGS_FILE = "colbert_config.json"  # beside the encoder that save_hf writes
+COLBERT_WEIGHTS_FILE = "colbert_projection.safetensors"
+
+
+@dataclass
+class ColBERTOutput(FlexBertOutput):
+    """`embeddings` (B, query_length, colbert_dim): the query token vectors (every one
+    scores); `candidate_embeddings` (B, L, colbert_dim): the documents' token vectors, zero
+    past each document's end, where `candidate_mask` (B, L) is False."""
+
+    candidate_mask: torch.Tensor | None = None
+
+
+def check_colbert_settings(colbert_dim: Any, query_length: Any) -> None:
+    for name, value in (("colbert_dim", colbert_dim), ("query_length", query_length)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name}: a positive integer, got {value!r}")
+
+
+def maxsim(
+    queries: torch.Tensor, docs: torch.Tensor, doc_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """ColBERT's late interaction: (A, S, d) query and (N, T, d) document token vectors ->
+    (A, N) scores. For each query token the best dot product over the document's tokens
+    (positions where `doc_mask` (N, T) is False never count), summed over the query tokens."""
+    sim = torch.einsum("asd,ntd->anst", queries, docs)  # (A, N, S, T)
+    if doc_mask is not None:
+        sim = sim.masked_fill(~doc_mask.bool()[None, :, None, :], float("-inf"))
+    return sim.amax(dim=-1).sum(dim=-1)  # (A, N)
+
+
+class FlexBertForColBERT(FlexBertPreTrainedModel):
+    """Multi-vector (late-interaction) retrieval as ColBERT does it: the encoder, a bias-free
+    projection hidden_size -> `colbert_dim` and one L2-normalised vector per token. A query
+    and a document score by MaxSim (`maxsim`): each query token's best dot product over the
+    document's tokens, summed over the query tokens. Document padding never scores.
+
+    Queries are augmented as ColBERT does: cut or padded to `query_length` tokens with
+    [MASK] (`mask_token_id`), and every [MASK] vector scores. Here the query also attends to
+    its [MASK] tokens (PyLate's `attend_to_expansion_tokens=True`; ColBERT's and PyLate's
+    default hides them from the other tokens): a token that is not attended would not exist
+    in FlexBERT's unpadded layout. No [Q]/[D] marker tokens and no punctuation skiplist.
+
+    With `candidates` (documents) the loss is in-batch cross-entropy over the MaxSim scores,
+    without a temperature, as ColBERT and PyLate (`losses.Contrastive`, temperature 1.0)
+    train: `labels` is the index of each query's positive among the candidates (default:
+    candidate i for query i).
+    """
+
+    def __init__(self, cfg: ModelConfig, colbert_dim: int = 128, query_length: int = 32) -> None:
+        super().__init__(cfg)
+        check_colbert_settings(colbert_dim, query_length)
+        self.colbert_dim, self.query_length = colbert_dim, query_length
+        self.model = FlexBertModel(cfg, initialize=False)
+        self.projection = nn.Linear(cfg.hidden_size, colbert_dim, bias=False)
+        self.init_weights()
+
+    # The settings travel in the state dict (Composer checkpoints), as `_extra_state`.
+    def get_extra_state(self) -> dict[str, int]:
+        return {"colbert_dim": self.colbert_dim, "query_length": self.query_length}
+
+    def set_extra_state(self, state: dict[str, int]) -> None:
+        if dict(state) != self.get_extra_state():
+            raise ConfigError(
+                f"these weights were trained with ColBERT settings {dict(state)}, this model "
+                f"has {self.get_extra_state()}; build it with those (settings_from_state_dict)"
+            )
+
+    @staticmethod
+    def settings_from_state_dict(state: dict[str, Any]) -> dict[str, int]:
+        """colbert_dim and query_length of a FlexBertForColBERT state dict."""
+        saved = state.get("_extra_state")
+        if isinstance(saved, dict):
+            return {k: int(saved[k]) for k in ("colbert_dim", "query_length")}
+        return {"colbert_dim": int(state["projection.weight"].shape[0])}
+
+    # ------------------------------------------------------------------ encoding
+    def augment_queries(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, L) query ids -> (B, query_length) ids where padding and the positions up to
+        query_length are [MASK], and an all-ones mask (every token attended and scored)."""
+        if input_ids.dim() != 2:
+            raise ValueError(
+                f"query input_ids must be (batch, seq_len), got {tuple(input_ids.shape)}"
+            )
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        elif attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
+                f"got {tuple(attention_mask.shape)}"
+            )
+        width, limit = input_ids.shape[1], self.query_length
+        keep = attention_mask.bool()
+        if width > limit and bool(keep[:, limit:].any()):  # host sync only for long queries
+            raise ValueError(
+                f"a query has more than query_length={limit} tokens; tokenize queries with "
+                f"max_length={limit} (or build the model with a larger query_length)"
+            )
+        ids = torch.where(keep[:, :limit], input_ids[:, :limit], self.config.mask_token_id)
+        ids = F.pad(ids, (0, limit - ids.shape[1]), value=self.config.mask_token_id)
+        return ids, torch.ones_like(ids)  # (B, query_length) each
+
+    def token_vectors(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(num_seqs, L, colbert_dim) normalised token vectors, zero past each sequence's
+        end, and the (num_seqs, L) mask of real tokens; in either layout (L: the caller's
+        padded length, or max_seqlen for a packed batch)."""
+        hidden, layout = self.model.encode(input_ids, attention_mask, cu_seqlens, max_seqlen)
+        vectors = F.normalize(self.projection(hidden).float(), dim=-1)  # internal layout
+        real = torch.ones(vectors.shape[:-1], dtype=torch.bool, device=vectors.device)
+        return to_rows(vectors, layout), to_rows(real, layout, fill=False)
+
+    def encode_queries(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(B, query_length, colbert_dim) query token vectors (augmented with [MASK])."""
+        return self.token_vectors(*self.augment_queries(input_ids, attention_mask))[0]
+
+    # (B, L, colbert_dim) document token vectors and their (B, L) mask: no augmentation
+    encode_documents = token_vectors
+
+    def score(
+        self,
+        queries: tuple[torch.Tensor, torch.Tensor | None],
+        documents: tuple[torch.Tensor, ...],
+    ) -> torch.Tensor:
+        """(A, N) MaxSim scores of queries (ids, mask) against documents (ids, mask) or a
+        packed batch (ids, None, cu_seqlens, max_seqlen)."""
+        return maxsim(self.encode_queries(*queries), *self.encode_documents(*documents))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        candidates: tuple[torch.Tensor, ...] | None = None,
+        labels: torch.Tensor | None = None,
+        candidate_pool: Callable[..., tuple[torch.Tensor, torch.Tensor, int]] | None = None,
+    ) -> ColBERTOutput:
+        """`input_ids` are queries; `candidates` documents as (ids, mask) or a packed batch
+        (ids, None, cu_seqlens, max_seqlen). Logits: (B, N) MaxSim scores. `candidate_pool`
+        widens the negatives: it maps this batch's document vectors and mask to the pool
+        scored against and this batch's offset in it (e.g. every rank's documents)."""
+        queries = self.encode_queries(input_ids, attention_mask)
+        if candidates is None:
+            return ColBERTOutput(embeddings=queries)
+        docs, doc_mask = self.encode_documents(*candidates)
+        pool, pool_mask, offset = (docs, doc_mask, 0)
+        if candidate_pool is not None:
+            pool, pool_mask, offset = candidate_pool(docs, doc_mask)
+        logits = maxsim(queries, pool, pool_mask)  # (B, N)
+        if labels is None:
+            labels = torch.arange(queries.shape[0], device=queries.device) + offset
+        loss = F.cross_entropy(logits, labels)
+        return ColBERTOutput(
+            loss=loss,
+            logits=logits,
+            embeddings=queries,
+            candidate_embeddings=docs,
+            candidate_mask=doc_mask,
+        )
+
+    # ------------------------------------------------------------------ saving
+    def save_hf(self, path: str | Path) -> Path:
+        """The encoder as a Hugging Face ModernBertModel directory (`AutoModel` loads the
+        encoder alone), plus the projection (colbert_projection.safetensors) and the ColBERT
+        settings (colbert_config.json): `FlexBertForColBERT.from_pretrained(path)`."""
+        from safetensors.torch import save_file
+
+        out = Path(self.model.save_hf(path))  # refuses (ConfigError) before writing
+        weight = self.projection.weight.detach().contiguous().cpu()
+        save_file({"weight": weight}, str(out / COLBERT_WEIGHTS_FILE), metadata={"format": "pt"})
+        settings = {
+            "architecture": type(self).__name__,
+            **self.get_extra_state(),
+            "mask_token_id": self.config.mask_token_id,
+            "score": "maxsim",
+            "query_augmentation": "mask",
+            "attend_to_expansion_tokens": True,
+        }
+        (out / COLBERT_SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
+        return out
+
+    @classmethod
+    def from_encoder(
+        cls, encoder: FlexBertModel, colbert_dim: int = 128, query_length: int = 32
+    ) -> FlexBertForColBERT:
+        """A new ColBERT head (a fresh projection) on a copy of `encoder`'s weights."""
+        model = cls(encoder.config, colbert_dim, query_length)
+        model.model.load_state_dict(encoder.state_dict())
+        return model
+
+    @classmethod
+    def from_hf(
+        cls,
+        path: str | Path,
+        colbert_dim: int | None = None,
+        query_length: int | None = None,
+        **overrides: Any,
+    ) -> FlexBertForColBERT:
+        """The encoder of a Hugging Face ModernBERT directory or Hub id (any head: MLM,
+        sentence embedding...) with a fresh projection; a directory that `save_hf` wrote
+        also gives back its projection and settings (`colbert_dim` / `query_length` may
+        then only repeat them). `overrides` are ModelConfig fields."""
+        from flexbert.hf import resolve_model_dir
+
+        folder = resolve_model_dir(path)
+        saved = read_colbert_settings(folder)
+        given = {"colbert_dim": colbert_dim, "query_length": query_length}
+        if saved is not None:
+            differ = {k: v for k, v in given.items() if v is not None and v != saved[k]}
+            if differ:
+                raise ConfigError(
+                    f"{folder} holds a ColBERT head with {saved}; {differ} do not fit it "
+                    "(leave them unset, or start from the encoder of another directory)"
+                )
+            given = {k: saved[k] for k in given}
+        settings = {k: v for k, v in given.items() if v is not None}
+        model = cls.from_encoder(FlexBertModel.from_hf(folder, **overrides), **settings)
+        if saved is not None:
+            from safetensors.torch import load_file
+
+            weight = load_file(str(folder / COLBERT_WEIGHTS_FILE))["weight"]
+            model.projection.weight.data.copy_(weight)
+        return model
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, **overrides: Any) -> FlexBertForColBERT:
+        """A directory that `save_hf` wrote (a colbert fine-tuning run's `hf/`): encoder,
+        projection and settings, scoring exactly as the saved model did; or its Hub id."""
+        from flexbert.hf import resolve_model_dir
+
+        folder = resolve_model_dir(path)
+        if read_colbert_settings(folder) is None:
+            raise FileNotFoundError(
+                f"{folder} is not a saved FlexBertForColBERT: no {COLBERT_SETTINGS_FILE} "
+                f"and {COLBERT_WEIGHTS_FILE}; FlexBertForColBERT.from_hf(path) puts a new "
+                "projection on any ModernBERT encoder"
+            )
+        return cls.from_hf(folder, **overrides)
+
+
+def read_colbert_settings(folder: Path) -> dict[str, int] | None:
+    """colbert_dim and query_length that `FlexBertForColBERT.save_hf` wrote into `folder`,
+    or None when it holds no ColBERT head."""
+    settings_file = Path(folder) / COLBERT_SETTINGS_FILE
+    if not settings_file.exists():
+        if (Path(folder) / COLBERT_WEIGHTS_FILE).exists():  # half a head: not a fresh one
+            raise FileNotFoundError(
+                f"{folder} has the projection weights {COLBERT_WEIGHTS_FILE} but not "
+                f"{COLBERT_SETTINGS_FILE}: copy the whole directory that save_hf wrote"
+            )
+        return None
+    if not (Path(folder) / COLBERT_WEIGHTS_FILE).exists():
+        raise FileNotFoundError(
+            f"{folder} has {COLBERT_SETTINGS_FILE} but not the projection weights "
+            f"{COLBERT_WEIGHTS_FILE}: copy the whole directory that save_hf wrote"
+        )
+    saved = json.loads(settings_file.read_text())
+    return {k: int(saved[k]) for k in ("colbert_dim", "query_length")}
