@@ -53,9 +53,13 @@ def token_counts(batch: dict[str, Any]) -> dict[str, int]:
     """Composer's two token counts: all real tokens, and the loss-generating (labelled) ones.
 
     With `accumulate_train_batch_on_tokens=True` Composer weights each microbatch's mean loss
-    by its labelled tokens, so a step's loss is the mean over all its masked tokens.
+    by its labelled tokens, so a step's loss is the mean over all its masked tokens. A
+    retrieval batch's positives (`cand_mask`) count in the total: the model encodes them too.
     """
-    return {"total": num_tokens(batch), "loss_generating": num_label_tokens(batch)}
+    total = num_tokens(batch)
+    if "cand_mask" in batch:
+        total += int(batch["cand_mask"].sum())
+    return {"total": total, "loss_generating": num_label_tokens(batch)}
 
 
 def split_batch(batch: dict[str, Any], microbatch_size: int | float | None) -> list[dict[str, Any]]:

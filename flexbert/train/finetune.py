@@ -44,17 +44,6 @@ def _loader(rows: list[dict[str, Any]], batch_size: int, collate: Any, shuffle: 
     return DataLoader(rows, batch_size=batch_size, sampler=sampler, collate_fn=collate)  # type: ignore[arg-type]
 
 
-def _token_counts(batch: dict[str, Any]) -> dict[str, int]:
-    """Composer's token counts (real tokens), with a retrieval batch's positives: the model
-    encodes those too, so tokens/s covers them."""
-    from flexbert.train.data_spec import token_counts
-
-    counts = token_counts(batch)
-    if "cand_mask" in batch:
-        counts["total"] += int(batch["cand_mask"].sum())
-    return counts
-
-
 def example_counts(examples: dict[str, list[dict[str, Any]]]) -> dict[str, int]:
     """Rows per split; for question answering read in windows, the eval split's examples
     too (`eval_examples`: its rows are windows)."""
@@ -63,19 +52,6 @@ def example_counts(examples: dict[str, list[dict[str, Any]]]) -> dict[str, int]:
     if eval_rows and "example_id" in eval_rows[0]:
         counts["eval_examples"] = len({r["example_id"] for r in eval_rows})
     return counts
-
-
-def _data_spec(loader: Any) -> Any:
-    from composer.core import DataSpec
-
-    from flexbert.train.data_spec import num_samples, split_batch
-
-    return DataSpec(
-        loader,
-        get_num_samples_in_batch=num_samples,
-        get_num_tokens_in_batch=_token_counts,
-        split_batch=split_batch,
-    )
 
 
 def _in_batches(kwargs: dict[str, Any], per_epoch: int) -> dict[str, Any]:
@@ -94,6 +70,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> tuple[Any, dict[str, Any]]:
     from flexbert.data.tokenizer import check_tokenizer_matches, load_tokenizer
     from flexbert.train.callbacks import LossHistory
     from flexbert.train.checkpoints import find_run_checkpoint, write_run_files
+    from flexbert.train.data_spec import flexbert_data_spec
     from flexbert.train.finetune_model import (
         EvalHistory,
         composer_parts,
@@ -105,9 +82,11 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> tuple[Any, dict[str, Any]]:
 
     run_dir.mkdir(parents=True, exist_ok=True)
     reproducibility.seed_all(cfg.seed)
-    model = load_task_model(cfg)
+    # a run folder names its newest checkpoint once: model, tokenizer and summary agree on it
+    source = find_run_checkpoint(cfg.model.path) if cfg.model.get("path") else None
+    model = load_task_model(cfg, source.checkpoint if source else None)
     prepare_layers(cfg, model)
-    tok_path = pretrained_tokenizer(cfg)
+    tok_path = pretrained_tokenizer(cfg, source)
     tokenizer = load_tokenizer(tok_path)
     check_tokenizer_matches(tokenizer, **{k: getattr(model.config, k) for k in TOKENIZER_FIELDS})
     max_len = min(int(cfg.data.max_seq_len), model.config.max_seq_len)
@@ -132,16 +111,15 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> tuple[Any, dict[str, Any]]:
         cfg,
         run_dir,
         composer_model,
-        _data_spec(train_loader),
+        flexbert_data_spec(train_loader),
         Evaluator(
             label="eval",
-            dataloader=_data_spec(eval_loader),
+            dataloader=flexbert_data_spec(eval_loader),
             metric_names=list(composer_model.val_metrics),
         ),
         callbacks,
         **_in_batches(trainer_kwargs(cfg), len(train_loader)),
     )
-    source = find_run_checkpoint(cfg.model.path)
     facts = {
         "pretrained": {
             "path": str(cfg.model.path),

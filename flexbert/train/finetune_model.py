@@ -193,17 +193,18 @@ class EvalHistory(Callback):
         )
 
 
-def load_task_model(cfg: Any) -> Any:
-    """The task head on the pretrained encoder in `model.path`: a Hugging Face directory or
-    Hub id, a flexbert-train/-finetune run folder or Composer checkpoint. The classifier is
-    new, unless the source is a fine-tuning run with the same label count (`load_pretrained`)."""
+def load_task_model(cfg: Any, path: Any = None) -> Any:
+    """The task head on the pretrained encoder in `path` (default `model.path`): a Hugging
+    Face directory or Hub id, a flexbert-train/-finetune run folder or Composer checkpoint.
+    The classifier is new, unless the source is a fine-tuning run with the same label count
+    (`load_pretrained`)."""
     from omegaconf import OmegaConf
 
     from flexbert import ConfigError
     from flexbert.train.checkpoints import VALID_SOURCES, load_pretrained, task_model_class
     from flexbert.train.finetune_retrieval import load_embedding_model
 
-    path, task = cfg.model.get("path"), cfg.task
+    path, task = path or cfg.model.get("path"), cfg.task
     if not path:
         raise ConfigError(f"model.path: set it to {VALID_SOURCES}")
     node = cfg.model.get("overrides")
@@ -225,17 +226,16 @@ def load_task_model(cfg: Any) -> Any:
     )
 
 
-def pretrained_tokenizer(cfg: Any) -> Path:
-    """Where the run's tokenizer comes from: `tokenizer.path`, else the model's own (the
-    Hugging Face directory, or the tokenizer of the run that wrote the checkpoint)."""
+def pretrained_tokenizer(cfg: Any, run: Any = None) -> Path:
+    """Where the run's tokenizer comes from: `tokenizer.path`, else the model's own: the
+    tokenizer of the run that wrote the checkpoint (`run`, from `find_run_checkpoint`), or
+    the Hugging Face directory of `model.path` when there is no run."""
     from flexbert import ConfigError
     from flexbert.hf import resolve_model_dir
-    from flexbert.train.checkpoints import find_run_checkpoint
 
     given = (cfg.get("tokenizer") or {}).get("path")
     if given:
         return Path(given)
-    run = find_run_checkpoint(cfg.model.path)
     if run is None:
         return resolve_model_dir(cfg.model.path)
     if run.tokenizer is None:
