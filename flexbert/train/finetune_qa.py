@@ -132,13 +132,14 @@ def encode_questions(
     # what predictions are keyed by: the dataset's question ids (SQuAD's `id`), else row numbers
     has_ids = "id" in (getattr(ds, "column_names", None) or [])
     keys = [str(k) for k in ds["id"]] if has_ids else [str(i) for i in range(len(questions))]
-    if for_eval and len(set(keys)) < len(keys):
-        first: dict[str, int] = {}
-        i, key = next((i, k) for i, k in enumerate(keys) if first.setdefault(k, i) != i)
-        raise DataError(
-            f"split '{split}': question id {key!r} is on rows {first[key]} and {i}; the answers "
-            "(eval_predictions.json) are keyed by the id column, so ids must be unique"
-        )
+    first_row: dict[str, int] = {}
+    for i, key in enumerate(keys if for_eval else ()):
+        if key in first_row:
+            raise DataError(
+                f"split '{split}': question id {key!r} is on rows {first_row[key]} and {i}; the "
+                "answers (eval_predictions.json) are keyed by the id column, so ids must be unique"
+            )
+        first_row[key] = i
     char_spans: dict[int, tuple[int, int] | None] = {}
     rows = []
     for j, (ids, offsets) in enumerate(zip(enc["input_ids"], enc["offset_mapping"])):
