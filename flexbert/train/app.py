@@ -94,8 +94,7 @@ def check_backend_trains_here(cfg: DictConfig, model: Any) -> None:
     'flex' now, not at its first backward."""
     import torch
 
-    backend = getattr(model.config, "backend", None)
-    name = backend.get("name") if isinstance(backend, dict) else getattr(backend, "name", backend)
+    name = getattr(model.config.backend, "name", None)  # a ComponentConfig
     device = cfg.trainer.get("device") or ("gpu" if torch.cuda.is_available() else "cpu")
     if name == "flex" and device == "cpu" and not cfg.get("eval_only"):
         # flexbert-finetune takes the model's settings from model.path, changed by overrides
