@@ -105,9 +105,16 @@ def launch_two_ranks(worker: str, *args: str) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
-def run_two_ranks(tmp_path, case: str) -> list:
-    """tests/train/metric_worker.py's `case` on two ranks: each rank's saved result."""
+@pytest.fixture(scope="session")
+def two_ranks(tmp_path_factory):
+    """Every case of tests/train/two_rank_worker.py, from one two-process launch:
+    `two_ranks(case)` is the list of what each rank saved, rank 0 first."""
     import torch
 
-    launch_two_ranks("metric_worker.py", str(tmp_path), case)
-    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    out = tmp_path_factory.mktemp("two_ranks")
+    launch_two_ranks("two_rank_worker.py", str(out))
+
+    def results(case: str) -> list:
+        return [torch.load(path) for path in sorted((out / case).glob("rank*.pt"))]
+
+    return results

@@ -161,23 +161,19 @@ def test_bad_colbert_settings_are_clear_errors(pretrained, pairs, tmp_path, bad,
 
 
 @pytest.mark.slow
-def test_gathered_documents_on_two_ranks_equal_one_process_with_the_whole_batch(tmp_path):
+def test_gathered_documents_on_two_ranks_equal_one_process_with_the_whole_batch(two_ranks):
     """Two processes (gloo), 3 pairs each and documents of different widths per rank: the
     DDP-averaged gradients and mean loss equal one process scoring 6 queries against all 6
     positives (padding to the widest document on any rank changes no score)."""
-    from flexbert import FlexBertForColBERT, ModelConfig
-    from tests.train.conftest import launch_two_ranks
-    from tests.train.metric_worker import colbert_batch
+    from tests.train.two_rank_worker import colbert_batch, colbert_model
 
-    launch_two_ranks("metric_worker.py", str(tmp_path), "colbert")
-    two_ranks = torch.load(tmp_path / "rank0.pt")
-    torch.manual_seed(0)
-    model = FlexBertForColBERT(ModelConfig.preset("tiny"), colbert_dim=16, query_length=8)
-    queries, docs, mask = colbert_batch()
+    model, (queries, docs, mask) = colbert_model(), colbert_batch()
     out = model(queries, candidates=(docs, mask))
     out.loss.backward()
-    torch.testing.assert_close(two_ranks["loss"], out.loss.detach())
-    torch.testing.assert_close(two_ranks["grad"], model.model.layers[1].mlp.Wi.weight.grad)
+    assert len(two_ranks("colbert")) == 2
+    for rank in two_ranks("colbert"):  # each rank's DDP-averaged step
+        torch.testing.assert_close(rank["loss"], out.loss.detach())
+        torch.testing.assert_close(rank["grad"], model.model.layers[1].mlp.Wi.weight.grad)
     local = model(queries[:3], candidates=(docs[:3], mask[:3])).loss.detach()
     assert not torch.allclose(local, out.loss.detach())  # 3 candidates would differ
 

@@ -196,12 +196,10 @@ def test_no_answer_across_windows_uses_the_lowest_null_score():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", ["split", "empty"])
-def test_answer_scores_gather_the_windows_of_every_rank(tmp_path, case):
+def test_answer_scores_gather_the_windows_of_every_rank(two_ranks, case):
     """Two processes (gloo): example 0's best window is on the other rank ("split"), or one
     rank has no window at all ("empty"); every rank computes the same, right score."""
-    from tests.train.conftest import run_two_ranks
-
-    scores = [s.item() for s in run_two_ranks(tmp_path, case)]
+    scores = [s.item() for s in two_ranks(case)]
     # split: "river" (score 7, rank 1) beats "bank" (1, rank 0) for example 0: both right.
     # empty: only rank 0's windows: "bank" is wrong, "shore" right.
     assert scores == ([1.0, 1.0] if case == "split" else [0.5, 0.5])

@@ -132,23 +132,18 @@ def test_one_label_per_row_for_token_classification_is_a_clear_error(pretrained,
 
 
 @pytest.mark.slow
-def test_gathered_negatives_on_two_ranks_equal_one_process_with_the_whole_batch(tmp_path):
+def test_gathered_negatives_on_two_ranks_equal_one_process_with_the_whole_batch(two_ranks):
     """Two processes (gloo), 3 pairs each, gathering every rank's positives: DDP-averaged
     gradients and the mean loss equal one process scoring 6 queries against 6 positives."""
-    from flexbert import FlexBertForSentenceEmbedding, ModelConfig
-    from tests.train.conftest import launch_two_ranks
-    from tests.train.gathered_negatives_worker import batch
+    from tests.train.two_rank_worker import embedding_batch, embedding_model
 
-    launch_two_ranks("gathered_negatives_worker.py", str(tmp_path / "rank0.pt"))
-    two_ranks = torch.load(tmp_path / "rank0.pt")
-
-    torch.manual_seed(0)
-    model = FlexBertForSentenceEmbedding(ModelConfig.preset("tiny")).eval()
-    queries, positives = batch()
+    model, (queries, positives) = embedding_model(), embedding_batch()
     out = model(queries, candidates=(positives, None))
     out.loss.backward()
-    torch.testing.assert_close(two_ranks["loss"], out.loss.detach())
-    torch.testing.assert_close(two_ranks["grad"], model.model.layers[1].mlp.Wi.weight.grad)
+    assert len(two_ranks("negatives")) == 2
+    for rank in two_ranks("negatives"):  # each rank's DDP-averaged step
+        torch.testing.assert_close(rank["loss"], out.loss.detach())
+        torch.testing.assert_close(rank["grad"], model.model.layers[1].mlp.Wi.weight.grad)
     # without gathering, each rank would see 3 candidates and a different loss
     local = model(queries[:3], candidates=(positives[:3], None)).loss.detach()
     assert not torch.allclose(local, out.loss.detach())

@@ -85,11 +85,10 @@ def test_the_metrics_of_a_task_keep_and_rank_the_embeddings_once(monkeypatch):
 
 
 @pytest.mark.slow
-def test_shared_ranking_metrics_gather_every_ranks_half_of_the_corpus(tmp_path):
+def test_shared_ranking_metrics_gather_every_ranks_half_of_the_corpus(two_ranks):
     """Two processes (gloo), each with half of the eval pairs: every rank's metrics equal one
     process ranking all pairs (the shared store syncs once, in the same order on all ranks)."""
-    from tests.train.conftest import run_two_ranks
-    from tests.train.metric_worker import RETRIEVAL, retrieval_pairs
+    from tests.train.two_rank_worker import RETRIEVAL, retrieval_pairs
 
     queries, docs = retrieval_pairs()
     one = retrieval_metrics(RETRIEVAL)
@@ -97,4 +96,4 @@ def test_shared_ranking_metrics_gather_every_ranks_half_of_the_corpus(tmp_path):
         m.update(queries, docs)
     expected = [float(m.compute()) for m in one.values()]
     assert 0 < expected[0] < 1  # not trivially perfect or zero
-    assert run_two_ranks(tmp_path, "retrieval") == [pytest.approx(expected)] * 2
+    assert two_ranks("retrieval") == [pytest.approx(expected)] * 2

@@ -1,0 +1,126 @@
+"""One rank of the two-rank tests, run once per test session by torch.distributed.run.
+
+Every case runs in the same two processes (one launch instead of one per test) and saves
+OUT/<case>/rank<R>.pt for its test to compare with one process doing the whole job:
+- `split` / `empty` (question answering): rank 0 holds a weak window of example 0 ("bank") and
+  example 1; rank 1 holds example 0's best window ("river"), or nothing at all with `empty`.
+  Each rank saves its exact-match score.
+- `retrieval`: each rank holds half of the eval pairs and three ranking metrics that share one
+  store; each rank saves its metric values.
+- `negatives` (sentence embeddings) / `colbert`: each rank trains on half of 6 pairs against
+  every rank's positives (`gather_candidates` / `gather_documents`; ColBERT's documents are cut
+  to another width than the other rank's). Each rank saves the DDP-averaged gradient and the
+  mean loss.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from flexbert import FlexBertForColBERT, FlexBertForSentenceEmbedding, ModelConfig
+from flexbert.train.finetune_colbert import gather_documents
+from flexbert.train.finetune_qa import build_qa_metrics
+from flexbert.train.finetune_retrieval import gather_candidates, retrieval_metrics
+
+CASES = ["split", "empty", "retrieval", "negatives", "colbert"]
+RETRIEVAL = ["recall_at_1", "recall_at_10", "mrr_at_10"]
+
+
+def retrieval_pairs() -> tuple[torch.Tensor, torch.Tensor]:
+    """12 query/positive pairs (the same on every rank: each takes its half)."""
+    gen = torch.Generator().manual_seed(0)
+    queries = torch.nn.functional.normalize(torch.randn(12, 8, generator=gen), dim=-1)
+    docs = torch.nn.functional.normalize(queries + torch.randn(12, 8, generator=gen), dim=-1)
+    return queries, docs
+
+
+def embedding_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    """6 queries of 12 tokens and their 6 positives of 9 tokens."""
+    gen = torch.Generator().manual_seed(0)
+    queries = torch.randint(5, 512, (6, 12), generator=gen)
+    positives = torch.randint(5, 512, (6, 9), generator=gen)
+    return queries, positives
+
+
+def colbert_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """6 queries, 6 documents of 4 to 9 tokens (padded to 9) and their mask."""
+    gen = torch.Generator().manual_seed(1)
+    queries = torch.randint(5, 512, (6, 6), generator=gen)
+    docs = torch.randint(5, 512, (6, 9), generator=gen)
+    lengths = torch.tensor([4, 6, 5, 9, 7, 8])  # rank 0's widest: 6, rank 1's: 9
+    mask = torch.arange(9)[None, :] < lengths[:, None]
+    return queries, docs * mask, mask
+
+
+def embedding_model() -> FlexBertForSentenceEmbedding:
+    torch.manual_seed(0)
+    return FlexBertForSentenceEmbedding(ModelConfig.preset("tiny")).eval()
+
+
+def colbert_model() -> FlexBertForColBERT:
+    torch.manual_seed(0)
+    return FlexBertForColBERT(ModelConfig.preset("tiny"), colbert_dim=16, query_length=8)
+
+
+def averaged_training_step(model, loss: torch.Tensor, rank: int, world: int):
+    """Backpropagate; return what DDP would apply (the rank-mean gradient) and the mean loss."""
+    loss.backward()
+    grad = model.model.layers[1].mlp.Wi.weight.grad.clone()
+    dist.all_reduce(grad)
+    losses = [torch.zeros(()) for _ in range(world)]
+    dist.all_gather(losses, loss.detach())
+    return {"grad": grad / world, "loss": torch.stack(losses).mean()}
+
+
+def run_case(case: str, rank: int, world: int):
+    mine = slice(rank * 3, rank * 3 + 3)
+    if case == "negatives":
+        model, (queries, positives) = embedding_model(), embedding_batch()
+        loss = model(
+            queries[mine], candidates=(positives[mine], None), candidate_pool=gather_candidates
+        ).loss
+        return averaged_training_step(model, loss, rank, world)
+    if case == "colbert":
+        model, (queries, docs, mask) = colbert_model(), colbert_batch()
+        width = int(mask[mine].sum(-1).max())  # each rank's collator pads to its own widest
+        loss = model(
+            queries[mine],
+            candidates=(docs[mine, :width], mask[mine, :width]),
+            candidate_pool=gather_documents,
+        ).loss
+        return averaged_training_step(model, loss, rank, world)
+    if case == "retrieval":
+        metrics = copy.deepcopy(retrieval_metrics(RETRIEVAL))  # as Composer copies them
+        queries, docs = retrieval_pairs()
+        half = slice(6 * rank, 6 * rank + 6)
+        for m in metrics.values():
+            m.update(queries[half], docs[half])
+        return [float(m.compute()) for m in metrics.values()]
+    metric = build_qa_metrics(["exact_match"])["exact_match"]
+    if rank == 0:
+        ids, spans, nulls = torch.tensor([0, 1]), torch.tensor([1.0, 5.0]), torch.zeros(2)
+        metric.update(["bank", "shore"], [["river"], ["shore"]], ids, spans, nulls - 9)
+    elif case != "empty":
+        ids, spans, nulls = torch.tensor([0]), torch.tensor([7.0]), torch.zeros(1)
+        metric.update(["river"], [["river"]], ids, spans, nulls - 9)
+    return metric.compute()
+
+
+def main(out: str) -> None:
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    for case in CASES:
+        folder = Path(out) / case
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.save(run_case(case, rank, world), folder / f"rank{rank}.pt")
+        dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
