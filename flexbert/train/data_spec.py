@@ -54,11 +54,13 @@ def token_counts(batch: dict[str, Any]) -> dict[str, int]:
 
     With `accumulate_train_batch_on_tokens=True` Composer weights each microbatch's mean loss
     by its labelled tokens, so a step's loss is the mean over all its masked tokens. A
-    retrieval batch's positives (`cand_mask`) count in the total: the model encodes them too.
+    retrieval batch's positives and hard negatives (`cand_mask`, `neg_mask`) count in the
+    total: the model encodes them too.
     """
     total = num_tokens(batch)
-    if "cand_mask" in batch:
-        total += int(batch["cand_mask"].sum())
+    for key in ("cand_mask", "neg_mask"):
+        if key in batch:
+            total += int(batch[key].sum())
     return {"total": total, "loss_generating": num_label_tokens(batch)}
 
 

@@ -5,8 +5,9 @@ pair encoding (queries cut to `task.query_length` tokens, positives to `task.doc
 the same collator, and nDCG@10 / MRR@10 / recall@1 / recall@10 over the whole eval split.
 What changes is the model (`FlexBertForColBERT`: one vector per token, MaxSim scores) and so
 the corpus metric, which keeps every eval document's token vectors. Training: in-batch
-cross-entropy over MaxSim scores, every other positive of the batch a negative; with several
-ranks, every rank's positives (`task.gather_negatives`, as retrieval does).
+cross-entropy over MaxSim scores, every other positive of the batch a negative, and every
+hard negative (`task.negative_fields`); with several ranks, every rank's positives and hard
+negatives (`task.gather_negatives`, as retrieval does).
 The export (`hf/`) is the encoder as a ModernBertModel directory plus the projection and the
 ColBERT settings: `FlexBertForColBERT.from_pretrained(dir)`.
 """
@@ -57,16 +58,23 @@ def load_colbert_model(path: Any, task: Mapping[str, Any], **overrides: Any) -> 
 
 
 def encode_colbert_pairs(
-    ds: Any, task: Mapping[str, Any], tokenizer: Any, max_len: int, split: str
+    ds: Any,
+    task: Mapping[str, Any],
+    tokenizer: Any,
+    max_len: int,
+    split: str,
+    for_training: bool = True,
 ) -> list[dict[str, Any]]:
-    """Retrieval's pairs, queries cut to task.query_length, positives to task.doc_max_len
-    (at most max_len, data.max_seq_len; unset: max_len)."""
+    """Retrieval's pairs (and hard negatives for training), queries cut to
+    task.query_length, documents to task.doc_max_len (at most max_len, data.max_seq_len;
+    unset: max_len)."""
     settings = {**colbert_settings(task), "doc_max_len": task.get("doc_max_len") or max_len}
     for name, value in settings.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"task.{name}: a positive integer, got {value!r}")
     doc_len = min(settings["doc_max_len"], max_len)
-    return encode_pairs(ds, task, tokenizer, doc_len, split, settings["query_length"])
+    query_len = settings["query_length"]
+    return encode_pairs(ds, task, tokenizer, doc_len, split, query_len, for_training)
 
 
 def padded_chunks(
@@ -154,8 +162,9 @@ def gather_documents(
 
 class ComposerFlexBertColBERT(ComposerFlexBertRetrieval):
     """Retrieval's training and evaluation with MaxSim: in-batch cross-entropy over MaxSim
-    scores of (query, positive) pairs, with several ranks and `gather_negatives` against
-    every rank's positives (`gather_documents`, as PyLate gathers them); corpus-level ranking
+    scores of (query, positive) pairs and hard negatives, with several ranks and
+    `gather_negatives` against every rank's documents (`gather_documents`, as PyLate gathers
+    them); corpus-level ranking
     metrics on eval (`CorpusMaxSimMetric`)."""
 
     candidate_pool = staticmethod(gather_documents)

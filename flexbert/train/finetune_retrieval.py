@@ -1,9 +1,12 @@
 """Retrieval fine-tuning: (query, positive) pairs, in-batch InfoNCE, corpus-level evaluation.
 
-Training: every other positive in a batch is a negative for a query. Evaluation: every eval
-query is ranked against all eval positives (the eval split is the corpus), reporting
-nDCG@10, MRR@10, recall@1 and recall@10 (`task.metrics`), independent of the batch size. The export is a ModernBertModel (`AutoModel`) directory that is also a
-sentence-transformers model: `SentenceTransformer(dir).encode(texts)` gives the same vectors.
+Training: every other positive in a batch is a negative for a query, and so is every hard
+negative of the batch (`task.negative_fields`: mined negatives, as the paper's MS MARCO
+training used). Evaluation: every eval query is ranked against all eval positives (the eval
+split is the corpus), reporting nDCG@10, MRR@10, recall@1 and recall@10 (`task.metrics`),
+independent of the batch size. The export is a ModernBertModel (`AutoModel`) directory that is
+also a sentence-transformers model: `SentenceTransformer(dir).encode(texts)` gives the same
+vectors.
 """
 
 from __future__ import annotations
@@ -37,9 +40,12 @@ def encode_pairs(
     max_len: int,
     split: str,
     query_max_len: int | None = None,
+    for_training: bool = True,
 ) -> list[dict[str, Any]]:
     """Rows {query ids, positive ids} from task.text_fields = [query_field, positive_field];
-    queries are cut to `query_max_len` tokens (default: max_len, as positives are)."""
+    queries are cut to `query_max_len` tokens (default: max_len, as positives are). Training
+    rows also carry their hard negatives' ids (`neg_ids`, `hard_negatives`) when
+    task.negative_fields names any; evaluation ranks against the positives alone."""
     from flexbert.data.errors import DataError
     from flexbert.train.tasks import check_fields
 
@@ -50,19 +56,87 @@ def encode_pairs(
     q, p = ([str(t) for t in ds[f]] for f in fields)
     q_ids = tokenizer(q, truncation=True, max_length=query_max_len or max_len)["input_ids"]
     p_ids = tokenizer(p, truncation=True, max_length=max_len)["input_ids"]
-    return [{"input_ids": a, "cand_ids": b} for a, b in zip(q_ids, p_ids)]
+    rows = [{"input_ids": a, "cand_ids": b} for a, b in zip(q_ids, p_ids)]
+    negatives = hard_negatives(ds, task, split) if for_training else None
+    if negatives:
+        k = len(negatives[0])
+        flat = tokenizer([t for row in negatives for t in row], truncation=True, max_length=max_len)
+        for i, row in enumerate(rows):
+            row["neg_ids"] = flat["input_ids"][i * k : (i + 1) * k]
+    return rows
+
+
+def hard_negatives(ds: Any, task: Mapping[str, Any], split: str) -> list[list[str]] | None:
+    """Each row's hard negatives, the same number for every row (what a batch needs to line
+    up), or None without task.negative_fields. A field holds one text or a list of texts per
+    row; the row's negatives are its fields' texts in order, cut to the first
+    task.num_negatives when that is set."""
+    from flexbert.data.errors import DataError
+    from flexbert.train.tasks import check_fields
+
+    fields = list(task.get("negative_fields") or [])
+    if not fields:
+        return None
+    check_fields(ds, fields, split)
+    limit = task.get("num_negatives")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ConfigError(f"task.num_negatives: a positive integer or null, got {limit!r}")
+    columns = [ds[f] for f in fields]  # each column read once (a Dataset copies it)
+    rows = []
+    for i in range(len(columns[0])):
+        texts: list[str] = []
+        for field, column in zip(fields, columns):
+            value = column[i]
+            values = value if isinstance(value, (list, tuple)) else [value]
+            if any(v is None or (isinstance(v, str) and not v.strip()) for v in values):
+                raise DataError(f"split '{split}' row {i}: field '{field}' has an empty negative")
+            texts += [str(v) for v in values]
+        rows.append(texts)
+    counts = [len(r) for r in rows]
+    want = limit if limit is not None else counts[0]
+    short = next(
+        (i for i, n in enumerate(counts) if n < want or (limit is None and n != want)), None
+    )
+    if short is not None:
+        wanted = f"task.num_negatives={limit}" if limit is not None else f"{want}, as row 0 has"
+        raise DataError(
+            f"split '{split}' row {short} has {counts[short]} hard negative(s) in "
+            f"{fields}, not {wanted}; every row needs as many (set task.num_negatives to use "
+            f"the first N of each row, N <= {min(counts)})"
+        )
+    return [r[:want] for r in rows]
 
 
 class PairCollator:
-    """Queries and positives padded separately, each to its own longest row."""
+    """Queries and positives padded separately, each to its own longest row. Hard negatives
+    (B, k, L) share the positives' width L, so a batch's candidates are its positives
+    followed by its negatives, row by row (`candidate_inputs`)."""
 
     def __init__(self, pad_id: int) -> None:
         self.pad_id = pad_id
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         ids, mask = pad_rows([r["input_ids"] for r in rows], self.pad_id)
-        cand, cand_mask = pad_rows([r["cand_ids"] for r in rows], self.pad_id)
-        return {"input_ids": ids, "attention_mask": mask, "cand_ids": cand, "cand_mask": cand_mask}
+        docs = [r["cand_ids"] for r in rows]
+        k = len(rows[0].get("neg_ids", ()))
+        docs += [neg for r in rows for neg in r.get("neg_ids", ())]
+        cand, cand_mask = pad_rows(docs, self.pad_id)
+        batch = {"input_ids": ids, "attention_mask": mask}
+        batch |= {"cand_ids": cand[: len(rows)], "cand_mask": cand_mask[: len(rows)]}
+        if k:
+            width = cand.shape[1]
+            batch["neg_ids"] = cand[len(rows) :].view(len(rows), k, width)
+            batch["neg_mask"] = cand_mask[len(rows) :].view(len(rows), k, width)
+        return batch
+
+
+def candidate_inputs(batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask) of every candidate a batch's queries are scored against: its B positives
+    first (query i's is candidate i), then its B x k hard negatives."""
+    if "neg_ids" not in batch:
+        return batch["cand_ids"], batch["cand_mask"]
+    ids = torch.cat([batch["cand_ids"], batch["neg_ids"].flatten(0, 1)])
+    return ids, torch.cat([batch["cand_mask"], batch["neg_mask"].flatten(0, 1)])
 
 
 def positive_ranks(
@@ -209,9 +283,9 @@ class _ContiguousGrad(torch.autograd.Function):
 class ComposerFlexBertRetrieval(FlexBertComposerModel):
     """In-batch InfoNCE over (query, positive) pairs; corpus-level ranking metrics on eval.
 
-    With several ranks, training scores every query against every rank's positives
-    (`gather_negatives`, on by default): the negatives of one global batch, as one process with
-    the whole batch would see them. Evaluation ranks every eval query against all eval
+    With several ranks, training scores every query against every rank's positives and hard
+    negatives (`gather_negatives`, on by default): the negatives of one global batch, as one
+    process with the whole batch would see them. Evaluation ranks every eval query against all eval
     positives (`CorpusRetrievalMetric`)."""
 
     # what a subclass (ColBERT) changes: the pool of negatives and the corpus metric
@@ -234,7 +308,7 @@ class ComposerFlexBertRetrieval(FlexBertComposerModel):
         return self.model(
             batch["input_ids"],
             attention_mask=batch["attention_mask"],
-            candidates=(batch["cand_ids"], batch["cand_mask"]),
+            candidates=candidate_inputs(batch),
             candidate_pool=pool,
         )
 

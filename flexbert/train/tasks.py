@@ -219,13 +219,17 @@ def build_examples(
     if kind == "retrieval":
         from flexbert.train.finetune_retrieval import encode_pairs
 
-        out = {k: encode_pairs(raw[s], task, tokenizer, max_len, s) for k, s in names.items()}
+        out = {
+            k: encode_pairs(raw[s], task, tokenizer, max_len, s, for_training=k == "train")
+            for k, s in names.items()
+        }
         return out, None
     if kind == "colbert":
         from flexbert.train.finetune_colbert import encode_colbert_pairs
 
         out = {
-            k: encode_colbert_pairs(raw[s], task, tokenizer, max_len, s) for k, s in names.items()
+            k: encode_colbert_pairs(raw[s], task, tokenizer, max_len, s, for_training=k == "train")
+            for k, s in names.items()
         }
         return out, None
     if kind == "question_answering":

@@ -9,8 +9,9 @@ OUT/<case>/rank<R>.pt for its test to compare with one process doing the whole j
   store; each rank saves its metric values.
 - `negatives` (sentence embeddings) / `colbert`: each rank trains on half of 6 pairs against
   every rank's positives (`gather_candidates` / `gather_documents`; ColBERT's documents are cut
-  to another width than the other rank's). Each rank saves the DDP-averaged gradient and the
-  mean loss.
+  to another width than the other rank's). `hard_negatives`: the same through the retrieval
+  Composer model with 2 hard negatives per pair, so each rank's queries are scored against 18
+  candidates. Each rank saves the DDP-averaged gradient and the mean loss.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from flexbert.train.finetune_colbert import gather_documents
 from flexbert.train.finetune_qa import build_qa_metrics
 from flexbert.train.finetune_retrieval import gather_candidates, retrieval_metrics
 
-CASES = ["split", "empty", "retrieval", "negatives", "colbert"]
+CASES = ["split", "empty", "retrieval", "negatives", "colbert", "hard_negatives"]
 RETRIEVAL = ["recall_at_1", "recall_at_10", "mrr_at_10"]
 
 
@@ -45,6 +46,20 @@ def embedding_batch() -> tuple[torch.Tensor, torch.Tensor]:
     queries = torch.randint(5, 512, (6, 12), generator=gen)
     positives = torch.randint(5, 512, (6, 9), generator=gen)
     return queries, positives
+
+
+def hard_negative_batch() -> dict[str, torch.Tensor]:
+    """embedding_batch's 6 pairs as PairCollator lays them out, with 2 hard negatives each."""
+    queries, positives = embedding_batch()
+    negatives = torch.randint(5, 512, (6, 2, 9), generator=torch.Generator().manual_seed(2))
+    return {
+        "input_ids": queries,
+        "attention_mask": torch.ones_like(queries),
+        "cand_ids": positives,
+        "cand_mask": torch.ones_like(positives),
+        "neg_ids": negatives,
+        "neg_mask": torch.ones_like(negatives),
+    }
 
 
 def colbert_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -85,6 +100,12 @@ def run_case(case: str, rank: int, world: int):
             queries[mine], candidates=(positives[mine], None), candidate_pool=gather_candidates
         ).loss
         return averaged_training_step(model, loss, rank, world)
+    if case == "hard_negatives":
+        from flexbert.train.finetune_retrieval import ComposerFlexBertRetrieval
+
+        model = ComposerFlexBertRetrieval(embedding_model()).train()
+        loss = model({k: v[mine] for k, v in hard_negative_batch().items()}).loss
+        return averaged_training_step(model.model, loss, rank, world)
     if case == "colbert":
         model, (queries, docs, mask) = colbert_model(), colbert_batch()
         width = int(mask[mine].sum(-1).max())  # each rank's collator pads to its own widest

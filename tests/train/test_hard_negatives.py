@@ -1,0 +1,173 @@
+"""Hard negatives for retrieval and ColBERT fine-tuning (`task.negative_fields`): read from
+text or list fields, collated after the positives, scored by the loss, counted as tokens and
+gathered across ranks like the positives."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+from datasets import Dataset
+
+from flexbert.data.errors import DataError
+from flexbert.registry import ConfigError
+from flexbert.train.finetune_retrieval import (
+    ComposerFlexBertRetrieval,
+    PairCollator,
+    candidate_inputs,
+    encode_pairs,
+)
+from tests.train.test_finetune import (  # noqa: F401 - module fixtures
+    FAST,
+    _compose,
+    _files,
+    _sentences,
+    _write_jsonl,
+    pretrained,
+)
+
+TASK = {"text_fields": ["query", "positive"], "negative_fields": ["negative", "more"]}
+
+
+@pytest.fixture(scope="module")
+def tokenizer(pretrained):  # noqa: F811
+    from flexbert.data.tokenizer import load_tokenizer
+
+    return load_tokenizer(pretrained)
+
+
+def _split(**columns) -> Dataset:
+    base = {"query": ["apple river", "bank"], "positive": ["river apple", "bank bank"]}
+    return Dataset.from_dict(base | columns)
+
+
+def test_negatives_come_from_text_and_list_fields_in_order(tokenizer):
+    ds = _split(negative=["shore", "tree"], more=[["stone", "hill"], ["sky", "sea"]])
+    rows = encode_pairs(ds, TASK, tokenizer, 16, "train")
+    expected = [["shore", "stone", "hill"], ["tree", "sky", "sea"]]
+    for row, texts in zip(rows, expected):
+        assert row["neg_ids"] == tokenizer(texts)["input_ids"]
+    first = encode_pairs(ds, {**TASK, "num_negatives": 1}, tokenizer, 16, "train")
+    assert [r["neg_ids"] for r in first] == [[rows[0]["neg_ids"][0]], [rows[1]["neg_ids"][0]]]
+    # evaluation ranks against the positives only
+    assert all(
+        "neg_ids" not in r for r in encode_pairs(ds, TASK, tokenizer, 16, "dev", None, False)
+    )
+
+
+def test_uneven_empty_or_missing_negatives_are_refused_with_the_fix(tokenizer):
+    uneven = _split(negative=["shore", "tree"], more=[["stone"], ["sky", "sea"]])
+    with pytest.raises(DataError, match=r"row 1 has 3 hard negative.*not 2.*num_negatives"):
+        encode_pairs(uneven, TASK, tokenizer, 16, "train")
+    assert (
+        len(encode_pairs(uneven, {**TASK, "num_negatives": 2}, tokenizer, 16, "t")[1]["neg_ids"])
+        == 2
+    )
+    with pytest.raises(DataError, match=r"row 0 has 2 .*num_negatives=3.*N <= 2"):
+        encode_pairs(uneven, {**TASK, "num_negatives": 3}, tokenizer, 16, "train")
+    empty = _split(negative=["shore", " "], more=[["a"], ["b"]])
+    with pytest.raises(DataError, match=r"row 1: field 'negative' has an empty negative"):
+        encode_pairs(empty, TASK, tokenizer, 16, "train")
+    with pytest.raises(DataError, match=r"no field\(s\) \['more'\]"):
+        encode_pairs(_split(negative=["a", "b"]), TASK, tokenizer, 16, "train")
+    with pytest.raises(ConfigError, match="task.num_negatives: a positive integer"):
+        encode_pairs(uneven, {**TASK, "num_negatives": 0}, tokenizer, 16, "train")
+
+
+def _batch(tokenizer) -> dict[str, torch.Tensor]:
+    rng = random.Random(3)
+    sentences = [" ".join(s) for s in _sentences(rng, 12)]
+    ds = Dataset.from_dict(
+        {
+            "query": sentences[:4],
+            "positive": [s[::-1] for s in sentences[:4]],
+            "negative": sentences[4:8],
+            "more": [[a] for a in sentences[8:]],
+        }
+    )
+    return PairCollator(tokenizer.pad_token_id)(encode_pairs(ds, TASK, tokenizer, 24, "train"))
+
+
+def test_retrieval_loss_scores_positives_then_hard_negatives(tokenizer, pretrained):  # noqa: F811
+    from flexbert.train.data_spec import token_counts
+    from flexbert.train.finetune_retrieval import load_embedding_model
+
+    batch = _batch(tokenizer)
+    assert batch["neg_ids"].shape[:2] == (4, 2)
+    assert batch["neg_ids"].shape[2] == batch["cand_ids"].shape[1]  # one width for candidates
+    wrapper = ComposerFlexBertRetrieval(load_embedding_model(pretrained)).train()
+    loss = wrapper(batch).loss
+    model = wrapper.model
+    queries = model.embed(batch["input_ids"], batch["attention_mask"])
+    docs = model.embed(*candidate_inputs(batch))  # 4 positives, then 8 negatives
+    assert docs.shape[0] == 12
+    expected = F.cross_entropy(queries @ docs.T / model.temperature, torch.arange(4))
+    torch.testing.assert_close(loss, expected)
+    without = {k: v for k, v in batch.items() if not k.startswith("neg_")}
+    assert not torch.allclose(wrapper(without).loss, loss)  # the negatives changed the loss
+    counts = token_counts(batch)
+    assert counts["total"] == sum(
+        int(batch[k].sum()) for k in ("attention_mask", "cand_mask", "neg_mask")
+    )
+    assert counts["total"] > token_counts(without)["total"]
+
+
+def test_colbert_loss_scores_positives_then_hard_negatives(tokenizer, pretrained):  # noqa: F811
+    from flexbert.colbert import maxsim
+    from flexbert.train.finetune_colbert import ComposerFlexBertColBERT, load_colbert_model
+
+    batch = _batch(tokenizer)
+    model = load_colbert_model(pretrained, {"colbert_dim": 16, "query_length": 12})
+    wrapper = ComposerFlexBertColBERT(model).train()
+    loss = wrapper(batch).loss
+    queries = model.encode_queries(batch["input_ids"], batch["attention_mask"])
+    docs, mask = model.encode_documents(*candidate_inputs(batch))
+    expected = F.cross_entropy(maxsim(queries, docs, mask), torch.arange(4))
+    torch.testing.assert_close(loss, expected)
+    without = {k: v for k, v in batch.items() if not k.startswith("neg_")}
+    assert not torch.allclose(wrapper(without).loss, loss)
+
+
+@pytest.mark.slow
+def test_hard_negatives_on_two_ranks_equal_one_process_with_the_whole_batch(two_ranks):
+    """Each rank scores its 3 queries against both ranks' 3 positives and 6 negatives: the
+    DDP-averaged step equals one process with all 6 pairs and 12 negatives."""
+    from tests.train.two_rank_worker import embedding_model, hard_negative_batch
+
+    wrapper = ComposerFlexBertRetrieval(embedding_model()).train()
+    loss = wrapper(hard_negative_batch()).loss
+    loss.backward()
+    grad = wrapper.model.model.layers[1].mlp.Wi.weight.grad
+    assert len(two_ranks("hard_negatives")) == 2
+    for rank in two_ranks("hard_negatives"):
+        torch.testing.assert_close(rank["loss"], loss.detach())
+        torch.testing.assert_close(rank["grad"], grad)
+
+
+def test_retrieval_trains_with_a_list_of_hard_negatives_per_query(pretrained, tmp_path):  # noqa: F811
+    """End to end from JSONL with a `negatives` list column: the run's token count includes
+    every query, positive and hard negative it encoded (one epoch)."""
+    from flexbert.data.tokenizer import load_tokenizer
+    from flexbert.train.finetune import train
+
+    rng = random.Random(6)
+    files, train_rows = {}, []
+    for split, n in (("train", 32), ("validation", 16)):
+        rows = []
+        for s in _sentences(rng, n):
+            others = [" ".join(rng.sample(s, len(s))) for _ in range(3)]
+            rows.append({"query": " ".join(s), "positive": " ".join(s[::-1]), "negatives": others})
+        files[split] = _write_jsonl(tmp_path / f"{split}.jsonl", rows)
+        train_rows = train_rows or rows
+    cfg = _compose(
+        [f"model.path={pretrained}", "task=local_retrieval", *_files(files), *FAST]
+        + ["trainer.max_duration=1ep", "task.negative_fields=[negatives]", "task.num_negatives=2"]
+    )
+    summary = train(cfg, tmp_path / "run")
+    tok = load_tokenizer(pretrained)
+    texts = [t for r in train_rows for t in (r["query"], r["positive"], *r["negatives"][:2])]
+    lengths = [len(ids) for ids in tok(texts, truncation=True, max_length=32)["input_ids"]]
+    assert summary["train"]["tokens"] == sum(lengths)
+    assert 0.0 <= summary["eval"]["recall_at_1"] <= 1.0
