@@ -51,6 +51,17 @@ def maxsim(
     return sim.amax(dim=-1).sum(dim=-1)  # (A, N)
 
 
+def maxsim_per_query(
+    queries: torch.Tensor, docs: torch.Tensor, doc_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """MaxSim of each query against its own documents only: (B, S, d) queries and (B, n, T, d)
+    documents (mask (B, n, T)) -> (B, n) scores, as `maxsim` would give for those pairs."""
+    sim = torch.einsum("bsd,bntd->bnst", queries, docs)  # (B, n, S, T)
+    if doc_mask is not None:
+        sim = sim.masked_fill(~doc_mask.bool()[:, :, None, :], float("-inf"))
+    return sim.amax(dim=-1).sum(dim=-1)
+
+
 class FlexBertForColBERT(FlexBertPreTrainedModel):
     """Multi-vector (late-interaction) retrieval as ColBERT does it: the encoder, a bias-free
     projection hidden_size -> `colbert_dim` and one L2-normalised vector per token. A query

@@ -7,7 +7,9 @@ What changes is the model (`FlexBertForColBERT`: one vector per token, MaxSim sc
 the corpus metric, which keeps every eval document's token vectors. Training: in-batch
 cross-entropy over MaxSim scores, every other positive of the batch a negative, and every
 hard negative (`task.negative_fields`); with several ranks, every rank's positives and hard
-negatives (`task.gather_negatives`, as retrieval does).
+negatives (`task.gather_negatives`, as retrieval does). Or, with a teacher's scores for each
+query's positive and hard negatives (`task.teacher_scores_field`), distillation as PyLate
+does it (the paper's ColBERT setting distils a teacher's scores).
 The export (`hf/`) is the encoder as a ModernBertModel directory plus the projection and the
 ColBERT settings: `FlexBertForColBERT.from_pretrained(dir)`.
 """
@@ -20,14 +22,16 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from flexbert.colbert import ColBERTOutput, FlexBertForColBERT, maxsim
+from flexbert.colbert import ColBERTOutput, FlexBertForColBERT, maxsim, maxsim_per_query
 from flexbert.registry import ConfigError
 from flexbert.train.finetune_retrieval import (
     ComposerFlexBertRetrieval,
     CorpusEmbeddings,
     CorpusRetrievalMetric,
+    candidate_inputs,
     encode_pairs,
     gather_with_grad,
+    per_query,
     positive_ranks,
 )
 
@@ -164,12 +168,21 @@ class ComposerFlexBertColBERT(ComposerFlexBertRetrieval):
     """Retrieval's training and evaluation with MaxSim: in-batch cross-entropy over MaxSim
     scores of (query, positive) pairs and hard negatives, with several ranks and
     `gather_negatives` against every rank's documents (`gather_documents`, as PyLate gathers
-    them); corpus-level ranking
-    metrics on eval (`CorpusMaxSimMetric`)."""
+    them), or distillation of teacher scores over min-max scaled MaxSim scores (PyLate's
+    `Distillation`); corpus-level ranking metrics on eval (`CorpusMaxSimMetric`)."""
 
     candidate_pool = staticmethod(gather_documents)
     corpus_metric = CorpusMaxSimMetric
     kind = "colbert"
+    distill_normalize = True
+
+    def own_scores(self, batch: dict[str, Any]) -> torch.Tensor:
+        """(B, 1 + k) MaxSim scores of each query against its own positive and hard negatives
+        (distillation): no (B, B x (1 + k)) in-batch score tensor is built."""
+        queries = self.model.encode_queries(batch["input_ids"], batch["attention_mask"])
+        docs, mask = self.model.encode_documents(*candidate_inputs(batch))
+        b = queries.shape[0]
+        return maxsim_per_query(queries, per_query(docs, b), per_query(mask, b))
 
     def eval_forward(self, batch: dict[str, Any], outputs: Any | None = None) -> ColBERTOutput:
         """Token vectors only: the corpus metrics score them; the in-batch (B, B, S, T) score

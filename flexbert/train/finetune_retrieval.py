@@ -2,7 +2,8 @@
 
 Training: every other positive in a batch is a negative for a query, and so is every hard
 negative of the batch (`task.negative_fields`: mined negatives, as the paper's MS MARCO
-training used). Evaluation: every eval query is ranked against all eval positives (the eval
+training used); or, with a teacher's scores (`task.teacher_scores_field`), each query's scores
+for its own candidates are distilled from the teacher's. Evaluation: every eval query is ranked against all eval positives (the eval
 split is the corpus), reporting nDCG@10, MRR@10, recall@1 and recall@10 (`task.metrics`),
 independent of the batch size. The export is a ModernBertModel (`AutoModel`) directory that is
 also a sentence-transformers model: `SentenceTransformer(dir).encode(texts)` gives the same
@@ -58,24 +59,35 @@ def encode_pairs(
     p_ids = tokenizer(p, truncation=True, max_length=max_len)["input_ids"]
     rows = [{"input_ids": a, "cand_ids": b} for a, b in zip(q_ids, p_ids)]
     negatives = hard_negatives(ds, task, split) if for_training else None
-    if negatives:
-        k = len(negatives[0])
-        flat = tokenizer([t for row in negatives for t in row], truncation=True, max_length=max_len)
-        for i, row in enumerate(rows):
-            row["neg_ids"] = flat["input_ids"][i * k : (i + 1) * k]
+    if negatives is None:
+        return rows
+    texts, k = negatives
+    flat = tokenizer([t for row in texts for t in row[:k]], truncation=True, max_length=max_len)
+    scores = teacher_scores(ds, task, split, [len(t) for t in texts], k)
+    for i, row in enumerate(rows):
+        row["neg_ids"] = flat["input_ids"][i * k : (i + 1) * k]
+        if scores is not None:
+            row["teacher_scores"] = scores[i]
     return rows
 
 
-def hard_negatives(ds: Any, task: Mapping[str, Any], split: str) -> list[list[str]] | None:
-    """Each row's hard negatives, the same number for every row (what a batch needs to line
-    up), or None without task.negative_fields. A field holds one text or a list of texts per
-    row; the row's negatives are its fields' texts in order, cut to the first
-    task.num_negatives when that is set."""
+def hard_negatives(
+    ds: Any, task: Mapping[str, Any], split: str
+) -> tuple[list[list[str]], int] | None:
+    """Each row's hard negatives and how many of them every row uses (what a batch needs to
+    line up), or None without task.negative_fields. A field holds one text or a list of texts
+    per row; the row's negatives are its fields' texts in order, of which the first
+    task.num_negatives are used when that is set (else every row must have as many)."""
     from flexbert.data.errors import DataError
     from flexbert.train.tasks import check_fields
 
     fields = list(task.get("negative_fields") or [])
     if not fields:
+        if task.get("teacher_scores_field"):
+            raise ConfigError(
+                "task.teacher_scores_field needs task.negative_fields: the teacher scores each "
+                "query's positive and its hard negatives"
+            )
         return None
     check_fields(ds, fields, split)
     limit = task.get("num_negatives")
@@ -104,7 +116,39 @@ def hard_negatives(ds: Any, task: Mapping[str, Any], split: str) -> list[list[st
             f"{fields}, not {wanted}; every row needs as many (set task.num_negatives to use "
             f"the first N of each row, N <= {min(counts)})"
         )
-    return [r[:want] for r in rows]
+    return rows, want
+
+
+def teacher_scores(
+    ds: Any, task: Mapping[str, Any], split: str, counts: Sequence[int], k: int
+) -> list[list[float]] | None:
+    """task.teacher_scores_field's scores (a teacher's logits, e.g. a reranker's) for each
+    row's positive and its hard negatives, in that order, cut like the negatives to 1 + k;
+    None when the field is not set (contrastive training)."""
+    import math
+
+    from flexbert.data.errors import DataError
+    from flexbert.train.tasks import check_fields
+
+    field = task.get("teacher_scores_field")
+    if not field:
+        return None
+    check_fields(ds, [field], split)
+    out = []
+    for i, (value, n) in enumerate(zip(ds[field], counts)):
+        ok = isinstance(value, (list, tuple)) and len(value) == 1 + n
+        if ok:
+            ok = all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                for v in value
+            )
+        if not ok:
+            raise DataError(
+                f"split '{split}' row {i}: field '{field}' holds {value!r}; it needs {1 + n} "
+                "finite numbers: the teacher's score for the positive, then one per hard negative"
+            )
+        out.append([float(v) for v in value[: 1 + k]])
+    return out
 
 
 class PairCollator:
@@ -127,6 +171,8 @@ class PairCollator:
             width = cand.shape[1]
             batch["neg_ids"] = cand[len(rows) :].view(len(rows), k, width)
             batch["neg_mask"] = cand_mask[len(rows) :].view(len(rows), k, width)
+        if "teacher_scores" in rows[0]:
+            batch["teacher_scores"] = torch.tensor([r["teacher_scores"] for r in rows])
         return batch
 
 
@@ -137,6 +183,33 @@ def candidate_inputs(batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, t
         return batch["cand_ids"], batch["cand_mask"]
     ids = torch.cat([batch["cand_ids"], batch["neg_ids"].flatten(0, 1)])
     return ids, torch.cat([batch["cand_mask"], batch["neg_mask"].flatten(0, 1)])
+
+
+def per_query(candidates: torch.Tensor, num_queries: int) -> torch.Tensor:
+    """A batch's candidates in `candidate_inputs` order (B positives, then B x k hard
+    negatives) -> (B, 1 + k, ...): each query's own positive, then its own negatives."""
+    positives, negatives = candidates[:num_queries], candidates[num_queries:]
+    negatives = negatives.view(num_queries, -1, *candidates.shape[1:])
+    return torch.cat([positives[:, None], negatives], dim=1)
+
+
+def distillation_loss(
+    student: torch.Tensor, teacher: torch.Tensor, normalize: bool = False
+) -> torch.Tensor:
+    """KL(teacher || student) between the softmaxes of (B, n) scores of each query's own
+    candidates, averaged over queries: PyLate's `Distillation`. Teacher scores are logits;
+    `normalize` first min-max scales each row of student scores to [0, 1], as PyLate does
+    for MaxSim scores."""
+    student = student.float()
+    if normalize:
+        low, high = student.amin(1, keepdim=True), student.amax(1, keepdim=True)
+        student = (student - low) / (high - low + 1e-8)
+    return torch.nn.functional.kl_div(
+        torch.nn.functional.log_softmax(student, dim=-1),
+        torch.nn.functional.log_softmax(teacher.float(), dim=-1),
+        reduction="batchmean",
+        log_target=True,
+    )
 
 
 def positive_ranks(
@@ -282,14 +355,18 @@ class _ContiguousGrad(torch.autograd.Function):
 
 class ComposerFlexBertRetrieval(FlexBertComposerModel):
     """In-batch InfoNCE over (query, positive) pairs; corpus-level ranking metrics on eval.
+    With teacher scores in the batch (`task.teacher_scores_field`), training distils them
+    instead: each query's scores for its own positive and hard negatives against the
+    teacher's (`distillation_loss`).
 
     With several ranks, training scores every query against every rank's positives and hard
     negatives (`gather_negatives`, on by default): the negatives of one global batch, as one
-    process with the whole batch would see them. Evaluation ranks every eval query against all eval
-    positives (`CorpusRetrievalMetric`)."""
+    process with the whole batch would see them. Evaluation ranks every eval query against all
+    eval positives (`CorpusRetrievalMetric`)."""
 
-    # what a subclass (ColBERT) changes: the pool of negatives and the corpus metric
+    # what a subclass (ColBERT) changes: the pool of negatives, the corpus metric, own_scores
     candidate_pool: Callable[..., Any] = staticmethod(gather_candidates)
+    distill_normalize = False  # ColBERT's MaxSim scores are min-max scaled first (PyLate)
     corpus_metric: Callable[..., CorpusRetrievalMetric] = CorpusRetrievalMetric
     kind = "retrieval"
 
@@ -304,6 +381,10 @@ class ComposerFlexBertRetrieval(FlexBertComposerModel):
         self.val_metrics = retrieval_metrics(metrics, self.corpus_metric, self.kind)
 
     def forward(self, batch: dict[str, Any]) -> Any:
+        if self.training and "teacher_scores" in batch:  # knowledge distillation
+            student = self.own_scores(batch)
+            loss = distillation_loss(student, batch["teacher_scores"], self.distill_normalize)
+            return FlexBertOutput(loss=loss, logits=student)
         pool = self.candidate_pool if self.training and self.gather_negatives else None
         return self.model(
             batch["input_ids"],
@@ -311,6 +392,13 @@ class ComposerFlexBertRetrieval(FlexBertComposerModel):
             candidates=candidate_inputs(batch),
             candidate_pool=pool,
         )
+
+    def own_scores(self, batch: dict[str, Any]) -> torch.Tensor:
+        """(B, 1 + k) scores of each query against its own positive and hard negatives only
+        (what distillation compares with the teacher's): cosine / temperature."""
+        queries = self.model.embed(batch["input_ids"], batch["attention_mask"])  # (B, D)
+        docs = per_query(self.model.embed(*candidate_inputs(batch)), queries.shape[0])
+        return torch.einsum("bd,bnd->bn", queries, docs) / self.model.temperature
 
     def update_metric(self, batch: dict[str, Any], outputs: FlexBertOutput, metric) -> None:
         metric.update(outputs.embeddings.detach(), outputs.candidate_embeddings.detach())

@@ -146,9 +146,15 @@ def test_hard_negatives_on_two_ranks_equal_one_process_with_the_whole_batch(two_
         torch.testing.assert_close(rank["grad"], grad)
 
 
-def test_retrieval_trains_with_a_list_of_hard_negatives_per_query(pretrained, tmp_path):  # noqa: F811
-    """End to end from JSONL with a `negatives` list column: the run's token count includes
-    every query, positive and hard negative it encoded (one epoch)."""
+@pytest.mark.parametrize(
+    "task",
+    [["task=local_retrieval"], ["task=local_colbert", "task.teacher_scores_field=scores"]],
+    ids=["retrieval", "colbert distillation"],
+)
+def test_fine_tuning_with_a_list_of_hard_negatives_per_query(pretrained, tmp_path, task):  # noqa: F811
+    """End to end from JSONL with a `negatives` list column (and a teacher's `scores`): the
+    run's token count includes every query, positive and hard negative it encoded (one
+    epoch)."""
     from flexbert.data.tokenizer import load_tokenizer
     from flexbert.train.finetune import train
 
@@ -158,12 +164,16 @@ def test_retrieval_trains_with_a_list_of_hard_negatives_per_query(pretrained, tm
         rows = []
         for s in _sentences(rng, n):
             others = [" ".join(rng.sample(s, len(s))) for _ in range(3)]
-            rows.append({"query": " ".join(s), "positive": " ".join(s[::-1]), "negatives": others})
+            scores = [rng.uniform(-2, 5) for _ in range(4)]
+            rows.append(
+                {"query": " ".join(s), "positive": " ".join(s[::-1])}
+                | {"negatives": others, "scores": scores}
+            )
         files[split] = _write_jsonl(tmp_path / f"{split}.jsonl", rows)
         train_rows = train_rows or rows
     cfg = _compose(
-        [f"model.path={pretrained}", "task=local_retrieval", *_files(files), *FAST]
-        + ["trainer.max_duration=1ep", "task.negative_fields=[negatives]", "task.num_negatives=2"]
+        [f"model.path={pretrained}", *task, *_files(files), *FAST, "trainer.max_duration=1ep"]
+        + ["task.negative_fields=[negatives]", "task.num_negatives=2"]
     )
     summary = train(cfg, tmp_path / "run")
     tok = load_tokenizer(pretrained)
@@ -171,3 +181,116 @@ def test_retrieval_trains_with_a_list_of_hard_negatives_per_query(pretrained, tm
     lengths = [len(ids) for ids in tok(texts, truncation=True, max_length=32)["input_ids"]]
     assert summary["train"]["tokens"] == sum(lengths)
     assert 0.0 <= summary["eval"]["recall_at_1"] <= 1.0
+
+
+# ------------------------------------------------------------------ knowledge distillation
+DISTIL = {**TASK, "teacher_scores_field": "scores"}
+
+
+def test_teacher_scores_are_read_per_row_and_cut_like_the_negatives(tokenizer):
+    ds = _split(
+        negative=["shore", "tree"], more=[["stone"], ["sky"]], scores=[[3, 1.5, -2], [0.5, 4, 1]]
+    )
+    rows = encode_pairs(ds, DISTIL, tokenizer, 16, "train")
+    assert [r["teacher_scores"] for r in rows] == [[3.0, 1.5, -2.0], [0.5, 4.0, 1.0]]
+    cut = encode_pairs(ds, {**DISTIL, "num_negatives": 1}, tokenizer, 16, "train")
+    assert [r["teacher_scores"] for r in cut] == [[3.0, 1.5], [0.5, 4.0]]
+    batch = PairCollator(tokenizer.pad_token_id)(cut)
+    assert batch["teacher_scores"].shape == (2, 2) and batch["neg_ids"].shape[:2] == (2, 1)
+    assert "teacher_scores" not in encode_pairs(ds, DISTIL, tokenizer, 16, "dev", None, False)[0]
+
+
+@pytest.mark.parametrize(
+    "scores",
+    [[[3, 1.5], [0.5, 4, 1]], [None, [0.5, 4, 1]], [[3, 1, float("nan")], [1, 2, 3]]],
+    ids=["too few", "missing", "nan"],
+)
+def test_teacher_scores_of_the_wrong_length_or_type_name_the_row(tokenizer, scores):
+    ds = _split(negative=["shore", "tree"], more=[["stone"], ["sky"]], scores=scores)
+    with pytest.raises(DataError, match=r"row 0: field 'scores' holds .* needs 3 finite numbers"):
+        encode_pairs(ds, DISTIL, tokenizer, 16, "train")
+
+
+def test_teacher_scores_without_hard_negatives_are_refused(tokenizer):
+    ds = _split(scores=[[1.0], [2.0]])
+    with pytest.raises(ConfigError, match="teacher_scores_field needs task.negative_fields"):
+        encode_pairs(
+            ds,
+            {**TASK, "negative_fields": [], "teacher_scores_field": "scores"},
+            tokenizer,
+            16,
+            "t",
+        )
+
+
+def test_distillation_loss_is_kl_between_the_softmaxes():
+    from flexbert.train.finetune_retrieval import distillation_loss
+
+    teacher = torch.tensor([[2.0, 0.0, -1.0], [0.0, 3.0, 1.0]])
+    assert distillation_loss(teacher + 5, teacher).item() == pytest.approx(0, abs=1e-6)
+    student = torch.tensor([[0.0, 1.0, 0.0], [1.0, 1.0, 2.0]])
+    p, q = teacher.softmax(-1), student.softmax(-1)
+    expected = (p * (p.log() - q.log())).sum(-1).mean()
+    torch.testing.assert_close(distillation_loss(student, teacher), expected)
+    # normalised: each row of student scores min-max scaled to [0, 1] first (PyLate)
+    scaled = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    torch.testing.assert_close(
+        distillation_loss(student * 7 - 3, teacher, normalize=True),
+        distillation_loss(scaled, teacher),
+    )
+
+
+def _distil_batch(tokenizer) -> dict[str, torch.Tensor]:
+    batch = _batch(tokenizer)
+    batch["teacher_scores"] = torch.tensor(
+        [[4.0, 1.0, 0.0], [3.0, 2.0, -1.0], [1.0, 0.0, 5.0], [2.0, 2.0, 2.0]]
+    )
+    return batch
+
+
+def _own_docs(batch: dict[str, torch.Tensor], i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Query i's positive, then its hard negatives, as (ids, mask)."""
+    ids = torch.cat([batch["cand_ids"][i : i + 1], batch["neg_ids"][i]])
+    return ids, torch.cat([batch["cand_mask"][i : i + 1], batch["neg_mask"][i]])
+
+
+def test_retrieval_distils_each_querys_own_candidates(tokenizer, pretrained):  # noqa: F811
+    from flexbert.train.finetune_retrieval import distillation_loss, load_embedding_model
+
+    batch = _distil_batch(tokenizer)
+    wrapper = ComposerFlexBertRetrieval(load_embedding_model(pretrained)).train()
+    loss = wrapper(batch).loss
+    model = wrapper.model
+    student = (
+        torch.stack(
+            [
+                model.embed(*_own_docs(batch, i))
+                @ model.embed(batch["input_ids"][i : i + 1], batch["attention_mask"][i : i + 1])[0]
+                for i in range(4)
+            ]
+        )
+        / model.temperature
+    )
+    torch.testing.assert_close(loss, distillation_loss(student, batch["teacher_scores"]))
+    loss.backward()  # the loss trains the encoder
+    assert model.model.layers[0].mlp.Wi.weight.grad.abs().sum() > 0
+
+
+def test_colbert_distils_min_max_scaled_maxsim_of_own_candidates(tokenizer, pretrained):  # noqa: F811
+    from flexbert.colbert import maxsim
+    from flexbert.train.finetune_colbert import ComposerFlexBertColBERT, load_colbert_model
+    from flexbert.train.finetune_retrieval import distillation_loss
+
+    batch = _distil_batch(tokenizer)
+    model = load_colbert_model(pretrained, {"colbert_dim": 16, "query_length": 12})
+    loss = ComposerFlexBertColBERT(model).train()(batch).loss
+    queries = model.encode_queries(batch["input_ids"], batch["attention_mask"])
+    student = torch.stack(
+        [
+            maxsim(queries[i : i + 1], *model.encode_documents(*_own_docs(batch, i)))[0]
+            for i in range(4)
+        ]
+    )
+    expected = distillation_loss(student, batch["teacher_scores"], normalize=True)
+    torch.testing.assert_close(loss, expected)
+    assert not torch.allclose(loss, distillation_loss(student, batch["teacher_scores"]))
