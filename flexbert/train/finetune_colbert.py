@@ -49,16 +49,35 @@ def colbert_settings(task: Mapping[str, Any]) -> dict[str, int]:
 
 def load_colbert_model(path: Any, task: Mapping[str, Any], **overrides: Any) -> FlexBertForColBERT:
     """FlexBertForColBERT over the encoder of any ModernBERT checkpoint: a Hugging Face
-    directory or Hub id (a saved ColBERT directory keeps its projection), a run folder or
-    Composer checkpoint (its encoder; the projection starts fresh)."""
+    directory or Hub id, a run folder or Composer checkpoint. A ColBERT model (a saved `hf/`,
+    or a ColBERT fine-tuning run's checkpoint) keeps its projection, so training continues;
+    any other starts a fresh projection."""
     from flexbert import FlexBertModel
-    from flexbert.train.checkpoints import find_run_checkpoint, load_pretrained
+    from flexbert.train.checkpoints import (
+        find_run_checkpoint,
+        load_checkpoint_model,
+        load_pretrained,
+        read_model_config,
+    )
 
     settings = colbert_settings(task)
-    if find_run_checkpoint(path) is None:
+    run = find_run_checkpoint(path)
+    if run is None:
         return FlexBertForColBERT.from_hf(path, **settings, **overrides)
-    encoder = load_pretrained(path, FlexBertModel, **overrides)
-    return FlexBertForColBERT.from_encoder(encoder, **settings)
+    if run.task_type != "colbert":
+        encoder = load_pretrained(path, FlexBertModel, **overrides)
+        return FlexBertForColBERT.from_encoder(encoder, **settings)
+    config = read_model_config(run.config)
+    source = load_checkpoint_model(run.checkpoint, config, FlexBertForColBERT)
+    saved = source.get_extra_state()
+    if saved != settings:
+        raise ConfigError(
+            f"{run.checkpoint} holds a ColBERT head with {saved}; the task asks for {settings} "
+            "(set task.colbert_dim / task.query_length to the saved ones to continue training)"
+        )
+    model = FlexBertForColBERT(config.replace(**overrides), **settings)
+    model.load_state_dict(source.state_dict())
+    return model
 
 
 def encode_colbert_pairs(

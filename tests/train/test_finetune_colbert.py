@@ -128,6 +128,23 @@ def test_transformers_loads_the_encoder_of_the_export(colbert_run):
     assert type(encoder).__name__ == "ModernBertModel"
 
 
+def test_a_colbert_run_folder_continues_with_its_projection(colbert_run):
+    """Its newest checkpoint (the final model) scores exactly as its hf/ export: encoder and
+    projection both carried over; other ColBERT settings are refused, naming the saved ones."""
+    from flexbert import ConfigError, FlexBertForColBERT
+    from flexbert.train.finetune_colbert import load_colbert_model
+
+    run, _ = colbert_run
+    task = {"colbert_dim": 32, "query_length": 12}
+    continued = load_colbert_model(run, task).eval()
+    exported = FlexBertForColBERT.from_pretrained(run / "hf").eval()
+    queries, docs = _texts(run / "hf")
+    with torch.no_grad():
+        torch.testing.assert_close(continued.score(queries, docs), exported.score(queries, docs))
+    with pytest.raises(ConfigError, match=r"'colbert_dim': 32.*task.colbert_dim"):
+        load_colbert_model(run, {**task, "colbert_dim": 64})
+
+
 def test_a_colbert_run_can_start_from_a_colbert_run_folder(colbert_run, pairs, tmp_path):
     from flexbert.train.finetune import train
 
