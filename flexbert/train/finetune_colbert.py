@@ -28,12 +28,10 @@ from flexbert.train.finetune_retrieval import (
     ComposerFlexBertRetrieval,
     CorpusEmbeddings,
     CorpusRetrievalMetric,
-    candidate_inputs,
-    encode_pairs,
     gather_with_grad,
-    per_query,
     positive_ranks,
 )
+from flexbert.train.retrieval_data import candidate_inputs, encode_pairs, per_query
 
 QUERY_CHUNK = 32  # eval queries scored at a time
 SCORE_BUDGET = 1 << 26  # elements of one (queries, docs, query tokens, doc tokens) block

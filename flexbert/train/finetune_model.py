@@ -251,7 +251,8 @@ def composer_parts(
 ) -> tuple[ComposerModel, Any]:
     """The Composer wrapper and the batch collator for the task type."""
     from flexbert.train.finetune_qa import ComposerFlexBertQA, QACollator
-    from flexbert.train.finetune_retrieval import ComposerFlexBertRetrieval, PairCollator
+    from flexbert.train.finetune_retrieval import ComposerFlexBertRetrieval
+    from flexbert.train.retrieval_data import PairCollator
     from flexbert.train.tasks import ChoiceCollator, Collator
 
     if task.type == "question_answering":

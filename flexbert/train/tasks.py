@@ -75,11 +75,15 @@ def load_splits(dataset: Mapping[str, Any], splits: Sequence[str]) -> dict[str, 
     return {s: loaded[s] for s in splits}
 
 
-def check_fields(ds: Any, fields: Sequence[str], split: str) -> None:
+def check_fields(
+    ds: Any, fields: Sequence[str], split: str, option: str = "task.text_fields / task.label_field"
+) -> None:
+    """A DataError naming the missing fields, the `option` that asked for them and the
+    split's fields."""
     missing = [f for f in fields if f not in ds.column_names]
     if missing:
         raise DataError(
-            f"split '{split}' has no field(s) {missing} (task.text_fields / task.label_field); "
+            f"split '{split}' has no field(s) {missing} ({option}); "
             f"its fields are {ds.column_names}"
         )
 
@@ -217,7 +221,7 @@ def build_examples(
     names = {"train": task["train_split"], "eval": task["eval_split"]}
     raw = load_splits(task["dataset"], list(dict.fromkeys(names.values())))
     if kind == "retrieval":
-        from flexbert.train.finetune_retrieval import encode_pairs
+        from flexbert.train.retrieval_data import encode_pairs
 
         out = {
             k: encode_pairs(raw[s], task, tokenizer, max_len, s, for_training=k == "train")

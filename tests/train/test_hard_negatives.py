@@ -13,12 +13,8 @@ from datasets import Dataset
 
 from flexbert.data.errors import DataError
 from flexbert.registry import ConfigError
-from flexbert.train.finetune_retrieval import (
-    ComposerFlexBertRetrieval,
-    PairCollator,
-    candidate_inputs,
-    encode_pairs,
-)
+from flexbert.train.finetune_retrieval import ComposerFlexBertRetrieval
+from flexbert.train.retrieval_data import PairCollator, candidate_inputs, encode_pairs
 from tests.train.test_finetune import (  # noqa: F401 - module fixtures
     FAST,
     _compose,
@@ -74,6 +70,50 @@ def test_uneven_empty_or_missing_negatives_are_refused_with_the_fix(tokenizer):
         encode_pairs(_split(negative=["a", "b"]), TASK, tokenizer, 16, "train")
     with pytest.raises(ConfigError, match="task.num_negatives: a positive integer"):
         encode_pairs(uneven, {**TASK, "num_negatives": 0}, tokenizer, 16, "train")
+
+
+def test_lists_written_as_csv_text_or_rows_without_negatives_are_refused(tokenizer):
+    """CSV has no list type: a list column arrives as its text and would train on it."""
+    as_text = _split(negative=["['shore', 'tree']", "['stone', 'sky']"])
+    task = {**TASK, "negative_fields": ["negative"]}
+    with pytest.raises(DataError, match=r"row 0: field 'negative' holds .* as text.*JSONL"):
+        encode_pairs(as_text, task, tokenizer, 16, "train")
+    assert encode_pairs(_split(negative=["[a] b", "c"]), task, tokenizer, 16, "t")[0]["neg_ids"]
+    scores_as_text = _split(negative=["a", "b"], scores=["[1.0, 0.5]", "[2, 1]"])
+    distil = {**task, "teacher_scores_field": "scores"}
+    with pytest.raises(DataError, match=r"row 0: field 'scores' holds its scores written as text"):
+        encode_pairs(scores_as_text, distil, tokenizer, 16, "train")
+    none = {**TASK, "negative_fields": ["more"]}
+    with pytest.raises(DataError, match=r"row 0 has no hard negative in \['more'\]"):
+        encode_pairs(_split(more=[[], []]), none, tokenizer, 16, "train")
+    with pytest.raises(
+        DataError, match=r"no field\(s\) \['scores'\] \(task.teacher_scores_field\)"
+    ):
+        encode_pairs(_split(negative=["a", "b"]), distil, tokenizer, 16, "train")
+
+
+def test_only_the_training_split_gets_negatives_and_teacher_scores(tokenizer, tmp_path):
+    from flexbert.train.tasks import build_examples
+
+    rows = [
+        {"query": "apple", "positive": "river", "negatives": ["bank", "shore"], "scores": [3, 1, 0]}
+    ] * 4
+    files = {s: _write_jsonl(tmp_path / f"{s}.jsonl", rows) for s in ("train", "validation")}
+    task = {
+        "type": "retrieval",
+        "dataset": {"files": {k: str(v) for k, v in files.items()}},
+        "train_split": "train",
+        "eval_split": "validation",
+        "text_fields": ["query", "positive"],
+        "negative_fields": ["negatives"],
+        "teacher_scores_field": "scores",
+    }
+    for kind in ("retrieval", "colbert"):
+        examples, _ = build_examples({**task, "type": kind}, tokenizer, 16)
+        assert all(
+            len(r["neg_ids"]) == 2 and len(r["teacher_scores"]) == 3 for r in examples["train"]
+        )
+        assert all("neg_ids" not in r and "teacher_scores" not in r for r in examples["eval"])
 
 
 def _batch(tokenizer) -> dict[str, torch.Tensor]:
