@@ -220,7 +220,6 @@ def test_fine_tuning_with_a_list_of_hard_negatives_per_query(pretrained, tmp_pat
     texts = [t for r in train_rows for t in (r["query"], r["positive"], *r["negatives"][:2])]
     lengths = [len(ids) for ids in tok(texts, truncation=True, max_length=32)["input_ids"]]
     assert summary["train"]["tokens"] == sum(lengths)
-    assert 0.0 <= summary["eval"]["recall_at_1"] <= 1.0
 
 
 # ------------------------------------------------------------------ knowledge distillation
