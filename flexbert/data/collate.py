@@ -67,6 +67,9 @@ class PaddedMLMCollator:
                 generator = documents_generator(self.seed, [int(d["index"]) for d in docs])
             masked, labels = self.masker(ids, generator)
             labels = labels.masked_fill(~mask.bool(), IGNORE_INDEX)
+        blank = [i for i, d in enumerate(docs) if isinstance(d, dict) and d.get("blank")]
+        if blank:  # rows that only keep the ranks in step (padded_eval_loader): no labels
+            labels[blank] = IGNORE_INDEX
         batch = {
             "input_ids": masked,
             "attention_mask": mask,
@@ -75,5 +78,6 @@ class PaddedMLMCollator:
         }
         if self.stream_of is not None:
             streams = torch.tensor([self.stream_of(int(d["index"])) for d in docs])
+            streams[blank] = -1
             batch["stream_ids"] = streams[:, None].expand(-1, length).masked_fill(~mask.bool(), -1)
         return batch

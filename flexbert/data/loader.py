@@ -14,9 +14,13 @@ so all ranks must take it together, as Composer does): the dataset resumes at th
 ranks have read, and each rank re-reads its own extra documents and restores its own buffer,
 so every rank continues exactly. Ranks agree on the end of an epoch (one tiny all-reduce per
 batch): when one rank's documents run out, all stop, and no rank waits for a step the others
-never take. An evaluation loader (`finish_every_rank=True`) instead reads on until every
-rank's documents are done: a rank that runs out first yields empty batches (one pad token, no
-label) meanwhile, so the ranks still step together and no val document goes unscored.
+never take. An evaluation loader (`finish_every_rank=True`) reads each document of its split
+exactly once over all ranks, in sample order (`eval_share`: StreamingDataset's own partition
+pads every rank to the same count by repeating documents, which would score some twice), and
+reads on until
+every rank's documents are done: a rank that runs out first yields empty batches (one pad
+token, no label) meanwhile, so the ranks still step together and no val document goes
+unscored. `padded_eval_loader` does the same for padded batches with blank rows.
 Resuming on a different number of ranks restarts the buffers (with a warning).
 """
 
@@ -170,6 +174,57 @@ def padded_loader(
     )
 
 
+def eval_share(num_samples: int) -> range:
+    """This rank's sample ids of an evaluation split: rank, rank + world, ... so that every
+    sample is read exactly once over all ranks (the shares differ by at most one)."""
+    rank, world = rank_and_world()
+    return range(rank, num_samples, world)
+
+
+class SampleReader(torch.utils.data.Dataset):
+    """Map-style view of the samples `ids` of a StreamingDataset (random access, in order)."""
+
+    def __init__(self, dataset: StreamingDataset, ids: Sequence[int]) -> None:
+        self.dataset, self.ids = dataset, ids
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.dataset[int(self.ids[i])]
+
+
+class BlankPadded(SampleReader):
+    """`eval_share` of a split, every rank's share made as long as the longest one with
+    blank rows (a copy of the rank's first sample marked `blank`: the collator ignores its
+    labels), so every rank evaluates the same number of padded batches."""
+
+    def __init__(self, dataset: StreamingDataset) -> None:
+        num = dataset.num_samples
+        _, world = rank_and_world()
+        super().__init__(dataset, eval_share(num))
+        self.length = -(-num // world)  # ceil: the longest share
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> Any:
+        if i < len(self.ids):
+            return super().__getitem__(i)
+        first = int(self.ids[0]) if len(self.ids) else 0  # a split smaller than the world
+        return {**self.dataset[first], "blank": True}
+
+
+def padded_eval_loader(
+    dataset: StreamingDataset, batch_size: int, collator: PaddedMLMCollator
+) -> torch.utils.data.DataLoader:
+    """Padded MLM batches of an evaluation split: every document exactly once over all ranks,
+    the same number of batches on each (`BlankPadded`)."""
+    return torch.utils.data.DataLoader(
+        BlankPadded(dataset), batch_size=batch_size, collate_fn=collator
+    )
+
+
 class ComposerStateAdapter:
     """What Composer sees as `dataloader.dataset`: its `state_dict(num_samples, from_beginning)`
     and `load_state_dict` calls go to `owner`'s own state methods (the sample count Composer
@@ -250,8 +305,11 @@ class PackedMLMLoader:
         return self.packer.efficiency
 
     def _documents(self) -> Iterator[tuple[int, np.ndarray]]:
+        source: Any = self.streaming_dataset
+        if self.finish_every_rank:  # evaluation: every document exactly once over all ranks
+            source = SampleReader(source, eval_share(source.num_samples))
         reader = torch.utils.data.DataLoader(
-            self.streaming_dataset,
+            source,
             batch_size=self.read_batch_size,
             collate_fn=list,
             num_workers=self.num_workers,

@@ -23,7 +23,13 @@ from omegaconf import DictConfig, OmegaConf
 from flexbert import ModelConfig
 from flexbert.data.collate import PaddedMLMCollator
 from flexbert.data.corpus import CorpusSpec
-from flexbert.data.loader import PackedMLMLoader, StreamSpec, padded_loader, streaming_dataset
+from flexbert.data.loader import (
+    PackedMLMLoader,
+    StreamSpec,
+    padded_eval_loader,
+    padded_loader,
+    streaming_dataset,
+)
 from flexbert.data.masking import MLMMasker
 from flexbert.data.mds import check_manifest_tokenizer, prepare_mds, read_manifest
 from flexbert.data.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
@@ -236,6 +242,8 @@ def build_loaders(
                 seed=split_seed,
                 stream_of=ds.stream_of if stream_ids else None,
             )
+            if split == "val":  # every val document once over all ranks, ranks in step
+                return padded_eval_loader(ds, rows, collator)
             return padded_loader(ds, rows, collator)
         return PackedMLMLoader(
             ds,

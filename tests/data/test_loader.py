@@ -16,8 +16,8 @@ def shards(mds_dir, tmp_path):
     return shutil.copytree(mds_dir, tmp_path / "shards")
 
 
-def make_loader(shards, tokenizer, seed=5, **kw):
-    ds = streaming_dataset(shards, split="train", shuffle=True, seed=seed, batch_size=16)
+def make_loader(shards, tokenizer, seed=5, shuffle=True, **kw):
+    ds = streaming_dataset(shards, split="train", shuffle=shuffle, seed=seed, batch_size=16)
     masker = MLMMasker.from_tokenizer(tokenizer, 0.3)
     return PackedMLMLoader(
         ds, 2, 128, masker, tokenizer.pad_token_id, buffer_size=32, seed=seed, **kw
@@ -164,7 +164,7 @@ def test_an_eval_loader_waits_for_the_last_rank_with_empty_batches(
     rank still reads, then the end together; a training loader stops with the first rank."""
     import flexbert.data.loader as loader_module
 
-    own = list(make_loader(shards, tokenizer, prefetch=prefetch))
+    own = list(make_loader(shards, tokenizer, prefetch=prefetch, shuffle=False))
     for finish, extra in ((True, 2), (False, 0)):
         calls = {"left": 2}
 
@@ -177,7 +177,9 @@ def test_an_eval_loader_waits_for_the_last_rank_with_empty_batches(
 
         monkeypatch.setattr(loader_module, "any_rank", other_rank_reads)
         monkeypatch.setattr(loader_module, "all_ranks", other_rank_done)
-        loader = make_loader(shards, tokenizer, prefetch=prefetch, finish_every_rank=finish)
+        loader = make_loader(
+            shards, tokenizer, prefetch=prefetch, shuffle=False, finish_every_rank=finish
+        )
         batches = list(loader)
         assert len(batches) == len(own) + extra
         assert all(same(a, b) for a, b in zip(own, batches))
@@ -217,7 +219,7 @@ def test_an_empty_eval_batch_changes_no_metric(shards, tokenizer, sparse):
 
 
 @pytest.mark.slow
-def test_two_ranks_resume_each_their_own_packer_exactly(shards, tokenizer_dir, tmp_path):
+def test_two_ranks_resume_each_their_own_packer_exactly(shards, tokenizer, tokenizer_dir, tmp_path):
     """Two processes (torch.distributed.run, gloo): every rank continues exactly after
     resumption, and both ranks end the epoch at the same batch."""
     import os
@@ -226,9 +228,15 @@ def test_two_ranks_resume_each_their_own_packer_exactly(shards, tokenizer_dir, t
     import sys
     from pathlib import Path
 
+    from flexbert.data.mds import prepare_mds
+
     worker = Path(__file__).with_name("multirank_resume_worker.py")
     out = tmp_path / "ranks"
     out.mkdir()
+    corpus = tmp_path / "odd.jsonl"  # 41 documents: one rank reads one more than the other
+    corpus.write_text("".join(f'{{"text": "document {i} of the odd split"}}\n' for i in range(41)))
+    odd = tmp_path / "odd"
+    prepare_mds(str(corpus), odd, tokenizer, max_length=64, val_fraction=0.0, progress=False)
     root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
@@ -243,6 +251,7 @@ def test_two_ranks_resume_each_their_own_packer_exactly(shards, tokenizer_dir, t
         str(tokenizer_dir),
         str(out),
         "20",
+        str(odd),
     ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -263,6 +272,14 @@ def test_two_ranks_resume_each_their_own_packer_exactly(shards, tokenizer_dir, t
     evals, trains = ([r["reads"][finish] for r in ranks] for finish in (True, False))
     assert len(evals[0]) == len(evals[1]) and len(trains[0]) == len(trains[1])
     assert sum(map(sum, evals)) > sum(map(sum, trains))
+    # ... each document exactly once over both ranks, packed or padded (streaming's own
+    # partition repeats a document when the split does not divide by the number of ranks)
+    split = streaming_dataset(odd, split="train", shuffle=False, batch_size=16)
+    assert split.num_samples == 41  # odd, so a repeated document would show
+    tokens = sum(len(split[i]["input_ids"]) for i in range(split.num_samples))
+    assert sum(map(sum, (r["odd_reads"] for r in ranks))) == tokens
+    padded = [r["padded"] for r in ranks]
+    assert len(padded[0]) == len(padded[1]) and sum(map(sum, padded)) == tokens
     assert 0 in evals[0] + evals[1] and 0 not in trains[0] + trains[1]
     for ev, tr in zip(evals, trains):
         assert ev[: len(tr)] == tr  # the same batches up to where training stops
