@@ -1,6 +1,7 @@
 """ColBERT-style multi-vector (late-interaction) retrieval on top of `FlexBertModel`: one
-normalised vector per token, MaxSim scores, [MASK] query augmentation; saved as a Hugging Face
-ModernBertModel directory plus the projection and its settings."""
+normalised vector per token, MaxSim scores, [MASK] query augmentation, optional query and
+document marker tokens; saved as a Hugging Face ModernBertModel directory plus the projection
+and its settings."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from flexbert.registry import ConfigError
 
 COLBERT_SETTINGS_FILE = "colbert_config.json"  # beside the encoder that save_hf writes
 COLBERT_WEIGHTS_FILE = "colbert_projection.safetensors"
+MARKER_KEYS = ("query_marker_id", "document_marker_id")
 
 
 @dataclass
@@ -37,6 +39,38 @@ def check_colbert_settings(colbert_dim: Any, query_length: Any) -> None:
     for name, value in (("colbert_dim", colbert_dim), ("query_length", query_length)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{name}: a positive integer, got {value!r}")
+
+
+def insert_marker(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    max_seqlen: int | None = None,
+    marker: int | None = None,
+) -> tuple[Any, ...]:
+    """The same batch with the token `marker` after each sequence's first token ([CLS]), as
+    ColBERT marks queries ([Q]) and documents ([D]); unchanged for marker None. Padded (B, L)
+    ids (and mask) give (B, L + 1); packed ids (T,) with cu_seqlens give (T + B,), their
+    offsets moved and max_seqlen + 1."""
+    if marker is None:
+        return input_ids, attention_mask, cu_seqlens, max_seqlen
+    if cu_seqlens is None:
+        column = torch.full_like(input_ids[:, :1], marker)
+        ids = torch.cat([input_ids[:, :1], column, input_ids[:, 1:]], dim=1)
+        if attention_mask is not None:
+            ones = torch.ones_like(attention_mask[:, :1])
+            attention_mask = torch.cat([attention_mask[:, :1], ones, attention_mask[:, 1:]], 1)
+        return ids, attention_mask, None, max_seqlen
+    starts = cu_seqlens[:-1].long()  # (B,) each sequence's first token
+    token = torch.arange(input_ids.shape[0], device=input_ids.device)
+    seq = torch.bucketize(token, starts, right=True) - 1  # each token's sequence
+    # a token moves by one per earlier sequence's marker, and by its own one past [CLS]
+    moved = token + seq + (token != starts[seq]).long()
+    ids = input_ids.new_full((input_ids.shape[0] + starts.shape[0],), marker)
+    ids[moved] = input_ids  # the positions left hold the markers
+    steps = torch.arange(cu_seqlens.shape[0], device=cu_seqlens.device, dtype=cu_seqlens.dtype)
+    shifted = cu_seqlens + steps
+    return ids, None, shifted, None if max_seqlen is None else max_seqlen + 1
 
 
 def maxsim(
@@ -72,7 +106,9 @@ class FlexBertForColBERT(FlexBertPreTrainedModel):
     [MASK] (`mask_token_id`), and every [MASK] vector scores. Here the query also attends to
     its [MASK] tokens (PyLate's `attend_to_expansion_tokens=True`; ColBERT's and PyLate's
     default hides them from the other tokens): a token that is not attended would not exist
-    in FlexBERT's unpadded layout. No [Q]/[D] marker tokens and no punctuation skiplist.
+    in FlexBERT's unpadded layout. With `query_marker_id` / `document_marker_id`, that token
+    follows [CLS] in every query / document (`insert_marker`), as ColBERT's and PyLate's [Q]
+    and [D] markers do (the marker counts in query_length). No punctuation skiplist.
 
     With `candidates` (documents) the loss is in-batch cross-entropy over the MaxSim scores,
     without a temperature, as ColBERT and PyLate (`losses.Contrastive`, temperature 1.0)
@@ -80,19 +116,44 @@ class FlexBertForColBERT(FlexBertPreTrainedModel):
     candidate i for query i).
     """
 
-    def __init__(self, cfg: ModelConfig, colbert_dim: int = 128, query_length: int = 32) -> None:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        colbert_dim: int = 128,
+        query_length: int = 32,
+        query_marker_id: int | None = None,
+        document_marker_id: int | None = None,
+    ) -> None:
         super().__init__(cfg)
         check_colbert_settings(colbert_dim, query_length)
+        for name, value in zip(MARKER_KEYS, (query_marker_id, document_marker_id)):
+            if value is not None and (
+                isinstance(value, bool)
+                or not isinstance(value, int)
+                or not 0 <= value < cfg.vocab_size
+            ):
+                raise ConfigError(
+                    f"{name}: a token id in [0, {cfg.vocab_size}) or None, got {value!r}"
+                )
+        if query_marker_id is not None and query_length < 2:
+            raise ConfigError("query_length: at least 2 with a query marker ([CLS] and the marker)")
         self.colbert_dim, self.query_length = colbert_dim, query_length
+        self.query_marker_id, self.document_marker_id = query_marker_id, document_marker_id
         self.model = FlexBertModel(cfg, initialize=False)
         self.projection = nn.Linear(cfg.hidden_size, colbert_dim, bias=False)
         self.init_weights()
 
     # The settings travel in the state dict (Composer checkpoints), as `_extra_state`.
-    def get_extra_state(self) -> dict[str, int]:
-        return {"colbert_dim": self.colbert_dim, "query_length": self.query_length}
+    def get_extra_state(self) -> dict[str, int | None]:
+        return {
+            "colbert_dim": self.colbert_dim,
+            "query_length": self.query_length,
+            "query_marker_id": self.query_marker_id,
+            "document_marker_id": self.document_marker_id,
+        }
 
-    def set_extra_state(self, state: dict[str, int]) -> None:
+    def set_extra_state(self, state: dict[str, int | None]) -> None:
+        state = {**dict.fromkeys(MARKER_KEYS), **state}  # saved before markers existed: none
         if dict(state) != self.get_extra_state():
             raise ConfigError(
                 f"these weights were trained with ColBERT settings {dict(state)}, this model "
@@ -100,19 +161,20 @@ class FlexBertForColBERT(FlexBertPreTrainedModel):
             )
 
     @staticmethod
-    def settings_from_state_dict(state: dict[str, Any]) -> dict[str, int]:
-        """colbert_dim and query_length of a FlexBertForColBERT state dict."""
+    def settings_from_state_dict(state: dict[str, Any]) -> dict[str, int | None]:
+        """colbert_dim, query_length and the marker ids of a FlexBertForColBERT state dict."""
         saved = state.get("_extra_state")
         if isinstance(saved, dict):
-            return {k: int(saved[k]) for k in ("colbert_dim", "query_length")}
+            return settings_of(saved)
         return {"colbert_dim": int(state["projection.weight"].shape[0])}
 
     # ------------------------------------------------------------------ encoding
     def augment_queries(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, L) query ids -> (B, query_length) ids where padding and the positions up to
-        query_length are [MASK], and an all-ones mask (every token attended and scored)."""
+        """(B, L) query ids -> (B, query_length) ids (the query marker after [CLS], when
+        set) where padding and the positions up to query_length are [MASK], and an all-ones
+        mask (every token attended and scored)."""
         if input_ids.dim() != 2:
             raise ValueError(
                 f"query input_ids must be (batch, seq_len), got {tuple(input_ids.shape)}"
@@ -124,12 +186,16 @@ class FlexBertForColBERT(FlexBertPreTrainedModel):
                 f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
                 f"got {tuple(attention_mask.shape)}"
             )
+        input_ids, attention_mask, _, _ = insert_marker(
+            input_ids, attention_mask, marker=self.query_marker_id
+        )
         width, limit = input_ids.shape[1], self.query_length
         keep = attention_mask.bool()
         if width > limit and bool(keep[:, limit:].any()):  # host sync only for long queries
+            room = limit - (self.query_marker_id is not None)
             raise ValueError(
                 f"a query has more than query_length={limit} tokens; tokenize queries with "
-                f"max_length={limit} (or build the model with a larger query_length)"
+                f"max_length={room} (or build the model with a larger query_length)"
             )
         ids = torch.where(keep[:, :limit], input_ids[:, :limit], self.config.mask_token_id)
         ids = F.pad(ids, (0, limit - ids.shape[1]), value=self.config.mask_token_id)
@@ -156,8 +222,19 @@ class FlexBertForColBERT(FlexBertPreTrainedModel):
         """(B, query_length, colbert_dim) query token vectors (augmented with [MASK])."""
         return self.token_vectors(*self.augment_queries(input_ids, attention_mask))[0]
 
-    # (B, L, colbert_dim) document token vectors and their (B, L) mask: no augmentation
-    encode_documents = token_vectors
+    def encode_documents(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, L, colbert_dim) document token vectors and their (B, L) mask, in either layout,
+        the document marker after [CLS] when set (L then counts it)."""
+        marked = insert_marker(
+            input_ids, attention_mask, cu_seqlens, max_seqlen, self.document_marker_id
+        )
+        return self.token_vectors(*marked)
 
     def score(
         self,
@@ -222,10 +299,11 @@ class FlexBertForColBERT(FlexBertPreTrainedModel):
 
     @classmethod
     def from_encoder(
-        cls, encoder: FlexBertModel, colbert_dim: int = 128, query_length: int = 32
+        cls, encoder: FlexBertModel, colbert_dim: int = 128, query_length: int = 32, **markers: Any
     ) -> FlexBertForColBERT:
-        """A new ColBERT head (a fresh projection) on a copy of `encoder`'s weights."""
-        model = cls(encoder.config, colbert_dim, query_length)
+        """A new ColBERT head (a fresh projection) on a copy of `encoder`'s weights;
+        `markers`: query_marker_id / document_marker_id."""
+        model = cls(encoder.config, colbert_dim, query_length, **markers)
         model.model.load_state_dict(encoder.state_dict())
         return model
 
@@ -235,17 +313,24 @@ class FlexBertForColBERT(FlexBertPreTrainedModel):
         path: str | Path,
         colbert_dim: int | None = None,
         query_length: int | None = None,
+        query_marker_id: int | None = None,
+        document_marker_id: int | None = None,
         **overrides: Any,
     ) -> FlexBertForColBERT:
         """The encoder of a Hugging Face ModernBERT directory or Hub id (any head: MLM,
         sentence embedding...) with a fresh projection; a directory that `save_hf` wrote
-        also gives back its projection and settings (`colbert_dim` / `query_length` may
-        then only repeat them). `overrides` are ModelConfig fields."""
+        also gives back its projection and settings (the settings given may then only
+        repeat them). `overrides` are ModelConfig fields."""
         from flexbert.hf import resolve_model_dir
 
         folder = resolve_model_dir(path)
         saved = read_colbert_settings(folder)
-        given = {"colbert_dim": colbert_dim, "query_length": query_length}
+        given = {
+            "colbert_dim": colbert_dim,
+            "query_length": query_length,
+            "query_marker_id": query_marker_id,
+            "document_marker_id": document_marker_id,
+        }
         if saved is not None:
             differ = {k: v for k, v in given.items() if v is not None and v != saved[k]}
             if differ:
@@ -279,9 +364,18 @@ class FlexBertForColBERT(FlexBertPreTrainedModel):
         return cls.from_hf(folder, **overrides)
 
 
-def read_colbert_settings(folder: Path) -> dict[str, int] | None:
-    """colbert_dim and query_length that `FlexBertForColBERT.save_hf` wrote into `folder`,
-    or None when it holds no ColBERT head."""
+def settings_of(saved: dict[str, Any]) -> dict[str, int | None]:
+    """The ColBERT settings in saved ones (a colbert_config.json or a state's extra state);
+    the marker ids are None where they were saved before markers existed."""
+    settings: dict[str, int | None] = {k: int(saved[k]) for k in ("colbert_dim", "query_length")}
+    for key in MARKER_KEYS:
+        settings[key] = None if saved.get(key) is None else int(saved[key])
+    return settings
+
+
+def read_colbert_settings(folder: Path) -> dict[str, int | None] | None:
+    """colbert_dim, query_length and the marker ids that `FlexBertForColBERT.save_hf` wrote
+    into `folder`, or None when it holds no ColBERT head."""
     settings_file = Path(folder) / COLBERT_SETTINGS_FILE
     if not settings_file.exists():
         if (Path(folder) / COLBERT_WEIGHTS_FILE).exists():  # half a head: not a fresh one
@@ -295,5 +389,4 @@ def read_colbert_settings(folder: Path) -> dict[str, int] | None:
             f"{folder} has {COLBERT_SETTINGS_FILE} but not the projection weights "
             f"{COLBERT_WEIGHTS_FILE}: copy the whole directory that save_hf wrote"
         )
-    saved = json.loads(settings_file.read_text())
-    return {k: int(saved[k]) for k in ("colbert_dim", "query_length")}
+    return settings_of(json.loads(settings_file.read_text()))

@@ -84,10 +84,10 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> tuple[Any, dict[str, Any]]:
     reproducibility.seed_all(cfg.seed)
     # a run folder names its newest checkpoint once: model, tokenizer and summary agree on it
     source = find_run_checkpoint(cfg.model.path) if cfg.model.get("path") else None
-    model = load_task_model(cfg, source.checkpoint if source else None)
-    prepare_layers(cfg, model)
     tok_path = pretrained_tokenizer(cfg, source)
     tokenizer = load_tokenizer(tok_path)
+    model = load_task_model(cfg, source.checkpoint if source else None, tokenizer)
+    prepare_layers(cfg, model)
     check_tokenizer_matches(tokenizer, **{k: getattr(model.config, k) for k in TOKENIZER_FIELDS})
     max_len = min(int(cfg.data.max_seq_len), model.config.max_seq_len)
     examples, label_names = build_examples(cfg.task, tokenizer, max_len)

@@ -37,19 +37,43 @@ QUERY_CHUNK = 32  # eval queries scored at a time
 SCORE_BUDGET = 1 << 26  # elements of one (queries, docs, query tokens, doc tokens) block
 
 
-def colbert_settings(task: Mapping[str, Any]) -> dict[str, int]:
-    """colbert_dim and query_length from the task node (ColBERT's defaults 128 and 32)."""
-    return {
+MARKER_OPTIONS = {"query_marker_id": "query_marker", "document_marker_id": "document_marker"}
+
+
+def colbert_settings(task: Mapping[str, Any], tokenizer: Any = None) -> dict[str, Any]:
+    """colbert_dim, query_length (ColBERT's defaults 128 and 32) and the ids of the marker
+    tokens task.query_marker / task.document_marker (None when unset) from the task node."""
+    settings: dict[str, Any] = {
         "colbert_dim": task.get("colbert_dim", 128),
         "query_length": task.get("query_length", 32),
     }
+    for key, option in MARKER_OPTIONS.items():
+        token = task.get(option)
+        if token is None:
+            settings[key] = None
+            continue
+        if not isinstance(token, str):
+            raise ConfigError(
+                f"task.{option}: a token (a string) or null, got {token!r}; on the command "
+                f"line quote a bracketed token: 'task.{option}=\"[unused0]\"'"
+            )
+        if tokenizer is None or token not in tokenizer.get_vocab():
+            raise ConfigError(
+                f"task.{option}: {token!r} is not a token of the tokenizer; give one of its "
+                "reserved tokens (e.g. [unused0]) or null for no marker"
+            )
+        settings[key] = int(tokenizer.convert_tokens_to_ids(token))
+    return settings
 
 
-def load_colbert_model(path: Any, task: Mapping[str, Any], **overrides: Any) -> FlexBertForColBERT:
+def load_colbert_model(
+    path: Any, task: Mapping[str, Any], tokenizer: Any = None, **overrides: Any
+) -> FlexBertForColBERT:
     """FlexBertForColBERT over the encoder of any ModernBERT checkpoint: a Hugging Face
     directory or Hub id, a run folder or Composer checkpoint. A ColBERT model (a saved `hf/`,
-    or a ColBERT fine-tuning run's checkpoint) keeps its projection, so training continues;
-    any other starts a fresh projection."""
+    or a ColBERT fine-tuning run's checkpoint) keeps its projection and must have the task's
+    settings, so training continues; any other starts a fresh projection. `tokenizer`
+    resolves the marker tokens."""
     from flexbert import FlexBertModel
     from flexbert.train.checkpoints import (
         find_run_checkpoint,
@@ -58,23 +82,26 @@ def load_colbert_model(path: Any, task: Mapping[str, Any], **overrides: Any) -> 
         read_model_config,
     )
 
-    settings = colbert_settings(task)
+    settings = colbert_settings(task, tokenizer)
     run = find_run_checkpoint(path)
     if run is None:
-        return FlexBertForColBERT.from_hf(path, **settings, **overrides)
-    if run.task_type != "colbert":
+        model = FlexBertForColBERT.from_hf(path, **settings, **overrides)
+        where = str(path)
+    elif run.task_type != "colbert":
         encoder = load_pretrained(path, FlexBertModel, **overrides)
         return FlexBertForColBERT.from_encoder(encoder, **settings)
-    config = read_model_config(run.config)
-    source = load_checkpoint_model(run.checkpoint, config, FlexBertForColBERT)
-    saved = source.get_extra_state()
-    if saved != settings:
+    else:
+        config = read_model_config(run.config)
+        source = load_checkpoint_model(run.checkpoint, config, FlexBertForColBERT)
+        model = FlexBertForColBERT(config.replace(**overrides), **source.get_extra_state())
+        model.load_state_dict(source.state_dict())
+        where = str(run.checkpoint)
+    if model.get_extra_state() != settings:  # a saved ColBERT head of other settings
         raise ConfigError(
-            f"{run.checkpoint} holds a ColBERT head with {saved}; the task asks for {settings} "
-            "(set task.colbert_dim / task.query_length to the saved ones to continue training)"
+            f"{where} holds a ColBERT head with {model.get_extra_state()}; the task asks for "
+            f"{settings} (set task.colbert_dim / task.query_length / task.query_marker / "
+            "task.document_marker to the saved ones to continue training it)"
         )
-    model = FlexBertForColBERT(config.replace(**overrides), **settings)
-    model.load_state_dict(source.state_dict())
     return model
 
 
@@ -88,13 +115,22 @@ def encode_colbert_pairs(
 ) -> list[dict[str, Any]]:
     """Retrieval's pairs (and hard negatives for training), queries cut to
     task.query_length, documents to task.doc_max_len (at most max_len, data.max_seq_len;
-    unset: max_len)."""
-    settings = {**colbert_settings(task), "doc_max_len": task.get("doc_max_len") or max_len}
+    unset: max_len), one token less each where the model adds a marker."""
+    settings = {
+        "colbert_dim": task.get("colbert_dim", 128),
+        "query_length": task.get("query_length", 32),
+        "doc_max_len": task.get("doc_max_len") or max_len,
+    }
     for name, value in settings.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"task.{name}: a positive integer, got {value!r}")
-    doc_len = min(settings["doc_max_len"], max_len)
-    query_len = settings["query_length"]
+    # a marker (inserted by the model after [CLS]) takes one of each length's tokens
+    doc_len = min(settings["doc_max_len"], max_len) - (task.get("document_marker") is not None)
+    query_len = settings["query_length"] - (task.get("query_marker") is not None)
+    if min(doc_len, query_len) < 2:
+        raise ConfigError(
+            "task.query_length / task.doc_max_len: too short for [CLS], a marker and a token"
+        )
     return encode_pairs(ds, task, tokenizer, doc_len, split, query_len, for_training)
 
 

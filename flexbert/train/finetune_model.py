@@ -193,11 +193,11 @@ class EvalHistory(Callback):
         )
 
 
-def load_task_model(cfg: Any, path: Any = None) -> Any:
+def load_task_model(cfg: Any, path: Any = None, tokenizer: Any = None) -> Any:
     """The task head on the pretrained encoder in `path` (default `model.path`): a Hugging
     Face directory or Hub id, a flexbert-train/-finetune run folder or Composer checkpoint.
     The classifier is new, unless the source is a fine-tuning run with the same label count
-    (`load_pretrained`)."""
+    (`load_pretrained`). `tokenizer` names ColBERT's marker tokens."""
     from omegaconf import OmegaConf
 
     from flexbert import ConfigError
@@ -214,7 +214,7 @@ def load_task_model(cfg: Any, path: Any = None) -> Any:
     if task.type == "colbert":
         from flexbert.train.finetune_colbert import load_colbert_model
 
-        return load_colbert_model(path, task, **overrides)  # type: ignore[arg-type]
+        return load_colbert_model(path, task, tokenizer, **overrides)  # type: ignore[arg-type]
     head = task_model_class(task.type)
     problem = {"regression": "regression", "sequence_classification": "single_label_classification"}
     return load_pretrained(
@@ -232,10 +232,13 @@ def pretrained_tokenizer(cfg: Any, run: Any = None) -> Path:
     the Hugging Face directory of `model.path` when there is no run."""
     from flexbert import ConfigError
     from flexbert.hf import resolve_model_dir
+    from flexbert.train.checkpoints import VALID_SOURCES
 
     given = (cfg.get("tokenizer") or {}).get("path")
     if given:
         return Path(given)
+    if not cfg.model.get("path"):
+        raise ConfigError(f"model.path: set it to {VALID_SOURCES}")
     if run is None:
         return resolve_model_dir(cfg.model.path)
     if run.tokenizer is None:

@@ -168,7 +168,73 @@ def test_settings_travel_in_the_state_dict():
     assert FlexBertForColBERT.settings_from_state_dict(state) == {
         "colbert_dim": 8,
         "query_length": 5,
+        "query_marker_id": None,
+        "document_marker_id": None,
     }
     other = FlexBertForColBERT(ModelConfig.preset("tiny"), colbert_dim=8, query_length=7)
     with pytest.raises(ConfigError, match="ColBERT settings"):
         other.load_state_dict(state)
+    marked = FlexBertForColBERT(ModelConfig.preset("tiny"), 8, 5, query_marker_id=9)
+    with pytest.raises(ConfigError, match="ColBERT settings"):
+        marked.load_state_dict(state)
+    # saved before markers existed: no markers
+    old = {**state, "_extra_state": {"colbert_dim": 8, "query_length": 5}}
+    FlexBertForColBERT(ModelConfig.preset("tiny"), colbert_dim=8, query_length=5).load_state_dict(
+        old
+    )
+    assert FlexBertForColBERT.settings_from_state_dict(old)["query_marker_id"] is None
+
+
+MARKERS = {"query_marker_id": 3, "document_marker_id": 4}
+
+
+def test_markers_follow_cls_in_queries_and_documents_in_every_layout():
+    """[Q] / [D] after each sequence's first token: the queries and documents a model with
+    markers encodes are exactly those ids, padded, unpadded or packed."""
+    from flexbert.colbert import insert_marker
+
+    marked = _model(colbert_dim=16, query_length=8, **MARKERS)
+    plain = _model(colbert_dim=16, query_length=8)
+    plain.load_state_dict({**marked.state_dict(), "_extra_state": plain.get_extra_state()})
+    queries, q_mask, docs, d_mask = _batch()
+    aug, _ = marked.augment_queries(queries, q_mask)
+    assert aug[:, 1].tolist() == [3, 3, 3] and aug[0, :6].tolist() == [
+        queries[0, 0].item(),
+        3,
+        *queries[0, 1:4].tolist(),
+        marked.config.mask_token_id,
+    ]
+    lengths = d_mask.sum(-1)
+    packed = docs[d_mask.bool()]
+    cu = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]).to(torch.int32)
+    by_hand = [torch.cat([d[:1], torch.tensor([4]), d[1:n]]) for d, n in zip(docs, lengths)]
+    ids, _, cu_marked, longest = insert_marker(packed, None, cu, int(lengths.max()), 4)
+    assert torch.equal(ids, torch.cat(by_hand)) and longest == int(lengths.max()) + 1
+    assert cu_marked.tolist() == (cu + torch.arange(5, dtype=torch.int32)).tolist()
+    wide = torch.nn.utils.rnn.pad_sequence(by_hand, batch_first=True)  # (4, 12)
+    wide_mask = (torch.arange(wide.shape[1]) < (lengths + 1)[:, None]).long()
+    with torch.no_grad():
+        vectors, mask = marked.encode_documents(docs, d_mask)
+        from_packed, _ = marked.encode_documents(packed, None, cu, int(lengths.max()))
+        expected, _ = plain.token_vectors(wide, wide_mask)  # the marked ids, by hand
+        scores = marked.score((queries, q_mask), (docs, d_mask))
+        unmarked = plain.score((queries, q_mask), (docs, d_mask))
+    assert torch.equal(mask, wide_mask.bool())
+    torch.testing.assert_close(vectors, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(from_packed, vectors, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(scores, unmarked, atol=1e-3)  # the markers change the vectors
+
+
+def test_markers_are_saved_and_checked(tmp_path):
+    model = _model(colbert_dim=16, query_length=8, **MARKERS)
+    model.save_hf(tmp_path / "marked")
+    loaded = FlexBertForColBERT.from_pretrained(tmp_path / "marked")
+    assert loaded.get_extra_state() == model.get_extra_state()
+    with pytest.raises(ConfigError, match="holds a ColBERT head"):
+        FlexBertForColBERT.from_hf(tmp_path / "marked", query_marker_id=5)
+    with pytest.raises(ConfigError, match=r"query_marker_id: a token id in \[0, 512\)"):
+        _model(query_marker_id=512)
+    with pytest.raises(ConfigError, match="query_length: at least 2"):
+        _model(query_length=1, query_marker_id=3)
+    with pytest.raises(ValueError, match="more than query_length=4.*max_length=3"):
+        _model(query_length=4, query_marker_id=3).encode_queries(torch.tensor([[5, 6, 7, 8]]))

@@ -70,6 +70,13 @@ def test_colbert_trains_evaluates_and_writes_summary(colbert_run):
     written = json.loads((run / "summary.json").read_text())
     assert written["eval"] == ev
     assert summary["paths"]["hf_skipped"] is None
+    # [Q] / [D] markers by default: the tokenizer's reserved [unused0] / [unused1]
+    from flexbert.data.tokenizer import load_tokenizer
+
+    saved = json.loads((run / "hf" / "colbert_config.json").read_text())
+    tok = load_tokenizer(run / "hf")
+    expected = tok.convert_tokens_to_ids(["[unused0]", "[unused1]"])
+    assert [saved["query_marker_id"], saved["document_marker_id"]] == expected
 
 
 def test_eval_metric_equals_ranking_by_the_saved_model(colbert_run, pairs):
@@ -132,17 +139,25 @@ def test_a_colbert_run_folder_continues_with_its_projection(colbert_run):
     """Its newest checkpoint (the final model) scores exactly as its hf/ export: encoder and
     projection both carried over; other ColBERT settings are refused, naming the saved ones."""
     from flexbert import ConfigError, FlexBertForColBERT
+    from flexbert.data.tokenizer import load_tokenizer
     from flexbert.train.finetune_colbert import load_colbert_model
 
     run, _ = colbert_run
+    tok = load_tokenizer(run / "hf")
     task = {"colbert_dim": 32, "query_length": 12}
-    continued = load_colbert_model(run, task).eval()
+    task |= {"query_marker": "[unused0]", "document_marker": "[unused1]"}
+    continued = load_colbert_model(run, task, tok).eval()
     exported = FlexBertForColBERT.from_pretrained(run / "hf").eval()
     queries, docs = _texts(run / "hf")
     with torch.no_grad():
         torch.testing.assert_close(continued.score(queries, docs), exported.score(queries, docs))
     with pytest.raises(ConfigError, match=r"'colbert_dim': 32.*task.colbert_dim"):
-        load_colbert_model(run, {**task, "colbert_dim": 64})
+        load_colbert_model(run, {**task, "colbert_dim": 64}, tok)
+    with pytest.raises(ConfigError, match=r"'query_marker_id': \d+.*'query_marker_id': None"):
+        load_colbert_model(run, {**task, "query_marker": None}, tok)  # trained with [Q]
+    for source in (run, run / "hf"):  # another marker than the saved one
+        with pytest.raises(ConfigError, match=r"holds a ColBERT head with .*_marker_id"):
+            load_colbert_model(source, {**task, "query_marker": "[unused2]"}, tok)
 
 
 def test_a_colbert_run_can_start_from_a_colbert_run_folder(colbert_run, pairs, tmp_path):
@@ -165,6 +180,8 @@ def test_a_colbert_run_can_start_from_a_colbert_run_folder(colbert_run, pairs, t
         ("task.doc_max_len=-3", "task.doc_max_len: a positive integer"),
         ("task.metrics=[accuracy]", r"do not apply to colbert; choose from"),
         ("task.text_fields=[query]", r"retrieval needs \[query, positive\]"),
+        ("task.query_marker='[Q]'", r"task.query_marker: '\[Q\]' is not a token of the tokenizer"),
+        ("task.query_marker=[Q]", r"task.query_marker: a token \(a string\) or null, got \['Q'\]"),
     ],
 )
 def test_bad_colbert_settings_are_clear_errors(pretrained, pairs, tmp_path, bad, expected):  # noqa: F811
