@@ -175,10 +175,13 @@ def padded_loader(
 
 
 def eval_share(num_samples: int) -> range:
-    """This rank's sample ids of an evaluation split: rank, rank + world, ... so that every
-    sample is read exactly once over all ranks (the shares differ by at most one)."""
+    """This rank's sample ids of an evaluation split: one contiguous block per rank (so each
+    rank reads few shards), every sample exactly once over all ranks, the blocks differing in
+    length by at most one."""
     rank, world = rank_and_world()
-    return range(rank, num_samples, world)
+    size, extra = divmod(num_samples, world)
+    start = rank * size + min(rank, extra)
+    return range(start, start + size + (rank < extra))
 
 
 class SampleReader(torch.utils.data.Dataset):
@@ -194,25 +197,28 @@ class SampleReader(torch.utils.data.Dataset):
         return self.dataset[int(self.ids[i])]
 
 
-class BlankPadded(SampleReader):
+class BlankPadded(torch.utils.data.IterableDataset):
     """`eval_share` of a split, every rank's share made as long as the longest one with
-    blank rows (a copy of the rank's first sample marked `blank`: the collator ignores its
-    labels), so every rank evaluates the same number of padded batches."""
+    blank rows (a copy of a sample marked `blank`: the collator ignores its labels), so every
+    rank evaluates the same number of padded batches. Iterable: each rank already holds its
+    own share (Composer asks a map-style dataset for a DistributedSampler)."""
 
     def __init__(self, dataset: StreamingDataset) -> None:
         num = dataset.num_samples
         _, world = rank_and_world()
-        super().__init__(dataset, eval_share(num))
+        self.share = SampleReader(dataset, eval_share(num))
         self.length = -(-num // world)  # ceil: the longest share
 
     def __len__(self) -> int:
         return self.length
 
-    def __getitem__(self, i: int) -> Any:
-        if i < len(self.ids):
-            return super().__getitem__(i)
-        first = int(self.ids[0]) if len(self.ids) else 0  # a split smaller than the world
-        return {**self.dataset[first], "blank": True}
+    def __iter__(self) -> Iterator[Any]:
+        for i in range(len(self.share)):
+            yield self.share[i]
+        ids = self.share.ids
+        for _ in range(self.length - len(self.share)):
+            first = int(ids[0]) if len(ids) else 0  # a split smaller than the world
+            yield {**self.share.dataset[first], "blank": True}
 
 
 def padded_eval_loader(

@@ -91,6 +91,7 @@ def load_checkpoint_model(
     from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
     from flexbert.hf import CheckpointError
+    from flexbert.registry import ConfigError
 
     try:
         blob = torch.load(str(checkpoint), map_location="cpu", weights_only=False)
@@ -113,12 +114,12 @@ def load_checkpoint_model(
     model_class = model_class or task_model_class(None)
     # a head whose shape is not all in the model config (ColBERT) reads the rest from the state
     settings_of = getattr(model_class, "settings_from_state_dict", None)
-    model = model_class(config, **(settings_of(state) if settings_of else {}))
     try:
+        model = model_class(config, **(settings_of(state) if settings_of else {}))
         model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
+    except (RuntimeError, KeyError, ConfigError) as e:
         raise CheckpointError(
-            f"the weights in {checkpoint} do not fit a {type(model).__name__} of the run's "
+            f"the weights in {checkpoint} do not fit a {model_class.__name__} of the run's "
             f"model config (a checkpoint from another model or run?): {str(e)[:600]}"
         ) from e
     return model.eval()

@@ -20,6 +20,7 @@ from flexbert.data.collate import PaddedMLMCollator
 from flexbert.data.loader import PackedMLMLoader, padded_eval_loader, streaming_dataset
 from flexbert.data.masking import MLMMasker
 from flexbert.data.tokenizer import load_tokenizer
+from flexbert.train.data_spec import flexbert_data_spec
 
 
 def make_loader(shards: str, tokenizer, shuffle: bool = True, **kw) -> PackedMLMLoader:
@@ -60,7 +61,9 @@ def main(shards: str, tokenizer_dir: str, out: str, k: int, odd: str) -> None:
     dist.barrier()
     collator = PaddedMLMCollator(tokenizer.pad_token_id, 128)
     dataset = streaming_dataset(odd, split="train", shuffle=False, seed=5, batch_size=16)
-    padded = [int(b["labels"].ne(-100).sum()) for b in padded_eval_loader(dataset, 4, collator)]
+    loader = padded_eval_loader(dataset, 4, collator)
+    flexbert_data_spec(loader)  # Composer takes it on several ranks (no DistributedSampler)
+    padded = [int(b["labels"].ne(-100).sum()) for b in loader]
     dist.barrier()
     torch.save(
         {"first": first, "rest": rest, "again": again, "state": state, "reads": reads}

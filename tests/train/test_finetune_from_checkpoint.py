@@ -145,6 +145,10 @@ def test_a_corrupt_or_foreign_checkpoint_is_a_checkpoint_error(ablated_run, tmp_
         load_checkpoint_model(foreign, config)
     with pytest.raises(CheckpointError, match="do not fit a FlexBertForMaskedLM"):
         load_checkpoint_model(good, config.replace(num_layers=config.num_layers + 1))
+    from flexbert import FlexBertForColBERT  # an MLM checkpoint read as another run's head
+
+    with pytest.raises(CheckpointError, match="do not fit a FlexBertForColBERT"):
+        load_checkpoint_model(good, config, FlexBertForColBERT)
     # through flexbert-finetune: the same error, one line
     other = tmp_path / "run"
     shutil.copytree(run, other, ignore=shutil.ignore_patterns("*.pt"))
