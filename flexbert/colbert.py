@@ -6,7 +6,7 @@ and its settings."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flexbert.config import ModelConfig
-from flexbert.layout import to_rows
+from flexbert.layout import positions_from_cu_seqlens, seq_ids_from_cu_seqlens, to_rows
 from flexbert.model import FlexBertModel, FlexBertPreTrainedModel
 from flexbert.outputs import FlexBertOutput
 from flexbert.registry import ConfigError
@@ -24,6 +24,7 @@ from flexbert.registry import ConfigError
 COLBERT_SETTINGS_FILE = "colbert_config.json"  # beside the encoder that save_hf writes
 COLBERT_WEIGHTS_FILE = "colbert_projection.safetensors"
 MARKER_KEYS = ("query_marker_id", "document_marker_id")
+OPTIONAL_KEYS = (*MARKER_KEYS, "skiplist_ids")  # None when unset (and in older saves)
 
 
 @dataclass
@@ -108,7 +109,8 @@ class FlexBertForColBERT(FlexBertPreTrainedModel):
     default hides them from the other tokens): a token that is not attended would not exist
     in FlexBERT's unpadded layout. With `query_marker_id` / `document_marker_id`, that token
     follows [CLS] in every query / document (`insert_marker`), as ColBERT's and PyLate's [Q]
-    and [D] markers do (the marker counts in query_length). No punctuation skiplist.
+    and [D] markers do (the marker counts in query_length). Document tokens whose ids are in
+    `skiplist_ids` (PyLate: punctuation) are left out of MaxSim, as PyLate does.
 
     With `candidates` (documents) the loss is in-batch cross-entropy over the MaxSim scores,
     without a temperature, as ColBERT and PyLate (`losses.Contrastive`, temperature 1.0)
@@ -123,6 +125,7 @@ class FlexBertForColBERT(FlexBertPreTrainedModel):
         query_length: int = 32,
         query_marker_id: int | None = None,
         document_marker_id: int | None = None,
+        skiplist_ids: Sequence[int] | None = None,
     ) -> None:
         super().__init__(cfg)
         check_colbert_settings(colbert_dim, query_length)
@@ -139,6 +142,12 @@ class FlexBertForColBERT(FlexBertPreTrainedModel):
             raise ConfigError("query_length: at least 2 with a query marker ([CLS] and the marker)")
         self.colbert_dim, self.query_length = colbert_dim, query_length
         self.query_marker_id, self.document_marker_id = query_marker_id, document_marker_id
+        if skiplist_ids is not None:
+            bad = [i for i in skiplist_ids if not isinstance(i, int) or not 0 <= i < cfg.vocab_size]
+            if bad:
+                raise ConfigError(f"skiplist_ids: token ids in [0, {cfg.vocab_size}), got {bad}")
+            skiplist_ids = sorted(set(skiplist_ids))
+        self.skiplist_ids: list[int] | None = skiplist_ids
         self.model = FlexBertModel(cfg, initialize=False)
         self.projection = nn.Linear(cfg.hidden_size, colbert_dim, bias=False)
         self.init_weights()
@@ -150,10 +159,11 @@ class FlexBertForColBERT(FlexBertPreTrainedModel):
             "query_length": self.query_length,
             "query_marker_id": self.query_marker_id,
             "document_marker_id": self.document_marker_id,
+            "skiplist_ids": self.skiplist_ids,
         }
 
     def set_extra_state(self, state: dict[str, int | None]) -> None:
-        state = {**dict.fromkeys(MARKER_KEYS), **state}  # saved before markers existed: none
+        state = {**dict.fromkeys(OPTIONAL_KEYS), **state}  # saved before they existed: none
         if dict(state) != self.get_extra_state():
             raise ConfigError(
                 f"these weights were trained with ColBERT settings {dict(state)}, this model "
@@ -230,11 +240,33 @@ class FlexBertForColBERT(FlexBertPreTrainedModel):
         max_seqlen: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, L, colbert_dim) document token vectors and their (B, L) mask, in either layout,
-        the document marker after [CLS] when set (L then counts it)."""
+        the document marker after [CLS] when set (L then counts it); skiplisted tokens are
+        out of the mask (and their vectors zero)."""
         marked = insert_marker(
             input_ids, attention_mask, cu_seqlens, max_seqlen, self.document_marker_id
         )
-        return self.token_vectors(*marked)
+        vectors, mask = self.token_vectors(*marked)
+        if self.skiplist_ids is None:
+            return vectors, mask
+        skipped = self.skipped(marked[0], marked[2], mask.shape[1])
+        keep = mask & ~skipped
+        return vectors * keep[..., None], keep
+
+    def skipped(
+        self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor | None, width: int
+    ) -> torch.Tensor:
+        """(B, width) True where a document token's id is in the skiplist: padded (B, L) ids
+        as they are, packed (T,) ids laid out in rows by cu_seqlens (no host sync)."""
+        listed = torch.tensor(self.skiplist_ids, device=input_ids.device, dtype=input_ids.dtype)
+        hit = torch.isin(input_ids, listed)
+        if cu_seqlens is None:
+            return hit
+        total = input_ids.shape[0]
+        rows = hit.new_zeros((cu_seqlens.shape[0] - 1, width))
+        rows[
+            seq_ids_from_cu_seqlens(cu_seqlens, total), positions_from_cu_seqlens(cu_seqlens, total)
+        ] = hit
+        return rows
 
     def score(
         self,
@@ -315,6 +347,7 @@ class FlexBertForColBERT(FlexBertPreTrainedModel):
         query_length: int | None = None,
         query_marker_id: int | None = None,
         document_marker_id: int | None = None,
+        skiplist_ids: Sequence[int] | None = None,
         **overrides: Any,
     ) -> FlexBertForColBERT:
         """The encoder of a Hugging Face ModernBERT directory or Hub id (any head: MLM,
@@ -330,6 +363,7 @@ class FlexBertForColBERT(FlexBertPreTrainedModel):
             "query_length": query_length,
             "query_marker_id": query_marker_id,
             "document_marker_id": document_marker_id,
+            "skiplist_ids": skiplist_ids,
         }
         if saved is not None:
             differ = {k: v for k, v in given.items() if v is not None and v != saved[k]}
@@ -370,6 +404,8 @@ def settings_of(saved: dict[str, Any]) -> dict[str, int | None]:
     settings: dict[str, int | None] = {k: int(saved[k]) for k in ("colbert_dim", "query_length")}
     for key in MARKER_KEYS:
         settings[key] = None if saved.get(key) is None else int(saved[key])
+    listed = saved.get("skiplist_ids")
+    settings["skiplist_ids"] = None if listed is None else sorted(int(i) for i in listed)
     return settings
 
 

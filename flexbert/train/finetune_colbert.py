@@ -63,7 +63,30 @@ def colbert_settings(task: Mapping[str, Any], tokenizer: Any = None) -> dict[str
                 "reserved tokens (e.g. [unused0]) or null for no marker"
             )
         settings[key] = int(tokenizer.convert_tokens_to_ids(token))
+    settings["skiplist_ids"] = skiplist_ids(task.get("skiplist"), tokenizer)
     return settings
+
+
+def skiplist_ids(skiplist: Any, tokenizer: Any) -> list[int] | None:
+    """Token ids of task.skiplist: "punctuation" (PyLate's default: each ASCII punctuation
+    character that is a token of the vocabulary), a list of tokens (each must be one), or
+    null (every document token scores)."""
+    import string
+
+    if skiplist is None:
+        return None
+    if skiplist == "punctuation":
+        vocab = tokenizer.get_vocab() if tokenizer is not None else {}
+        return sorted({vocab[c] for c in string.punctuation if c in vocab})
+    if isinstance(skiplist, str) or not all(isinstance(t, str) for t in skiplist):
+        raise ConfigError(
+            f"task.skiplist: 'punctuation', a list of tokens or null, got {skiplist!r}"
+        )
+    vocab = tokenizer.get_vocab() if tokenizer is not None else {}
+    missing = [t for t in skiplist if t not in vocab]
+    if missing:
+        raise ConfigError(f"task.skiplist: {missing} are not tokens of the tokenizer")
+    return sorted({vocab[t] for t in skiplist})
 
 
 def load_colbert_model(
@@ -100,7 +123,7 @@ def load_colbert_model(
         raise ConfigError(
             f"{where} holds a ColBERT head with {model.get_extra_state()}; the task asks for "
             f"{settings} (set task.colbert_dim / task.query_length / task.query_marker / "
-            "task.document_marker to the saved ones to continue training it)"
+            "task.document_marker / task.skiplist to the saved ones to continue training it)"
         )
     return model
 

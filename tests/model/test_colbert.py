@@ -170,6 +170,7 @@ def test_settings_travel_in_the_state_dict():
         "query_length": 5,
         "query_marker_id": None,
         "document_marker_id": None,
+        "skiplist_ids": None,
     }
     other = FlexBertForColBERT(ModelConfig.preset("tiny"), colbert_dim=8, query_length=7)
     with pytest.raises(ConfigError, match="ColBERT settings"):
@@ -238,3 +239,37 @@ def test_markers_are_saved_and_checked(tmp_path):
         _model(query_length=1, query_marker_id=3)
     with pytest.raises(ValueError, match="more than query_length=4.*max_length=3"):
         _model(query_length=4, query_marker_id=3).encode_queries(torch.tensor([[5, 6, 7, 8]]))
+
+
+def test_skiplisted_document_tokens_never_score_in_any_layout(tmp_path):
+    """Document tokens in the skiplist (PyLate: punctuation) are out of MaxSim: the scores
+    equal MaxSim over the other tokens' vectors, padded or packed; queries keep theirs."""
+    queries, q_mask, docs, d_mask = _batch()
+    skip = [int(docs[0, 2]), int(docs[2, 5])]
+    model = _model(colbert_dim=16, query_length=8, skiplist_ids=skip, **MARKERS)
+    plain = _model(colbert_dim=16, query_length=8, **MARKERS)
+    plain.load_state_dict({**model.state_dict(), "_extra_state": plain.get_extra_state()})
+    lengths = d_mask.sum(-1)
+    packed = docs[d_mask.bool()]
+    cu = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]).to(torch.int32)
+    with torch.no_grad():
+        vectors, mask = model.encode_documents(docs, d_mask)
+        from_packed, packed_mask = model.encode_documents(packed, None, cu, int(lengths.max()))
+        all_vectors, all_mask = plain.encode_documents(docs, d_mask)
+        q = plain.encode_queries(queries, q_mask)
+        scores = model.score((queries, q_mask), (docs, d_mask))
+        packed_scores = model.score((queries, q_mask), (packed, None, cu, int(lengths.max())))
+    marked = torch.cat([docs[:, :1], torch.full((4, 1), 4), docs[:, 1:]], 1)  # with [D]
+    listed = torch.isin(marked, torch.tensor(skip))
+    assert int((all_mask & listed).sum()) >= 2  # some real tokens are skiplisted
+    assert torch.equal(mask, all_mask & ~listed) and torch.equal(packed_mask, mask)
+    assert float(vectors[listed].abs().sum()) == 0.0
+    torch.testing.assert_close(vectors[mask], all_vectors[mask])
+    kept = [all_vectors[n][mask[n]] for n in range(4)]
+    torch.testing.assert_close(scores, reference_maxsim(q, kept), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(packed_scores, scores, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(from_packed, vectors, atol=1e-5)
+    model.save_hf(tmp_path / "skip")
+    assert FlexBertForColBERT.from_pretrained(tmp_path / "skip").skiplist_ids == sorted(set(skip))
+    with pytest.raises(ConfigError, match=r"skiplist_ids: token ids in \[0, 512\)"):
+        _model(skiplist_ids=[600])

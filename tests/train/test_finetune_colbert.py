@@ -77,6 +77,9 @@ def test_colbert_trains_evaluates_and_writes_summary(colbert_run):
     tok = load_tokenizer(run / "hf")
     expected = tok.convert_tokens_to_ids(["[unused0]", "[unused1]"])
     assert [saved["query_marker_id"], saved["document_marker_id"]] == expected
+    # and PyLate's punctuation skiplist: "," "." ... where the vocabulary has them
+    punctuation = sorted(tok.get_vocab()[c] for c in ",.;:!?" if c in tok.get_vocab())
+    assert len(punctuation) >= 3 and set(punctuation) <= set(saved["skiplist_ids"])
 
 
 def test_eval_metric_equals_ranking_by_the_saved_model(colbert_run, pairs):
@@ -145,7 +148,7 @@ def test_a_colbert_run_folder_continues_with_its_projection(colbert_run):
     run, _ = colbert_run
     tok = load_tokenizer(run / "hf")
     task = {"colbert_dim": 32, "query_length": 12}
-    task |= {"query_marker": "[unused0]", "document_marker": "[unused1]"}
+    task |= {"query_marker": "[unused0]", "document_marker": "[unused1]", "skiplist": "punctuation"}
     continued = load_colbert_model(run, task, tok).eval()
     exported = FlexBertForColBERT.from_pretrained(run / "hf").eval()
     queries, docs = _texts(run / "hf")
@@ -155,9 +158,11 @@ def test_a_colbert_run_folder_continues_with_its_projection(colbert_run):
         load_colbert_model(run, {**task, "colbert_dim": 64}, tok)
     with pytest.raises(ConfigError, match=r"'query_marker_id': \d+.*'query_marker_id': None"):
         load_colbert_model(run, {**task, "query_marker": None}, tok)  # trained with [Q]
-    for source in (run, run / "hf"):  # another marker than the saved one
+    for source in (run, run / "hf"):  # another marker or skiplist than the saved ones
         with pytest.raises(ConfigError, match=r"holds a ColBERT head with .*_marker_id"):
             load_colbert_model(source, {**task, "query_marker": "[unused2]"}, tok)
+        with pytest.raises(ConfigError, match=r"holds a ColBERT head with .*skiplist_ids"):
+            load_colbert_model(source, {**task, "skiplist": [","]}, tok)
 
 
 def test_a_colbert_run_can_start_from_a_colbert_run_folder(colbert_run, pairs, tmp_path):
@@ -182,6 +187,8 @@ def test_a_colbert_run_can_start_from_a_colbert_run_folder(colbert_run, pairs, t
         ("task.text_fields=[query]", r"retrieval needs \[query, positive\]"),
         ("task.query_marker='[Q]'", r"task.query_marker: '\[Q\]' is not a token of the tokenizer"),
         ("task.query_marker=[Q]", r"task.query_marker: a token \(a string\) or null, got \['Q'\]"),
+        ("task.skiplist=[zzzq]", r"task.skiplist: \['zzzq'\] are not tokens of the tokenizer"),
+        ("task.skiplist=all", r"task.skiplist: 'punctuation', a list of tokens or null"),
     ],
 )
 def test_bad_colbert_settings_are_clear_errors(pretrained, pairs, tmp_path, bad, expected):  # noqa: F811
