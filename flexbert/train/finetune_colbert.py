@@ -190,7 +190,8 @@ class MaxSimEmbeddings(CorpusEmbeddings):
     def update(  # type: ignore[override]
         self, queries: torch.Tensor, docs: torch.Tensor, doc_mask: torch.Tensor
     ) -> None:
-        """queries (B, S, d), docs (B, T, d), doc_mask (B, T) (real tokens first in a row)."""
+        """queries (B, S, d), docs (B, T, d), doc_mask (B, T): only each row's masked-in
+        tokens are kept (padding and skiplisted tokens go; MaxSim ignores their order)."""
         mask = doc_mask.bool()
         self.queries.append(queries.float())
         self.docs.append(docs[mask].float())  # (tokens, d)
