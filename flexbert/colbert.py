@@ -51,16 +51,16 @@ def insert_marker(
 ) -> tuple[Any, ...]:
     """The same batch with the token `marker` after each sequence's first token ([CLS]), as
     ColBERT marks queries ([Q]) and documents ([D]); unchanged for marker None. Padded (B, L)
-    ids (and mask) give (B, L + 1); packed ids (T,) with cu_seqlens give (T + B,), their
-    offsets moved and max_seqlen + 1."""
+    ids (and mask; padding on the right) give (B, L + 1); packed ids (T,) with cu_seqlens give
+    (T + B,), their offsets moved and max_seqlen + 1."""
     if marker is None:
         return input_ids, attention_mask, cu_seqlens, max_seqlen
     if cu_seqlens is None:
         column = torch.full_like(input_ids[:, :1], marker)
         ids = torch.cat([input_ids[:, :1], column, input_ids[:, 1:]], dim=1)
-        if attention_mask is not None:
-            ones = torch.ones_like(attention_mask[:, :1])
-            attention_mask = torch.cat([attention_mask[:, :1], ones, attention_mask[:, 1:]], 1)
+        if attention_mask is not None:  # the marker is real where the row's first token is
+            first = attention_mask[:, :1]
+            attention_mask = torch.cat([first, first, attention_mask[:, 1:]], dim=1)
         return ids, attention_mask, None, max_seqlen
     starts = cu_seqlens[:-1].long()  # (B,) each sequence's first token
     token = torch.arange(input_ids.shape[0], device=input_ids.device)
@@ -245,6 +245,13 @@ class FlexBertForColBERT(FlexBertPreTrainedModel):
         marked = insert_marker(
             input_ids, attention_mask, cu_seqlens, max_seqlen, self.document_marker_id
         )
+        longest = marked[3] if cu_seqlens is not None else marked[0].shape[1]
+        if self.document_marker_id is not None and longest and longest > self.config.max_seq_len:
+            raise ValueError(
+                f"a document of {longest - 1} tokens and its marker exceed max_seq_len="
+                f"{self.config.max_seq_len}: tokenize documents with max_length="
+                f"{self.config.max_seq_len - 1}"
+            )
         vectors, mask = self.token_vectors(*marked)
         if self.skiplist_ids is None:
             return vectors, mask

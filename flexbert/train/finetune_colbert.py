@@ -108,7 +108,12 @@ def load_colbert_model(
     settings = colbert_settings(task, tokenizer)
     run = find_run_checkpoint(path)
     if run is None:
-        model = FlexBertForColBERT.from_hf(path, **settings, **overrides)
+        from flexbert.colbert import read_colbert_settings
+        from flexbert.hf import resolve_model_dir
+
+        saved = read_colbert_settings(resolve_model_dir(path))  # compared below, by name
+        given = settings if saved is None else {}
+        model = FlexBertForColBERT.from_hf(path, **given, **overrides)
         where = str(path)
     elif run.task_type != "colbert":
         encoder = load_pretrained(path, FlexBertModel, **overrides)
@@ -147,13 +152,17 @@ def encode_colbert_pairs(
     for name, value in settings.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"task.{name}: a positive integer, got {value!r}")
+    query_len = settings["query_length"]
     # a marker (inserted by the model after [CLS]) takes one of each length's tokens
-    doc_len = min(settings["doc_max_len"], max_len) - (task.get("document_marker") is not None)
-    query_len = settings["query_length"] - (task.get("query_marker") is not None)
-    if min(doc_len, query_len) < 2:
-        raise ConfigError(
-            "task.query_length / task.doc_max_len: too short for [CLS], a marker and a token"
-        )
+    lengths = {"doc_max_len": min(settings["doc_max_len"], max_len), "query_length": query_len}
+    for name, marker in (("doc_max_len", "document_marker"), ("query_length", "query_marker")):
+        if task.get(marker) is not None:
+            if lengths[name] < 3:
+                raise ConfigError(
+                    f"task.{name}: at least 3 with task.{marker} ([CLS], it, a token)"
+                )
+            lengths[name] -= 1
+    doc_len, query_len = lengths["doc_max_len"], lengths["query_length"]
     return encode_pairs(ds, task, tokenizer, doc_len, split, query_len, for_training)
 
 

@@ -226,6 +226,20 @@ def test_markers_follow_cls_in_queries_and_documents_in_every_layout():
     assert not torch.allclose(scores, unmarked, atol=1e-3)  # the markers change the vectors
 
 
+def test_a_marker_keeps_padding_out_and_a_too_long_document_names_it():
+    from flexbert.colbert import insert_marker
+
+    ids = torch.tensor([[1, 5, 6, 2], [0, 0, 0, 0]])  # the second row: all padding
+    _, mask, _, _ = insert_marker(ids, torch.tensor([[1, 1, 1, 1], [0, 0, 0, 0]]), marker=9)
+    assert mask.tolist() == [[1, 1, 1, 1, 1], [0, 0, 0, 0, 0]]
+    model = _model(**MARKERS)
+    longest = model.config.max_seq_len
+    with pytest.raises(
+        ValueError, match=f"its marker exceed max_seq_len={longest}.*max_length={longest - 1}"
+    ):
+        model.encode_documents(torch.full((1, longest), 7))
+
+
 def test_markers_are_saved_and_checked(tmp_path):
     model = _model(colbert_dim=16, query_length=8, **MARKERS)
     model.save_hf(tmp_path / "marked")

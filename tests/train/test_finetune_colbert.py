@@ -92,8 +92,10 @@ def test_eval_metric_equals_ranking_by_the_saved_model(colbert_run, pairs):
     assert (model.colbert_dim, model.query_length) == (32, 12)
     rows = [json.loads(line) for line in Path(pairs["validation"]).read_text().splitlines()]
     tok = load_tokenizer(run / "hf")
-    q = tok([r["query"] for r in rows], padding=True, truncation=True, max_length=12)
-    d = tok([r["positive"] for r in rows], padding=True, truncation=True, max_length=32)
+    q = tok(
+        [r["query"] for r in rows], padding=True, truncation=True, max_length=11
+    )  # [Q] is the 12th
+    d = tok([r["positive"] for r in rows], padding=True, truncation=True, max_length=31)  # [D]
     with torch.no_grad():
         scores = model.score(
             (torch.tensor(q["input_ids"]), torch.tensor(q["attention_mask"])),
@@ -301,3 +303,52 @@ def test_a_colbert_run_seeds_other_tasks_with_its_encoder(colbert_run):
         load_pretrained_mlm(run),
     ):
         assert all(torch.equal(v, encoder[k]) for k, v in model.model.state_dict().items())
+
+
+def test_markers_take_one_token_of_each_length_and_eval_documents_get_theirs(pretrained):  # noqa: F811
+    """With markers a query is cut to query_length - 1 tokens and a document to its length
+    - 1 (the model adds [Q] / [D]); evaluation encodes documents with their marker too."""
+    from datasets import Dataset
+
+    from flexbert.data.tokenizer import load_tokenizer
+    from flexbert.train.finetune_colbert import (
+        ComposerFlexBertColBERT,
+        encode_colbert_pairs,
+        load_colbert_model,
+    )
+
+    tok = load_tokenizer(pretrained)
+    words = " ".join(_sentences(random.Random(2), 8)[i][j] for i in range(8) for j in range(3))
+    ds = Dataset.from_dict({"query": [words], "positive": [words]})
+    task = {"text_fields": ["query", "positive"], "query_length": 12, "colbert_dim": 16}
+    marked = {**task, "query_marker": "[unused0]", "document_marker": "[unused1]"}
+    plain_row = encode_colbert_pairs(ds, task, tok, 20, "train")[0]
+    row = encode_colbert_pairs(ds, marked, tok, 20, "train")[0]
+    assert (len(plain_row["input_ids"]), len(plain_row["cand_ids"])) == (12, 20)
+    assert (len(row["input_ids"]), len(row["cand_ids"])) == (11, 19)
+    model = load_colbert_model(pretrained, marked, tok).eval()
+    ids = torch.tensor([row["cand_ids"]])
+    batch = {"input_ids": torch.tensor([row["input_ids"]]), "attention_mask": torch.ones(1, 11)}
+    batch |= {"cand_ids": ids, "cand_mask": torch.ones_like(ids)}
+    with torch.no_grad():
+        out = ComposerFlexBertColBERT(model).eval_forward(batch)
+        docs, mask = model.encode_documents(ids, torch.ones_like(ids))
+        unmarked, _ = model.token_vectors(ids, torch.ones_like(ids))
+    assert out.candidate_embeddings.shape[1] == 20  # 19 tokens and [D]
+    torch.testing.assert_close(out.candidate_embeddings, docs)
+    assert not torch.allclose(docs[:, :19], unmarked, atol=1e-4)
+
+
+def test_an_older_colbert_without_markers_names_the_task_options(pretrained, tmp_path):  # noqa: F811
+    from flexbert import ConfigError, FlexBertForColBERT
+    from flexbert.data.tokenizer import load_tokenizer
+    from flexbert.train.finetune_colbert import load_colbert_model
+
+    FlexBertForColBERT.from_hf(pretrained, colbert_dim=16, query_length=12).save_hf(
+        tmp_path / "old"
+    )
+    task = {"colbert_dim": 16, "query_length": 12, "query_marker": "[unused0]"}
+    with pytest.raises(ConfigError, match=r"holds a ColBERT head .*task.query_marker"):
+        load_colbert_model(tmp_path / "old", task, load_tokenizer(pretrained))
+    continued = load_colbert_model(tmp_path / "old", {**task, "query_marker": None})
+    assert continued.query_marker_id is None
