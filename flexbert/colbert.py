@@ -1,7 +1,7 @@
 """ColBERT-style multi-vector (late-interaction) retrieval on top of `FlexBertModel`: one
 normalised vector per token, MaxSim scores, [MASK] query augmentation, optional query and
-document marker tokens; saved as a Hugging Face ModernBertModel directory plus the projection
-and its settings."""
+document marker tokens and a document skiplist; saved as a Hugging Face ModernBertModel
+directory plus the projection and its settings."""
 
 from __future__ import annotations
 
@@ -172,7 +172,7 @@ class FlexBertForColBERT(FlexBertPreTrainedModel):
 
     @staticmethod
     def settings_from_state_dict(state: dict[str, Any]) -> dict[str, int | None]:
-        """colbert_dim, query_length and the marker ids of a FlexBertForColBERT state dict."""
+        """colbert_dim, query_length, marker ids and skiplist of a FlexBertForColBERT state dict."""
         saved = state.get("_extra_state")
         if isinstance(saved, dict):
             return settings_of(saved)
@@ -338,11 +338,11 @@ class FlexBertForColBERT(FlexBertPreTrainedModel):
 
     @classmethod
     def from_encoder(
-        cls, encoder: FlexBertModel, colbert_dim: int = 128, query_length: int = 32, **markers: Any
+        cls, encoder: FlexBertModel, colbert_dim: int = 128, query_length: int = 32, **settings: Any
     ) -> FlexBertForColBERT:
         """A new ColBERT head (a fresh projection) on a copy of `encoder`'s weights;
-        `markers`: query_marker_id / document_marker_id."""
-        model = cls(encoder.config, colbert_dim, query_length, **markers)
+        `settings`: query_marker_id, document_marker_id, skiplist_ids."""
+        model = cls(encoder.config, colbert_dim, query_length, **settings)
         model.model.load_state_dict(encoder.state_dict())
         return model
 
@@ -405,10 +405,10 @@ class FlexBertForColBERT(FlexBertPreTrainedModel):
         return cls.from_hf(folder, **overrides)
 
 
-def settings_of(saved: dict[str, Any]) -> dict[str, int | None]:
+def settings_of(saved: dict[str, Any]) -> dict[str, Any]:
     """The ColBERT settings in saved ones (a colbert_config.json or a state's extra state);
-    the marker ids are None where they were saved before markers existed."""
-    settings: dict[str, int | None] = {k: int(saved[k]) for k in ("colbert_dim", "query_length")}
+    the marker ids and skiplist are None where they were saved before those existed."""
+    settings: dict[str, Any] = {k: int(saved[k]) for k in ("colbert_dim", "query_length")}
     for key in MARKER_KEYS:
         settings[key] = None if saved.get(key) is None else int(saved[key])
     listed = saved.get("skiplist_ids")
@@ -416,9 +416,9 @@ def settings_of(saved: dict[str, Any]) -> dict[str, int | None]:
     return settings
 
 
-def read_colbert_settings(folder: Path) -> dict[str, int | None] | None:
-    """colbert_dim, query_length and the marker ids that `FlexBertForColBERT.save_hf` wrote
-    into `folder`, or None when it holds no ColBERT head."""
+def read_colbert_settings(folder: Path) -> dict[str, Any] | None:
+    """colbert_dim, query_length, the marker ids and the skiplist that
+    `FlexBertForColBERT.save_hf` wrote into `folder`, or None when it holds no ColBERT head."""
     settings_file = Path(folder) / COLBERT_SETTINGS_FILE
     if not settings_file.exists():
         if (Path(folder) / COLBERT_WEIGHTS_FILE).exists():  # half a head: not a fresh one

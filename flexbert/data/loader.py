@@ -17,10 +17,10 @@ batch): when one rank's documents run out, all stop, and no rank waits for a ste
 never take. An evaluation loader (`finish_every_rank=True`) reads each document of its split
 exactly once over all ranks, in sample order (`eval_share`: StreamingDataset's own partition
 pads every rank to the same count by repeating documents, which would score some twice), and
-reads on until
-every rank's documents are done: a rank that runs out first yields empty batches (one pad
-token, no label) meanwhile, so the ranks still step together and no val document goes
-unscored. `padded_eval_loader` does the same for padded batches with blank rows.
+reads on until every rank's documents are done: a rank that runs out first yields empty
+batches (one pad token, no label) meanwhile, so the ranks still step together and no val
+document goes unscored. `padded_eval_loader` does the same for padded batches with blank
+rows.
 Resuming on a different number of ranks restarts the buffers (with a warning).
 """
 

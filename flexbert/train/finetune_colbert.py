@@ -1,8 +1,10 @@
 """ColBERT (multi-vector, late-interaction) retrieval fine-tuning: (query, positive) pairs.
 
-The data, its batches and the ranking metrics are retrieval's (`finetune_retrieval`): the same
-pair encoding (queries cut to `task.query_length` tokens, positives to `task.doc_max_len`),
-the same collator, and nDCG@10 / MRR@10 / recall@1 / recall@10 over the whole eval split.
+The data and its batches are retrieval's (`retrieval_data`: queries cut to
+`task.query_length` tokens, documents, positives and hard negatives, to `task.doc_max_len`,
+each one token shorter where the model adds a [Q] / [D] marker), and so are the ranking
+metrics (`finetune_retrieval`: nDCG@10 / MRR@10 / recall@1 / recall@10 over the whole eval
+split).
 What changes is the model (`FlexBertForColBERT`: one vector per token, MaxSim scores) and so
 the corpus metric, which keeps every eval document's token vectors. Training: in-batch
 cross-entropy over MaxSim scores, every other positive of the batch a negative, and every
@@ -38,15 +40,17 @@ SCORE_BUDGET = 1 << 26  # elements of one (queries, docs, query tokens, doc toke
 
 
 MARKER_OPTIONS = {"query_marker_id": "query_marker", "document_marker_id": "document_marker"}
+DEFAULTS = {"colbert_dim": 128, "query_length": 32}  # ColBERT's
 
 
 def colbert_settings(task: Mapping[str, Any], tokenizer: Any = None) -> dict[str, Any]:
-    """colbert_dim, query_length (ColBERT's defaults 128 and 32) and the ids of the marker
-    tokens task.query_marker / task.document_marker (None when unset) from the task node."""
-    settings: dict[str, Any] = {
-        "colbert_dim": task.get("colbert_dim", 128),
-        "query_length": task.get("query_length", 32),
-    }
+    """colbert_dim, query_length (DEFAULTS when unset), the ids of the marker tokens
+    task.query_marker / task.document_marker and of task.skiplist (None when unset) from the
+    task node; `tokenizer` turns the tokens into ids."""
+    settings: dict[str, Any] = {k: task.get(k, v) for k, v in DEFAULTS.items()}
+    wanted = [o for o in (*MARKER_OPTIONS.values(), "skiplist") if task.get(o) is not None]
+    if wanted and tokenizer is None:
+        raise ConfigError(f"task.{wanted[0]}: a tokenizer is needed to read its tokens")
     for key, option in MARKER_OPTIONS.items():
         token = task.get(option)
         if token is None:
@@ -96,7 +100,7 @@ def load_colbert_model(
     directory or Hub id, a run folder or Composer checkpoint. A ColBERT model (a saved `hf/`,
     or a ColBERT fine-tuning run's checkpoint) keeps its projection and must have the task's
     settings, so training continues; any other starts a fresh projection. `tokenizer`
-    resolves the marker tokens."""
+    resolves the marker and skiplist tokens."""
     from flexbert import FlexBertModel
     from flexbert.train.checkpoints import (
         find_run_checkpoint,
@@ -145,8 +149,7 @@ def encode_colbert_pairs(
     task.query_length, documents to task.doc_max_len (at most max_len, data.max_seq_len;
     unset: max_len), one token less each where the model adds a marker."""
     settings = {
-        "colbert_dim": task.get("colbert_dim", 128),
-        "query_length": task.get("query_length", 32),
+        "query_length": task.get("query_length", DEFAULTS["query_length"]),
         "doc_max_len": task.get("doc_max_len") or max_len,
     }
     for name, value in settings.items():

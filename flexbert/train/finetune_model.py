@@ -197,7 +197,7 @@ def load_task_model(cfg: Any, path: Any = None, tokenizer: Any = None) -> Any:
     """The task head on the pretrained encoder in `path` (default `model.path`): a Hugging
     Face directory or Hub id, a flexbert-train/-finetune run folder or Composer checkpoint.
     The classifier is new, unless the source is a fine-tuning run with the same label count
-    (`load_pretrained`). `tokenizer` names ColBERT's marker tokens."""
+    (`load_pretrained`). `tokenizer` resolves ColBERT's marker and skiplist tokens."""
     from omegaconf import OmegaConf
 
     from flexbert import ConfigError

@@ -221,7 +221,9 @@ def test_an_empty_eval_batch_changes_no_metric(shards, tokenizer, sparse):
 @pytest.mark.slow
 def test_two_ranks_resume_each_their_own_packer_exactly(shards, tokenizer, tokenizer_dir, tmp_path):
     """Two processes (torch.distributed.run, gloo): every rank continues exactly after
-    resumption, and both ranks end the epoch at the same batch."""
+    resumption, and both ranks end the epoch at the same batch; evaluation (packed and
+    padded, the latter as Composer takes it) reads every document exactly once, the ranks
+    in step."""
     import os
     import socket
     import subprocess
