@@ -1,6 +1,9 @@
-"""Shared fixtures: deterministic seeds and small ragged batches."""
+"""Shared fixtures: deterministic seeds, small ragged batches, an offline Hub cache and a
+two-process launcher (`launch_two_ranks`)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -43,3 +46,22 @@ def cache_hub_repo(cache, repo_id: str, files_from) -> None:
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(commit)
     shutil.copytree(files_from, repo / "snapshots" / commit)
+
+
+def launch_two_ranks(worker: Path, *args: str) -> None:
+    """The script `worker` on two gloo processes (torch.distributed.run), with `args`; a
+    failure shows both processes' output."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    cmd += ["--master-port", str(port), str(worker), *args]
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -224,39 +224,19 @@ def test_two_ranks_resume_each_their_own_packer_exactly(shards, tokenizer, token
     resumption, and both ranks end the epoch at the same batch; evaluation (packed and
     padded, the latter as Composer takes it) reads every document exactly once, the ranks
     in step."""
-    import os
-    import socket
-    import subprocess
-    import sys
     from pathlib import Path
 
     from flexbert.data.mds import prepare_mds
+    from tests.conftest import launch_two_ranks
 
-    worker = Path(__file__).with_name("multirank_resume_worker.py")
     out = tmp_path / "ranks"
     out.mkdir()
     corpus = tmp_path / "odd.jsonl"  # 41 documents: one rank reads one more than the other
     corpus.write_text("".join(f'{{"text": "document {i} of the odd split"}}\n' for i in range(41)))
     odd = tmp_path / "odd"
     prepare_mds(str(corpus), odd, tokenizer, max_length=64, val_fraction=0.0, progress=False)
-    root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
-    with socket.socket() as sock:  # a free port for the rendezvous
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd += [
-        "--master-port",
-        str(port),
-        str(worker),
-        str(shards),
-        str(tokenizer_dir),
-        str(out),
-        "20",
-        str(odd),
-    ]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    worker = Path(__file__).with_name("multirank_resume_worker.py")
+    launch_two_ranks(worker, str(shards), str(tokenizer_dir), str(out), "20", str(odd))
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
     state = ranks[0]["state"]
     assert len(state["ranks"]) == 2 and state == ranks[1]["state"]  # gathered, the same on all

@@ -86,33 +86,18 @@ def _clean_streaming_shm():
     clean_stale_shared_memory()
 
 
-def launch_two_ranks(worker: str, *args: str) -> None:
-    """tests/train/<worker> on two gloo processes (torch.distributed.run), with `args`."""
-    import os
-    import socket
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    here = Path(__file__).parent
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
-    cmd += ["--master-port", str(port), str(here / worker), *args]
-    env = {**os.environ, "PYTHONPATH": str(here.parents[1]), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-
-
 @pytest.fixture(scope="session")
 def two_ranks(tmp_path_factory):
     """Every case of tests/train/two_rank_worker.py, from one two-process launch:
     `two_ranks(case)` is the list of what each rank saved, rank 0 first."""
+    from pathlib import Path
+
     import torch
 
+    from tests.conftest import launch_two_ranks
+
     out = tmp_path_factory.mktemp("two_ranks")
-    launch_two_ranks("two_rank_worker.py", str(out))
+    launch_two_ranks(Path(__file__).with_name("two_rank_worker.py"), str(out))
 
     def results(case: str) -> list:
         return [torch.load(path) for path in sorted((out / case).glob("rank*.pt"))]
