@@ -120,7 +120,9 @@ def load_checkpoint_model(
     except (RuntimeError, KeyError, ConfigError) as e:
         raise CheckpointError(
             f"the weights in {checkpoint} do not fit a {model_class.__name__} of the run's "
-            f"model config (a checkpoint from another model or run?): {str(e)[:600]}"
+            f"model config (a checkpoint from another model or run? a fine-tuning checkpoint "
+            f"is read with its run's task: task.json beside it, or its summary.json as the "
+            f"config): {str(e)[:600]}"
         ) from e
     return model.eval()
 

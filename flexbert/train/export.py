@@ -77,10 +77,18 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from flexbert import ConfigError
     from flexbert.data.errors import DataError
+    from flexbert.hf import CheckpointError
 
     try:
         out = export(args.checkpoint, args.out, args.config, args.tokenizer)
-    except (FileNotFoundError, ConfigError, DataError, KeyError, RuntimeError) as e:
+    except (
+        FileNotFoundError,
+        ConfigError,
+        DataError,
+        CheckpointError,
+        KeyError,
+        RuntimeError,
+    ) as e:
         print(f"flexbert-export: error: {e}", file=sys.stderr)
         return 2
     print(f"flexbert-export: {args.checkpoint} -> {out}")

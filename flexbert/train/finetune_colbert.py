@@ -98,8 +98,8 @@ def load_colbert_model(
 ) -> FlexBertForColBERT:
     """FlexBertForColBERT over the encoder of any ModernBERT checkpoint: a Hugging Face
     directory or Hub id, a run folder or Composer checkpoint. A ColBERT model (a saved `hf/`,
-    or a ColBERT fine-tuning run's checkpoint) keeps its projection and must have the task's
-    settings, so training continues; any other starts a fresh projection. `tokenizer`
+    or a ColBERT fine-tuning run's checkpoint) keeps its projection and continues under the
+    task's settings (`with_task_settings`); any other starts a fresh projection. `tokenizer`
     resolves the marker and skiplist tokens."""
     from flexbert import FlexBertModel
     from flexbert.train.checkpoints import (
@@ -128,13 +128,36 @@ def load_colbert_model(
         model = FlexBertForColBERT(config.replace(**overrides), **source.get_extra_state())
         model.load_state_dict(source.state_dict())
         where = str(run.checkpoint)
-    if model.get_extra_state() != settings:  # a saved ColBERT head of other settings
+    return with_task_settings(model, settings, where)
+
+
+def with_task_settings(
+    model: FlexBertForColBERT, settings: dict[str, Any], where: str
+) -> FlexBertForColBERT:
+    """A saved ColBERT continued under the task's settings: its projection must have
+    task.colbert_dim outputs; query_length, the markers and the skiplist hold no weights, so
+    the task's replace the saved ones (a warning names each change)."""
+    import logging
+
+    saved = model.get_extra_state()
+    if saved["colbert_dim"] != settings["colbert_dim"]:
         raise ConfigError(
-            f"{where} holds a ColBERT head with {model.get_extra_state()}; the task asks for "
-            f"{settings} (set task.colbert_dim / task.query_length / task.query_marker / "
-            "task.document_marker / task.skiplist to the saved ones to continue training it)"
+            f"task.colbert_dim={settings['colbert_dim']}, but {where} holds a ColBERT "
+            f"projection of {saved['colbert_dim']}: set task.colbert_dim={saved['colbert_dim']} "
+            "to continue it (or start from a checkpoint that is not a ColBERT run)"
         )
-    return model
+    changed = {k: (saved[k], v) for k, v in settings.items() if saved[k] != v}
+    if not changed:
+        return model
+    options = {"query_length": "query_length", "skiplist_ids": "skiplist", **MARKER_OPTIONS}
+    logging.getLogger(__name__).warning(
+        "%s: continuing with the task's ColBERT settings, not the saved ones: %s",
+        where,
+        "; ".join(f"task.{options[k]}: {old!r} -> {new!r}" for k, (old, new) in changed.items()),
+    )
+    fresh = FlexBertForColBERT(model.config, **settings)
+    fresh.load_state_dict({**model.state_dict(), "_extra_state": fresh.get_extra_state()})
+    return fresh
 
 
 def encode_colbert_pairs(

@@ -38,7 +38,7 @@ def encode_pairs(
     if len(fields) != 2:
         raise DataError(f"task.text_fields: retrieval needs [query, positive], got {fields}")
     check_fields(ds, fields, split)
-    q, p = ([str(t) for t in ds[f]] for f in fields)
+    q, p = ([_text(t, split, i, f) for i, t in enumerate(ds[f])] for f in fields)
     q_ids = tokenizer(q, truncation=True, max_length=query_max_len or max_len)["input_ids"]
     p_ids = tokenizer(p, truncation=True, max_length=max_len)["input_ids"]
     rows = [{"input_ids": a, "cand_ids": b} for a, b in zip(q_ids, p_ids)]
@@ -53,6 +53,13 @@ def encode_pairs(
         if scores is not None:
             row["teacher_scores"] = scores[i]
     return rows
+
+
+def _text(value: Any, split: str, row: int, field: str) -> str:
+    """A query or positive as text; a missing or empty one is an error naming its row."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise DataError(f"split '{split}' row {row}: field '{field}' is empty")
+    return str(value)
 
 
 def _written_as_text(value: Any) -> bool:
@@ -80,7 +87,8 @@ def hard_negatives(
     line up), or None without task.negative_fields. A field holds one text or a list of texts
     per row; the row's negatives are its fields' texts in order, of which the first
     task.num_negatives are used when that is set (else every row must have as many)."""
-    fields = list(task.get("negative_fields") or [])
+    fields = task.get("negative_fields") or []
+    fields = [fields] if isinstance(fields, str) else list(fields)  # one name, or a list
     if not fields:
         if task.get("teacher_scores_field"):
             raise ConfigError(

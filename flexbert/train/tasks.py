@@ -71,7 +71,10 @@ def load_splits(dataset: Mapping[str, Any], splits: Sequence[str]) -> dict[str, 
         loaded = datasets.DatasetDict({"train": loaded})
     missing = [s for s in splits if s not in loaded]
     if missing:
-        raise DataError(f"dataset has no split(s) {missing}; it has {sorted(loaded)}")
+        raise DataError(
+            f"dataset has no split(s) {missing}; it has {sorted(loaded)} (give each a file: "
+            f"task.dataset.files.<split>=..., or pick others: task.train_split / task.eval_split)"
+        )
     return {s: loaded[s] for s in splits}
 
 

@@ -330,3 +330,19 @@ def test_an_unknown_task_type_is_one_clear_line(pretrained, tmp_path, monkeypatc
     last = err.strip().splitlines()[-1]
     assert last.startswith("flexbert-finetune: error: task.type: unknown task type 'bogus'")
     assert "sequence_classification" in last
+
+
+def test_flexbert_export_of_a_lone_fine_tuning_checkpoint_names_its_task(
+    classification_run, pretrained, tmp_path, capsys
+):
+    """Only model_config.json beside a classifier checkpoint (no task.json): read as the MLM
+    it is not, one error line that points at the run's task, and nothing written."""
+    from flexbert.train.export import main as export_main
+
+    run, _ = classification_run
+    ckpt = _moved(run, tmp_path / "moved", "model_config.json")
+    args = [str(ckpt), "--out", str(tmp_path / "x"), "--tokenizer", str(pretrained)]
+    assert export_main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("flexbert-export: error: the weights in") and "summary.json" in err
+    assert not (tmp_path / "x").exists()

@@ -53,6 +53,18 @@ def test_negatives_come_from_text_and_list_fields_in_order(tokenizer):
     )
 
 
+def test_one_negative_field_may_be_named_alone_and_empty_texts_are_refused(tokenizer):
+    ds = _split(negative=["shore", "tree"])
+    alone = encode_pairs(ds, {**TASK, "negative_fields": "negative"}, tokenizer, 16, "train")
+    assert [len(r["neg_ids"]) for r in alone] == [1, 1]
+    empty = Dataset.from_dict({"query": ["apple", None], "positive": ["river", "bank"]})
+    with pytest.raises(DataError, match=r"split 'dev' row 1: field 'query' is empty"):
+        encode_pairs(empty, TASK, tokenizer, 16, "dev", None, False)
+    blank = Dataset.from_dict({"query": ["apple", "bank"], "positive": ["river", " "]})
+    with pytest.raises(DataError, match=r"row 1: field 'positive' is empty"):
+        encode_pairs(blank, TASK, tokenizer, 16, "train")
+
+
 def test_uneven_empty_or_missing_negatives_are_refused_with_the_fix(tokenizer):
     uneven = _split(negative=["shore", "tree"], more=[["stone"], ["sky", "sea"]])
     with pytest.raises(DataError, match=r"row 1 has 3 hard negative.*not 2.*num_negatives"):
