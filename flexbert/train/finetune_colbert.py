@@ -67,6 +67,12 @@ def colbert_settings(task: Mapping[str, Any], tokenizer: Any = None) -> dict[str
                 "reserved tokens (e.g. [unused0]) or null for no marker"
             )
         settings[key] = int(tokenizer.convert_tokens_to_ids(token))
+    markers = [settings[k] for k in MARKER_OPTIONS]
+    if markers[0] is not None and markers[0] == markers[1]:
+        raise ConfigError(
+            "task.query_marker and task.document_marker are the same token; ColBERT tells "
+            "queries from documents by them: give two (e.g. [unused0] and [unused1])"
+        )
     settings["skiplist_ids"] = skiplist_ids(task.get("skiplist"), tokenizer)
     return settings
 

@@ -193,6 +193,10 @@ def test_a_colbert_run_can_start_from_a_colbert_run_folder(colbert_run, pairs, t
         ("task.query_marker=[Q]", r"task.query_marker: a token \(a string\) or null, got \['Q'\]"),
         ("task.skiplist=[zzzq]", r"task.skiplist: \['zzzq'\] are not tokens of the tokenizer"),
         ("task.skiplist=all", r"task.skiplist: 'punctuation', a list of tokens or null"),
+        (
+            "task.document_marker='[unused0]'",
+            r"task.query_marker and task.document_marker are the same",
+        ),
     ],
 )
 def test_bad_colbert_settings_are_clear_errors(pretrained, pairs, tmp_path, bad, expected):  # noqa: F811
