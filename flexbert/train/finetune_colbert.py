@@ -51,6 +51,7 @@ def colbert_settings(task: Mapping[str, Any], tokenizer: Any = None) -> dict[str
     wanted = [o for o in (*MARKER_OPTIONS.values(), "skiplist") if task.get(o) is not None]
     if wanted and tokenizer is None:
         raise ConfigError(f"task.{wanted[0]}: a tokenizer is needed to read its tokens")
+    vocab = tokenizer.get_vocab() if wanted else {}  # read once: a dict of the whole vocabulary
     for key, option in MARKER_OPTIONS.items():
         token = task.get(option)
         if token is None:
@@ -61,38 +62,36 @@ def colbert_settings(task: Mapping[str, Any], tokenizer: Any = None) -> dict[str
                 f"task.{option}: a token (a string) or null, got {token!r}; on the command "
                 f"line quote a bracketed token: 'task.{option}=\"[unused0]\"'"
             )
-        if tokenizer is None or token not in tokenizer.get_vocab():
+        if token not in vocab:
             raise ConfigError(
                 f"task.{option}: {token!r} is not a token of the tokenizer; give one of its "
                 "reserved tokens (e.g. [unused0]) or null for no marker"
             )
-        settings[key] = int(tokenizer.convert_tokens_to_ids(token))
+        settings[key] = int(vocab[token])
     markers = [settings[k] for k in MARKER_OPTIONS]
     if markers[0] is not None and markers[0] == markers[1]:
         raise ConfigError(
             "task.query_marker and task.document_marker are the same token; ColBERT tells "
             "queries from documents by them: give two (e.g. [unused0] and [unused1])"
         )
-    settings["skiplist_ids"] = skiplist_ids(task.get("skiplist"), tokenizer)
+    settings["skiplist_ids"] = skiplist_ids(task.get("skiplist"), vocab)
     return settings
 
 
-def skiplist_ids(skiplist: Any, tokenizer: Any) -> list[int] | None:
-    """Token ids of task.skiplist: "punctuation" (PyLate's default: each ASCII punctuation
-    character that is a token of the vocabulary), a list of tokens (each must be one), or
-    null (every document token scores)."""
+def skiplist_ids(skiplist: Any, vocab: Mapping[str, int]) -> list[int] | None:
+    """Token ids of task.skiplist in the tokenizer's `vocab`: "punctuation" (PyLate's
+    default: each ASCII punctuation character that is a token of the vocabulary), a list of
+    tokens (each must be one), or null (every document token scores)."""
     import string
 
     if skiplist is None:
         return None
     if skiplist == "punctuation":
-        vocab = tokenizer.get_vocab() if tokenizer is not None else {}
         return sorted({vocab[c] for c in string.punctuation if c in vocab})
     if isinstance(skiplist, str) or not all(isinstance(t, str) for t in skiplist):
         raise ConfigError(
             f"task.skiplist: 'punctuation', a list of tokens or null, got {skiplist!r}"
         )
-    vocab = tokenizer.get_vocab() if tokenizer is not None else {}
     missing = [t for t in skiplist if t not in vocab]
     if missing:
         raise ConfigError(f"task.skiplist: {missing} are not tokens of the tokenizer")
