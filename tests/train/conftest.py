@@ -103,3 +103,14 @@ def two_ranks(tmp_path_factory):
         return [torch.load(path) for path in sorted((out / case).glob("rank*.pt"))]
 
     return results
+
+
+def assert_every_rank_took_this_step(results: list, loss, model) -> None:
+    """Each of the two ranks' saved DDP-averaged steps (`two_ranks(case)`) equals `loss` and
+    the gradient of layer 1's MLP input weight of `model`, one process with the whole batch."""
+    import torch
+
+    assert len(results) == 2
+    for rank in results:
+        torch.testing.assert_close(rank["loss"], loss.detach())
+        torch.testing.assert_close(rank["grad"], model.model.layers[1].mlp.Wi.weight.grad)

@@ -135,15 +135,13 @@ def test_one_label_per_row_for_token_classification_is_a_clear_error(pretrained,
 def test_gathered_negatives_on_two_ranks_equal_one_process_with_the_whole_batch(two_ranks):
     """Two processes (gloo), 3 pairs each, gathering every rank's positives: DDP-averaged
     gradients and the mean loss equal one process scoring 6 queries against 6 positives."""
+    from tests.train.conftest import assert_every_rank_took_this_step
     from tests.train.two_rank_worker import embedding_batch, embedding_model
 
     model, (queries, positives) = embedding_model(), embedding_batch()
     out = model(queries, candidates=(positives, None))
     out.loss.backward()
-    assert len(two_ranks("negatives")) == 2
-    for rank in two_ranks("negatives"):  # each rank's DDP-averaged step
-        torch.testing.assert_close(rank["loss"], out.loss.detach())
-        torch.testing.assert_close(rank["grad"], model.model.layers[1].mlp.Wi.weight.grad)
+    assert_every_rank_took_this_step(two_ranks("negatives"), out.loss, model)
     # without gathering, each rank would see 3 candidates and a different loss
     local = model(queries[:3], candidates=(positives[:3], None)).loss.detach()
     assert not torch.allclose(local, out.loss.detach())

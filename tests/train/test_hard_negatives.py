@@ -186,16 +186,13 @@ def test_colbert_loss_scores_positives_then_hard_negatives(tokenizer, pretrained
 def test_hard_negatives_on_two_ranks_equal_one_process_with_the_whole_batch(two_ranks):
     """Each rank scores its 3 queries against both ranks' 3 positives and 6 negatives: the
     DDP-averaged step equals one process with all 6 pairs and 12 negatives."""
+    from tests.train.conftest import assert_every_rank_took_this_step
     from tests.train.two_rank_worker import embedding_model, hard_negative_batch
 
     wrapper = ComposerFlexBertRetrieval(embedding_model()).train()
     loss = wrapper(hard_negative_batch()).loss
     loss.backward()
-    grad = wrapper.model.model.layers[1].mlp.Wi.weight.grad
-    assert len(two_ranks("hard_negatives")) == 2
-    for rank in two_ranks("hard_negatives"):
-        torch.testing.assert_close(rank["loss"], loss.detach())
-        torch.testing.assert_close(rank["grad"], grad)
+    assert_every_rank_took_this_step(two_ranks("hard_negatives"), loss, wrapper.model)
 
 
 @pytest.mark.parametrize(
