@@ -285,6 +285,7 @@ HUB_FILES = [
     "*_Pooling/*",
     "*_Normalize/*",
     "0_Transformer/*",
+    "*_Dense/*",  # a ColBERT's projection in PyLate's layout
     # FlexBertForColBERT.save_hf: the projection's settings (its weights are *.safetensors)
     "colbert_config.json",
 ]

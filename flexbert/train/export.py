@@ -9,7 +9,8 @@ summary.json); the tokenizer from `--tokenizer`, the run's `tokenizer/` or the o
 summary.json names (with none, nothing is written: AutoTokenizer could not load the result);
 the task head and its label names from `--config`'s summary.json or the run's `task.json`.
 The result loads with `AutoModelForMaskedLM` (or the task's Auto class, or sentence-transformers
-for retrieval; `flexbert.FlexBertForColBERT.from_pretrained` for colbert) and `AutoTokenizer`.
+for retrieval; `flexbert.FlexBertForColBERT.from_pretrained` or PyLate for colbert) and
+`AutoTokenizer`.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def export(
 ) -> Path:
     """Write `out` (config.json, model.safetensors, tokenizer files); return it."""
     from flexbert import ConfigError
-    from flexbert.data.tokenizer import load_tokenizer, save_tokenizer
+    from flexbert.data.tokenizer import load_tokenizer
     from flexbert.train.checkpoints import (
         config_next_to,
         load_checkpoint_model,
@@ -37,7 +38,7 @@ def export(
         run_tokenizer,
         task_model_class,
     )
-    from flexbert.train.finetune_model import write_label_names
+    from flexbert.train.finetune_model import save_task_model
 
     ckpt = Path(checkpoint).resolve()
     if not ckpt.exists():
@@ -54,10 +55,10 @@ def export(
     task = run_task(ckpt, cfg_path)
     model_class = task_model_class(task.get("type"))
     model = load_checkpoint_model(ckpt, read_model_config(cfg_path), model_class)
-    out = Path(model.save_hf(out))
-    write_label_names(out, task.get("labels"))
-    save_tokenizer(load_tokenizer(tok_path), out)
-    return out
+    refused = save_task_model(model, load_tokenizer(tok_path), Path(out), task)
+    if refused:
+        raise ConfigError(refused)
+    return Path(out)
 
 
 def build_parser() -> argparse.ArgumentParser:

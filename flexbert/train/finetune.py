@@ -71,6 +71,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> tuple[Any, dict[str, Any]]:
     from flexbert.train.callbacks import LossHistory
     from flexbert.train.checkpoints import find_run_checkpoint, write_run_files
     from flexbert.train.data_spec import flexbert_data_spec
+    from flexbert.train.finetune_colbert import document_length
     from flexbert.train.finetune_model import (
         EvalHistory,
         composer_parts,
@@ -92,8 +93,10 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> tuple[Any, dict[str, Any]]:
     max_len = min(int(cfg.data.max_seq_len), model.config.max_seq_len)
     examples, label_names = build_examples(cfg.task, tokenizer, max_len)
     composer_model, collate = composer_parts(cfg.task, model, tokenizer.pad_token_id, label_names)
+    task = {"name": cfg.task.name, "type": cfg.task.type, "labels": label_names}
+    if cfg.task.type == "colbert":  # what its PyLate export needs (flexbert-export too)
+        task["document_length"] = document_length(cfg.task, max_len)
     if is_main_process():
-        task = {"name": cfg.task.name, "type": cfg.task.type, "labels": label_names}
         write_run_files(run_dir, model.config, tokenizer, task)
     world = dist.get_world_size()
     train_loader = _loader(examples["train"], cfg.data.batch_size // world, collate, True)
@@ -127,7 +130,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> tuple[Any, dict[str, Any]]:
         },
         "tokenizer": tokenizer,
         "tokenizer_source": str(tok_path),
-        "label_names": label_names,
+        "task": task,
         "history": history,
         "evals": evals,
         "counts": example_counts(examples),
@@ -156,7 +159,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     hf_dir = run_dir / "hf"
     skipped = None if cfg.get("export_hf", True) else "export_hf=false"
     if not skipped and main:
-        skipped = save_task_model(model, facts["tokenizer"], hf_dir, facts["label_names"])
+        skipped = save_task_model(model, facts["tokenizer"], hf_dir, facts["task"])
         if skipped:
             log.warning("no Hugging Face export (hf/): %s", skipped)
     steps = facts["history"].steps
@@ -165,7 +168,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         "command": " ".join(["flexbert-finetune", *sys.argv[1:]]),
         "run_dir": str(run_dir),
         "config": OmegaConf.to_container(cfg, resolve=True),
-        "task": {"name": cfg.task.name, "type": cfg.task.type, "labels": facts["label_names"]},
+        "task": facts["task"],
         "pretrained": facts["pretrained"],
         "model_config": model.config.to_dict(),
         "parameters": sum(p.numel() for p in model.parameters()),

@@ -165,6 +165,19 @@ def with_task_settings(
     return fresh
 
 
+def _check_length(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"task.{name}: a positive integer, got {value!r}")
+
+
+def document_length(task: Mapping[str, Any], max_len: int) -> int:
+    """The length documents are cut to, their marker counted: task.doc_max_len, at most
+    max_len (data.max_seq_len); unset, max_len."""
+    value = task.get("doc_max_len") or max_len
+    _check_length("doc_max_len", value)
+    return min(value, max_len)
+
+
 def encode_colbert_pairs(
     ds: Any,
     task: Mapping[str, Any],
@@ -176,16 +189,10 @@ def encode_colbert_pairs(
     """Retrieval's pairs (and hard negatives for training), queries cut to
     task.query_length, documents to task.doc_max_len (at most max_len, data.max_seq_len;
     unset: max_len), one token less each where the model adds a marker."""
-    settings = {
-        "query_length": task.get("query_length", DEFAULTS["query_length"]),
-        "doc_max_len": task.get("doc_max_len") or max_len,
-    }
-    for name, value in settings.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"task.{name}: a positive integer, got {value!r}")
-    query_len = settings["query_length"]
+    query_len = task.get("query_length", DEFAULTS["query_length"])
+    _check_length("query_length", query_len)
     # a marker (inserted by the model after [CLS]) takes one of each length's tokens
-    lengths = {"doc_max_len": min(settings["doc_max_len"], max_len), "query_length": query_len}
+    lengths = {"doc_max_len": document_length(task, max_len), "query_length": query_len}
     for name, marker in (("doc_max_len", "document_marker"), ("query_length", "query_marker")):
         if task.get(marker) is not None:
             if lengths[name] < 3:

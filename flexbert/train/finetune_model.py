@@ -7,7 +7,7 @@ serves classification (argmax), regression (the single output) and token classif
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -278,18 +278,20 @@ def composer_parts(
     return wrapper, Collator(pad_id, regression=task.type == "regression")
 
 
-def save_task_model(
-    model: Any, tokenizer: Any, out: Path, label_names: list[str] | None
-) -> str | None:
-    """HF directory with the fine-tuned model, tokenizer files and, when known, id2label.
-    Returns None, or why nothing was written: a model Hugging Face ModernBERT cannot express
-    (an ablation such as rmsnorm); its weights stay in the run's Composer checkpoints.
+def save_task_model(model: Any, tokenizer: Any, out: Path, task: Mapping[str, Any]) -> str | None:
+    """HF directory with the fine-tuned model, tokenizer files and, when known, id2label
+    (`task`: the run's task.json). Returns None, or why nothing was written: a model Hugging
+    Face ModernBERT cannot express (an ablation such as rmsnorm); its weights stay in the
+    run's Composer checkpoints.
 
     A sentence-embedding model is saved as its encoder (ModernBertModel, for AutoModel) with
     the sentence-transformers module files (`SentenceTransformer(out)`); a ColBERT model as
-    its encoder with the projection and settings (`FlexBertForColBERT.from_pretrained(out)`).
+    its encoder with the projection and settings (`FlexBertForColBERT.from_pretrained(out)`)
+    and PyLate's module files (`pylate.models.ColBERT(out)`, documents cut to the task's
+    `document_length`).
     """
-    from flexbert import ConfigError
+    from flexbert import ConfigError, FlexBertForColBERT
+    from flexbert.colbert_pylate import write_pylate_modules
     from flexbert.data.tokenizer import save_tokenizer
 
     try:
@@ -297,7 +299,10 @@ def save_task_model(
     except ConfigError as e:  # refused before anything is written
         return str(e)
     save_tokenizer(tokenizer, out)
-    write_label_names(out, label_names)
+    write_label_names(out, task.get("labels"))
+    if isinstance(model, FlexBertForColBERT):
+        length = task.get("document_length") or model.config.max_seq_len
+        write_pylate_modules(out, model, tokenizer, length)
     return None
 
 

@@ -140,6 +140,81 @@ def test_transformers_loads_the_encoder_of_the_export(colbert_run):
     assert type(encoder).__name__ == "ModernBertModel"
 
 
+def _punctuated_texts() -> tuple[list[str], list[str]]:
+    """Queries and documents with punctuation (the skiplist), some longer than the run's
+    query_length (12) and document length (32) allow."""
+    rng = random.Random(11)
+    sentences = _sentences(rng, 10)
+    queries = [" ".join(s) + "?" for s in sentences[:4]] + [" ".join(sentences[4] * 4)]
+    docs = [", ".join(s) + "." for s in sentences[5:]] + [" ! ".join(sentences[0] * 6)]
+    return queries, docs
+
+
+def _flexbert_scores(hf_dir: Path, queries: list[str], docs: list[str], doc_len: int):
+    from flexbert import FlexBertForColBERT
+    from flexbert.data.tokenizer import load_tokenizer
+
+    model, tok = FlexBertForColBERT.from_pretrained(hf_dir).eval(), load_tokenizer(hf_dir)
+    # the model adds the markers: one token less each
+    q = tok(queries, padding=True, truncation=True, max_length=11, return_tensors="pt")
+    d = tok(docs, padding=True, truncation=True, max_length=doc_len - 1, return_tensors="pt")
+    with torch.no_grad():
+        return model.score(
+            (q["input_ids"], q["attention_mask"]), (d["input_ids"], d["attention_mask"])
+        )
+
+
+def test_the_export_is_a_pylate_colbert_that_scores_like_flexbert(colbert_run, tmp_path):
+    """hf/ and a flexbert-export of the last checkpoint load in sentence-transformers'
+    MultiVectorEncoder (which reads PyLate's layout) and score texts exactly as FlexBERT
+    does: markers, [MASK] expansion, skiplist, document length and projection carried over."""
+    from sentence_transformers import MultiVectorEncoder
+
+    from flexbert.train.export import main as export_main
+
+    run, summary = colbert_run
+    assert summary["task"]["document_length"] == 32  # data.max_seq_len, no task.doc_max_len
+    checkpoint = Path(summary["paths"]["last_checkpoint"])
+    assert export_main([str(checkpoint), "--out", str(tmp_path / "exported")]) == 0
+    queries, docs = _punctuated_texts()
+    expected = _flexbert_scores(run / "hf", queries, docs, 32)
+    for hf_dir in (run / "hf", tmp_path / "exported"):
+        settings = json.loads((hf_dir / "config_sentence_transformers.json").read_text())
+        assert (settings["query_length"], settings["document_length"]) == (12, 32)
+        assert (settings["query_prefix"], settings["document_prefix"]) == ("[unused0]", "[unused1]")
+        assert "." in settings["skiplist_words"]
+        st = MultiVectorEncoder(str(hf_dir), device="cpu")
+        got = st.similarity(st.encode_query(queries), st.encode_document(docs))
+        torch.testing.assert_close(torch.as_tensor(got), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_pylate_export_refuses_what_pylate_could_not_read(colbert_run, tmp_path):
+    from flexbert import ConfigError, FlexBertForColBERT
+    from flexbert.colbert_pylate import write_pylate_modules
+    from flexbert.data.tokenizer import load_tokenizer
+
+    run, _ = colbert_run
+    model, tok = FlexBertForColBERT.from_pretrained(run / "hf"), load_tokenizer(run / "hf")
+    longest = model.config.max_seq_len
+    with pytest.raises(ConfigError, match=f"document_length: between 3 and max_seq_len={longest}"):
+        write_pylate_modules(tmp_path, model, tok, longest + 1)
+    with pytest.raises(ConfigError, match="document_length: a positive integer"):
+        write_pylate_modules(tmp_path, model, tok, "32")
+
+    class WithoutTheMarker:  # a tokenizer other than the run's: the marker is no token of it
+        def convert_ids_to_tokens(self, ids):
+            return [
+                None if i == model.query_marker_id else tok.convert_ids_to_tokens(i) for i in ids
+            ]
+
+        def convert_tokens_to_ids(self, token):
+            return tok.convert_tokens_to_ids(token)
+
+    with pytest.raises(ConfigError, match=f"token id {model.query_marker_id} .* not a token"):
+        write_pylate_modules(tmp_path, model, WithoutTheMarker(), 32)
+    assert not (tmp_path / "modules.json").exists()  # refused before writing
+
+
 def test_a_colbert_run_folder_continues_with_its_projection(colbert_run, caplog):
     """Its newest checkpoint (the final model) scores exactly as its hf/ export: encoder and
     projection both carried over. Settings without weights (markers, skiplist, query length)
