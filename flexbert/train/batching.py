@@ -7,10 +7,15 @@ microbatches into one optimizer step: `{"microbatches": [mb, ...]}`, which
 accumulation runs over exactly the microbatches the packer built.
 
 Batch-size warmup (ModernBERT: 768 -> 4608 sequences over the first 50B tokens) changes how
-many microbatches form a step: `BatchSizeSchedule` maps the tokens this loader has produced so
-far to a number of rows, rounded to whole microbatches. The count lives in the loader's state,
-so a resumed run rebuilds exactly the same steps. `flexbert.train.callbacks.BatchSizeWarmup`
-attaches a schedule at fit start and logs the current batch size.
+many microbatches form a step. As ModernBERT's scheduler does, every size of the ramp (in
+whole microbatches) lasts the same number of optimizer steps, so the tokens spent at a size grow
+with it and all sizes together take the warmup's tokens (counted as rows x seq_len, the token
+slots of a packed row). `BatchSizeSchedule` maps the step count to a size: a function of the
+step alone, so every rank takes the same number of microbatches at every step (the real tokens
+of a rank's batches differ, and ranks stepping differently would wait on each other forever),
+and a resumed run, whose step count lives in the loader's state, rebuilds exactly the same
+steps. `flexbert.train.callbacks.BatchSizeWarmup` attaches a schedule at fit start and logs the
+current batch size.
 """
 
 from __future__ import annotations
@@ -27,40 +32,64 @@ from flexbert.train.data_spec import num_tokens
 
 @dataclass(frozen=True)
 class BatchSizeSchedule:
-    """Rows (sequences) per step: linear from `start` to `full` over `warmup_tokens` tokens."""
+    """Microbatches per optimizer step: each size from `start` up to `full` - 1 for
+    `steps_per_size` steps (a fraction: some sizes then take no step), then `full`."""
 
     start: int
     full: int
-    warmup_tokens: int
+    steps_per_size: float
 
     def __post_init__(self) -> None:
         if not 1 <= self.start <= self.full:
             raise ConfigError(f"need 1 <= start <= full, got start={self.start}, full={self.full}")
-        if self.warmup_tokens < 0:
-            raise ConfigError(f"warmup_tokens must be >= 0, got {self.warmup_tokens}")
+        if self.steps_per_size < 0:
+            raise ConfigError(f"steps_per_size must be >= 0, got {self.steps_per_size}")
 
-    def rows(self, tokens_seen: int) -> int:
-        """Rows for the next step after `tokens_seen` tokens."""
-        if self.warmup_tokens == 0 or tokens_seen >= self.warmup_tokens:
+    @classmethod
+    def over_tokens(
+        cls,
+        start_rows: int,
+        full_rows: int,
+        rows_per_microbatch: int,
+        warmup_tokens: int,
+        tokens_per_row: int,
+    ) -> BatchSizeSchedule:
+        """From `start_rows` (rounded up to whole microbatches) to `full_rows` rows per step,
+        every size the same number of steps, `warmup_tokens` in all (rows x tokens_per_row)."""
+        if warmup_tokens < 0:
+            raise ConfigError(f"warmup_tokens must be >= 0, got {warmup_tokens}")
+        full = full_rows // rows_per_microbatch
+        start = min(full, max(1, math.ceil(start_rows / rows_per_microbatch)))
+        one_step_each = sum(range(start, full)) * rows_per_microbatch * tokens_per_row
+        return cls(start, full, warmup_tokens / one_step_each if one_step_each else 0.0)
+
+    @property
+    def warmup_steps(self) -> int:
+        """Steps before the full size."""
+        return math.ceil(self.steps_per_size * (self.full - self.start))
+
+    def microbatches(self, step: int) -> int:
+        """Microbatches of optimizer step `step` (counted from 0)."""
+        if step >= self.warmup_steps:
             return self.full
-        frac = tokens_seen / self.warmup_tokens
-        return int(self.start + frac * (self.full - self.start))
-
-    def microbatches(self, tokens_seen: int, rows_per_microbatch: int) -> int:
-        """Whole microbatches for the next step (at least one)."""
-        return max(1, math.ceil(self.rows(tokens_seen) / rows_per_microbatch))
+        return self.start + int(step / self.steps_per_size)
 
 
 class StepBatcher:
     """Group a microbatch loader's output into optimizer steps of `rows_per_step` rows.
 
     The loader's own `state_dict()` / `load_state_dict()` (PackedMLMLoader,
-    StreamingDataLoader) are saved with the step counters. `rows_per_step` and `rows_per_microbatch` are per rank. The last step of an epoch may hold
-    fewer microbatches.
+    StreamingDataLoader) are saved with the step counters. `rows_per_step` and
+    `rows_per_microbatch` are per rank; `tokens_per_row` (seq_len) sizes the warmup. The last
+    step of an epoch may hold fewer microbatches.
     """
 
     def __init__(
-        self, loader: Iterable[dict[str, Any]], rows_per_step: int, rows_per_microbatch: int
+        self,
+        loader: Iterable[dict[str, Any]],
+        rows_per_step: int,
+        rows_per_microbatch: int,
+        tokens_per_row: int,
     ):
         if rows_per_step % rows_per_microbatch:
             raise ConfigError(
@@ -69,26 +98,33 @@ class StepBatcher:
             )
         self.loader = loader
         self.rows_per_microbatch = rows_per_microbatch
-        self.schedule = BatchSizeSchedule(rows_per_step, rows_per_step, 0)
+        self.rows_per_step, self.tokens_per_row = rows_per_step, tokens_per_row
+        full = rows_per_step // rows_per_microbatch
+        self.schedule = BatchSizeSchedule(full, full, 0.0)
         self.dataset = ComposerStateAdapter(self)
         self.tokens_seen = 0
         self.steps = 0
         self.last_microbatches = 0
 
     def set_schedule(self, start_rows: int, warmup_tokens: int) -> BatchSizeSchedule:
-        """Ramp from `start_rows` rows per step to the full size over `warmup_tokens`."""
-        self.schedule = BatchSizeSchedule(start_rows, self.schedule.full, warmup_tokens)
+        """Ramp from `start_rows` rows per step to the full size over `warmup_tokens` tokens
+        (rows x tokens_per_row), each size the same number of steps."""
+        self.schedule = BatchSizeSchedule.over_tokens(
+            start_rows,
+            self.rows_per_step,
+            self.rows_per_microbatch,
+            warmup_tokens,
+            self.tokens_per_row,
+        )
         return self.schedule
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         step: list[dict[str, Any]] = []
-        want = self.schedule.microbatches(self.tokens_seen, self.rows_per_microbatch)
         for micro in self.loader:
             step.append(micro)
-            if len(step) == want:
+            if len(step) == self.schedule.microbatches(self.steps):
                 yield self._emit(step)
                 step = []
-                want = self.schedule.microbatches(self.tokens_seen, self.rows_per_microbatch)
         if step:
             yield self._emit(step)
 

@@ -20,10 +20,11 @@ def _step_batcher(state: State) -> StepBatcher | None:
 class BatchSizeWarmup(Callback):
     """Ramp the sequences per optimizer step from `start_batch_size` to the full batch size.
 
-    The full size is the data config's `batch_size`; the ramp is linear in tokens seen and
-    rounded to whole microbatches (see `flexbert.train.batching`). The step batcher applies the
+    The full size is the data config's `batch_size`; every size of the ramp, in whole
+    microbatches, lasts the same number of steps, and the ramp takes `warmup_tokens` (counted
+    as rows x `seq_len`; see `flexbert.train.batching`). The step batcher applies the
     schedule, so it survives resumption; this callback attaches it and logs `batch_size/rows`.
-    `start_batch_size` counts all ranks together, like `batch_size`.
+    `start_batch_size` and `warmup_tokens` count all ranks together, like `batch_size`.
     """
 
     def __init__(self, start_batch_size: int, warmup_tokens: int | str) -> None:
@@ -38,9 +39,8 @@ class BatchSizeWarmup(Callback):
         from composer.utils import dist
 
         self.world_size = dist.get_world_size()
-        start = max(1, self.start_batch_size // self.world_size)
         batcher.set_schedule(
-            min(start, batcher.schedule.full), self.warmup_tokens // self.world_size
+            max(1, self.start_batch_size // self.world_size), self.warmup_tokens // self.world_size
         )
 
     def batch_end(self, state: State, logger: Logger) -> None:

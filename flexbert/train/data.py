@@ -259,5 +259,5 @@ def build_loaders(
             finish_every_rank=split == "val",
         )
 
-    train = StepBatcher(loader("train", micro, True, seed), step, micro)
+    train = StepBatcher(loader("train", micro, True, seed), step, micro, data.seq_len)
     return train, loader("val", eval_micro, False, seed + 1)

@@ -9,14 +9,20 @@ from flexbert.train.batching import BatchSizeSchedule, StepBatcher
 from flexbert.train.data_spec import num_samples, num_tokens, split_batch, token_counts
 
 
-def test_schedule_ramps_linearly_in_tokens_then_stays_full():
-    s = BatchSizeSchedule(start=768, full=4608, warmup_tokens=50_000)
-    assert s.rows(0) == 768 and s.rows(25_000) == 768 + (4608 - 768) // 2
-    assert s.rows(50_000) == s.rows(10**9) == 4608
-    assert s.microbatches(0, 96) == 8 and s.microbatches(10**9, 96) == 48
-    assert BatchSizeSchedule(8, 8, 0).rows(0) == 8
+def test_every_warmup_size_lasts_the_same_steps_and_all_take_the_warmup_tokens():
+    """ModernBERT-base's ramp on one rank: 768 -> 4608 rows in microbatches of 96, 50B tokens
+    of 1024-token rows: each size (8 .. 47 microbatches) about 462 steps, then 48."""
+    s = BatchSizeSchedule.over_tokens(768, 4608, 96, 50_000_000_000, 1024)
+    sizes = [s.microbatches(step) for step in range(s.warmup_steps + 100)]
+    assert sizes[0] == 8 and sizes[-1] == 48 and sizes == sorted(sizes)
+    steps_at = [sizes.count(m) for m in range(8, 48)]
+    assert max(steps_at) - min(steps_at) <= 1 and 455 <= min(steps_at) <= 463
+    tokens = sum(m * 96 * 1024 for m in sizes[: s.warmup_steps])
+    assert abs(tokens - 50_000_000_000) <= 48 * 96 * 1024  # within one step
+    assert BatchSizeSchedule.over_tokens(8, 8, 1, 0, 10).microbatches(0) == 8
+    assert BatchSizeSchedule.over_tokens(8, 16, 4, 0, 10).microbatches(0) == 4  # no warmup
     with pytest.raises(ValueError, match="start"):
-        BatchSizeSchedule(16, 8, 10)
+        BatchSizeSchedule(16, 8, 1.0)
 
 
 class _Micro:
@@ -49,15 +55,45 @@ def _sizes(batcher):
 
 
 def test_step_batcher_follows_the_warmup_schedule():
-    batcher = StepBatcher(_Micro(12), rows_per_step=4, rows_per_microbatch=1)
-    batcher.set_schedule(start_rows=1, warmup_tokens=60)
-    # 0 tokens: 1 row; 10: 1.5 -> 1; 20: 2; 40: 3; 70: full 4; the last step takes what is left
-    assert _sizes(batcher) == [1, 1, 2, 3, 4, 1]
+    batcher = StepBatcher(_Micro(12), rows_per_step=4, rows_per_microbatch=1, tokens_per_row=10)
+    batcher.set_schedule(start_rows=1, warmup_tokens=120)
+    # sizes 1, 2, 3 take 60 tokens one step each: two steps each, then full; the last step
+    # takes what is left
+    assert _sizes(batcher) == [1, 1, 2, 2, 3, 3]
     assert batcher.tokens_seen == 120
 
 
+class _Ragged(_Micro):
+    """Microbatches whose real tokens differ (as on two ranks): 10 slots, `real` of them."""
+
+    def __init__(self, n: int, real: list[int]) -> None:
+        super().__init__(n)
+        self.real = real
+
+    def __iter__(self):
+        for i, micro in enumerate(super().__iter__()):
+            cut = self.real[i % len(self.real)]
+            micro["cu_seqlens"] = torch.tensor([0, cut], dtype=torch.int32)
+            micro["input_ids"] = micro["input_ids"][:cut]
+            micro["labels"] = micro["labels"][:cut]
+            yield micro
+
+
+def test_ranks_with_different_real_tokens_take_the_same_steps():
+    """The schedule follows the step count, not the tokens a rank happened to read: ranks
+    that step differently would wait on each other's collectives forever."""
+    sizes = []
+    for real in ([10], [3, 9, 1], [2]):
+        batcher = StepBatcher(_Ragged(40, real), 4, 1, tokens_per_row=10)
+        batcher.set_schedule(start_rows=1, warmup_tokens=120)
+        sizes.append(_sizes(batcher))
+    assert sizes[0] == sizes[1] == sizes[2] == [1, 1, 2, 2, 3, 3, 4, 4, 4, 4, 4, 4, 4]
+
+
 def test_step_batches_count_and_split_into_their_microbatches():
-    step = next(iter(StepBatcher(_Micro(4), rows_per_step=2, rows_per_microbatch=1)))
+    step = next(
+        iter(StepBatcher(_Micro(4), rows_per_step=2, rows_per_microbatch=1, tokens_per_row=10))
+    )
     assert num_samples(step) == 4 and num_tokens(step) == 20
     assert token_counts(step) == {"total": 20, "loss_generating": 6}
     parts = split_batch(step, 1)
@@ -66,8 +102,8 @@ def test_step_batches_count_and_split_into_their_microbatches():
 
 def test_step_batcher_resumes_at_the_same_step_and_batch_size():
     def run(start=None):
-        batcher = StepBatcher(_Micro(12), rows_per_step=4, rows_per_microbatch=1)
-        batcher.set_schedule(1, 60)
+        batcher = StepBatcher(_Micro(12), 4, 1, tokens_per_row=10)
+        batcher.set_schedule(1, 120)
         if start is not None:
             batcher.load_state_dict(start)
         return batcher
@@ -78,4 +114,4 @@ def test_step_batcher_resumes_at_the_same_step_and_batch_size():
     state = full.dataset.state_dict(num_samples=123, from_beginning=True)  # as Composer calls it
     rest = [[int(m["input_ids"][0]) for m in s["microbatches"]] for s in it]
     resumed = [[int(m["input_ids"][0]) for m in s["microbatches"]] for s in run(state)]
-    assert len(first) == 3 and resumed == rest == [[4, 5, 6], [7, 8, 9, 10], [11]]
+    assert len(first) == 3 and resumed == rest == [[4, 5], [6, 7, 8], [9, 10, 11]]
