@@ -372,6 +372,8 @@ class FlexBertForColBERT(FlexBertPreTrainedModel):
             "document_marker_id": document_marker_id,
             "skiplist_ids": skiplist_ids,
         }
+        if skiplist_ids is not None:  # a set: compared in the order it is saved
+            given["skiplist_ids"] = sorted(set(skiplist_ids))
         if saved is not None:
             differ = {k: v for k, v in given.items() if v is not None and v != saved[k]}
             if differ:

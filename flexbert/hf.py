@@ -73,7 +73,8 @@ def config_from_hf(hf_config: Any, **overrides: Any) -> ModelConfig:
         activation=act,
         head_activation=head_act,
         mlp="glu",
-        attention_pattern=_pattern_from_types(types, hf_config.local_attention),
+        # ModernBERT attends |i - j| <= local_attention // 2: an odd window is the even below
+        attention_pattern=_pattern_from_types(types, hf_config.local_attention // 2 * 2),
         position={
             "name": "rope",
             "global_theta": float(rope["full_attention"]["rope_theta"]),
@@ -94,6 +95,12 @@ def config_from_hf(hf_config: Any, **overrides: Any) -> ModelConfig:
         num_labels=hf_config.num_labels,
         problem_type=hf_config.problem_type,
     )
+    ignore = getattr(hf_config, "sparse_pred_ignore_index", -100)
+    if ignore != -100:
+        raise ConfigError(
+            f"config.json has sparse_pred_ignore_index={ignore}; FlexBERT's heads ignore label "
+            "-100 (transformers' default): relabel with -100"
+        )
     mask_id = getattr(hf_config, "mask_token_id", None)
     if mask_id is not None:
         values["mask_token_id"] = mask_id
@@ -322,8 +329,10 @@ def load_hf(cls: type, path: str | Path, **overrides: Any):
     sentence-transformers (`POOLING_FROM_SENTENCE_TRANSFORMERS`) takes its Pooling module's mode."""
     from transformers import AutoConfig
 
-    path, st_pooling = sentence_transformers_layout(resolve_model_dir(path))
+    folder = resolve_model_dir(path)
+    path, st_pooling = sentence_transformers_layout(folder)
     if st_pooling and getattr(cls, "POOLING_FROM_SENTENCE_TRANSFORMERS", False):
+        check_sentence_transformers_modules(folder)  # its vectors are what this model computes
         overrides.setdefault("pooling", st_pooling)
     if not (path / "config.json").exists():
         raise FileNotFoundError(
@@ -335,9 +344,27 @@ def load_hf(cls: type, path: str | Path, **overrides: Any):
             f"{path} holds a '{hf_config.model_type}' checkpoint; FlexBERT loads 'modernbert' checkpoints"
         )
     model = cls(config_from_hf(hf_config, **overrides))
-    state = match_state_dict(model, read_state_dict(path))
+    state = read_state_dict(path)
+    if "decoder.weight" in model.state_dict():  # a head with the tied decoder
+        check_tied_decoder(state, hf_config, path)
+    state = match_state_dict(model, state)
     model.load_state_dict(state, strict=False)
     return model
+
+
+def check_tied_decoder(state: dict[str, torch.Tensor], hf_config: Any, path: Path) -> None:
+    """FlexBERT's MLM decoder is the token embedding (ModernBERT ties them); a checkpoint
+    whose own decoder differs (tie_word_embeddings=false) would load wrong: refused."""
+    decoder = state.get("decoder.weight")
+    embedding = state.get("model.embeddings.tok_embeddings.weight")
+    if decoder is None or embedding is None or getattr(hf_config, "tie_word_embeddings", True):
+        return
+    if decoder.shape != embedding.shape or not torch.equal(decoder, embedding):
+        raise CheckpointError(
+            f"{path} has its own MLM decoder weights (tie_word_embeddings=false), unlike the "
+            "token embedding; FlexBERT ties the decoder to the embedding as ModernBERT does, "
+            "so it cannot load this checkpoint's head (its encoder loads into FlexBertModel)"
+        )
 
 
 def save_hf(model: torch.nn.Module, path: str | Path) -> Path:
@@ -400,6 +427,26 @@ def sentence_transformers_layout(path: Path) -> tuple[Path, str | None]:
                 )
             pooling = modes[0]
     return encoder, pooling
+
+
+# Modules a sentence-embedding model may have after its encoder: pooling and normalisation.
+ST_EMBEDDING_MODULES = (".Transformer", ".Pooling", ".Normalize")
+
+
+def check_sentence_transformers_modules(path: Path) -> None:
+    """A sentence-transformers directory whose vectors FlexBertForSentenceEmbedding computes:
+    an encoder, a Pooling, a Normalize; anything else (a Dense projection...) is refused."""
+    modules_file = path / "modules.json"
+    if not modules_file.exists():
+        return
+    kinds = [m.get("type", "") for m in json.loads(modules_file.read_text())]
+    others = [k for k in kinds if not k.endswith(ST_EMBEDDING_MODULES)]
+    if others:
+        raise ConfigError(
+            f"{path}: sentence-transformers modules {others} have no FlexBERT counterpart; "
+            "FlexBertForSentenceEmbedding computes encoder -> Pooling -> Normalize (its encoder "
+            "alone loads into FlexBertModel)"
+        )
 
 
 def sentence_transformers_pooling(cfg: ModelConfig) -> str:

@@ -285,5 +285,9 @@ def test_skiplisted_document_tokens_never_score_in_any_layout(tmp_path):
     assert torch.allclose(from_packed, vectors, atol=1e-5)
     model.save_hf(tmp_path / "skip")
     assert FlexBertForColBERT.from_pretrained(tmp_path / "skip").skiplist_ids == sorted(set(skip))
+    again = [*reversed(skip), skip[0]]  # the same set in another order
+    assert FlexBertForColBERT.from_hf(tmp_path / "skip", skiplist_ids=again).skiplist_ids == sorted(
+        set(skip)
+    )
     with pytest.raises(ConfigError, match=r"skiplist_ids: token ids in \[0, 512\)"):
         _model(skiplist_ids=[600])

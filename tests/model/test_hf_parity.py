@@ -266,6 +266,54 @@ def test_checkpoint_with_other_shapes_or_from_another_model_is_refused(tmp_path)
         FlexBertForMaskedLM.from_hf(tmp_path / "bert")
 
 
+def test_an_untied_mlm_decoder_is_refused_and_its_encoder_still_loads(tmp_path):
+    """FlexBERT ties the decoder to the token embedding: a checkpoint with its own decoder
+    (tie_word_embeddings=false) once loaded with the decoder written over the embedding."""
+    hf = ModernBertForMaskedLM(_hf_config(3, window=8, tie_word_embeddings=False)).eval()
+    with torch.no_grad():
+        hf.decoder.weight.add_(torch.randn_like(hf.decoder.weight))
+    hf.save_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match="tie_word_embeddings=false"):
+        FlexBertForMaskedLM.from_hf(tmp_path, mask_token_id=3)
+    encoder = FlexBertModel.from_hf(tmp_path, mask_token_id=3).eval()
+    ids, mask = ragged_batch([20, 9])
+    with torch.no_grad():
+        expected = hf.model(ids, attention_mask=mask).last_hidden_state
+        got = encoder(ids, attention_mask=mask).last_hidden_state
+    assert _rel_err(expected[mask], got[mask]) < 1e-4
+
+
+def test_a_sentence_transformers_model_with_a_dense_layer_is_refused(tmp_path):
+    """Its vectors pass through a projection FlexBertForSentenceEmbedding does not have."""
+    st = pytest.importorskip("sentence_transformers")
+    FlexBertForSentenceEmbedding(ModelConfig.preset("tiny")).save_hf(tmp_path / "ours")
+    _word_tokenizer(tmp_path / "ours")
+    model = st.SentenceTransformer(str(tmp_path / "ours"), device="cpu")
+    model.append(st.models.Dense(64, 8))
+    model.save(str(tmp_path / "dense"))
+    with pytest.raises(ConfigError, match="Dense.* no FlexBERT counterpart"):
+        FlexBertForSentenceEmbedding.from_hf(tmp_path / "dense")
+    FlexBertModel.from_hf(tmp_path / "dense")  # the encoder alone loads
+
+
+def test_hf_settings_flexbert_reads_differently_are_mapped_or_refused(tmp_path):
+    """An odd local_attention is the even window below it (ModernBERT attends |i - j| <=
+    local_attention // 2); a sparse_pred_ignore_index other than -100 is refused."""
+    hf = ModernBertForMaskedLM(_hf_config(2, window=9)).eval()
+    _perturb(hf)
+    hf.save_pretrained(tmp_path / "odd")
+    ours = FlexBertForMaskedLM.from_hf(tmp_path / "odd", mask_token_id=3).eval()
+    ids, mask = ragged_batch([40, 17])
+    with torch.no_grad():
+        expected = hf(ids, attention_mask=mask).logits
+        assert _rel_err(expected[mask], ours(ids, attention_mask=mask).logits[mask]) < 1e-4
+    ModernBertForMaskedLM(_hf_config(2, window=8, sparse_pred_ignore_index=-1)).save_pretrained(
+        tmp_path / "ignore"
+    )
+    with pytest.raises(ConfigError, match="sparse_pred_ignore_index=-1"):
+        FlexBertForMaskedLM.from_hf(tmp_path / "ignore", mask_token_id=3)
+
+
 def test_missing_directory_or_weights_name_the_path(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="config.json is missing"):
