@@ -20,9 +20,17 @@ def cls_pool(
     attention_mask: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    """Each sequence's first real token ([CLS]; with left padding, after the padding); a
+    sequence without any real token pools to zeros."""
     if cu_seqlens is not None:
-        return hidden[cu_seqlens[:-1].long()]  # (B, D)
-    return hidden[:, 0]  # (B, D)
+        starts = cu_seqlens[:-1].long()
+        first = hidden[starts.clamp(max=max(hidden.shape[0] - 1, 0))]  # (B, D)
+        return first.masked_fill((cu_seqlens[1:] == starts)[:, None], 0)
+    if attention_mask is None:
+        return hidden[:, 0]  # (B, D)
+    real = attention_mask.bool()
+    first = hidden[torch.arange(hidden.shape[0], device=hidden.device), real.int().argmax(dim=1)]
+    return first.masked_fill(~real.any(dim=1)[:, None], 0)
 
 
 @POOLINGS.register("mean")

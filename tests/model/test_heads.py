@@ -139,6 +139,31 @@ def test_mean_pooling_ignores_padding(padding):
         )
 
 
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_pooling_is_the_same_in_both_layouts_with_left_padding_and_an_empty_row(pooling):
+    """Left padding, and a row of padding only (it pools to zeros: the head's output for a
+    zero vector), classify alike in the padded and unpadded layouts; a left-padded row
+    classifies as it would alone."""
+    cfg = ModelConfig.preset("tiny", pooling=pooling, num_labels=3)
+    weights = FlexBertForSequenceClassification(cfg).state_dict()
+    ids, mask = ragged_batch([7, 10, 4])
+    left_ids, left_mask = ids.clone(), mask.clone()
+    left_ids[0] = torch.cat([ids[0, 7:], ids[0, :7]])  # row 0 padded on the left
+    left_mask[0] = torch.cat([mask[0, 7:], mask[0, :7]])
+    left_mask[2] = False  # row 2: padding only
+    logits = {}
+    for padding in ("unpadded", "padded"):
+        model = FlexBertForSequenceClassification(cfg.replace(padding=padding)).eval()
+        model.load_state_dict(weights)
+        with torch.no_grad():
+            logits[padding] = model(left_ids, attention_mask=left_mask).logits
+            alone = model(ids[:1, :7], attention_mask=mask[:1, :7]).logits
+            of_zeros = model.classify(torch.zeros(1, cfg.hidden_size))
+        torch.testing.assert_close(logits[padding][:1], alone, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(logits[padding][2:], of_zeros)
+    torch.testing.assert_close(logits["unpadded"], logits["padded"], atol=1e-5, rtol=1e-5)
+
+
 def test_token_classification_shapes_and_loss():
     model = FlexBertForTokenClassification(ModelConfig.preset("tiny", num_labels=5))
     ids, mask = ragged_batch([15, 6])
