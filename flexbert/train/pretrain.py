@@ -16,6 +16,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from flexbert.registry import ConfigError
 from flexbert.train.app import (
     composer_trainer,
     eval_metrics,
@@ -30,8 +31,21 @@ from flexbert.train.runtime import final_model, is_main_process, start_distribut
 log = logging.getLogger("flexbert.train")
 
 
+def check_start_weights(cfg: DictConfig) -> None:
+    """A recipe that continues a trained model (`requires_start_weights`, context extension)
+    refuses a random start."""
+    start = cfg.trainer.get("load_path") or (cfg.get("init_from") or {}).get("path")
+    if cfg.get("requires_start_weights") and not start:
+        raise ConfigError(
+            "this recipe continues a trained model (requires_start_weights=true) but no weights "
+            "were given: set trainer.load_path=<phase-1 checkpoint .pt> or init_from.path=<Hugging "
+            "Face ModernBERT directory, run folder or checkpoint>"
+        )
+
+
 def build_trainer(cfg: DictConfig, run_dir: Path) -> tuple[Any, dict[str, Any]]:
     """Everything up to a ready `composer.Trainer`; returns it and the facts for the summary."""
+    check_start_weights(cfg)
     from composer import Evaluator
     from composer.utils import dist, reproducibility
 

@@ -56,6 +56,13 @@ def test_paper_recipes_carry_the_paper_settings():
     e = resolve_model_config(ext.model, MODERNBERT_IDS)
     assert e.position.global_theta == 160_000 and e.position.local_theta == 10_000
     assert ext.data.seq_len == 8192 and ext.optimizer.lr < base.optimizer.lr
+    from flexbert.train.pretrain import check_start_weights
+
+    with pytest.raises(ConfigError, match="no weights were given"):  # not a random start
+        check_start_weights(ext)
+    check_start_weights(compose_config(["experiment=context_extension", "init_from.path=HF"]))
+    check_start_weights(compose_config(["experiment=context_extension", "trainer.load_path=a.pt"]))
+    check_start_weights(base)  # phase 1 starts from random weights
 
 
 @pytest.mark.parametrize("name", ABLATIONS)
