@@ -51,7 +51,7 @@ class WarmupStableDecayScheduler(ComposerScheduler):
         warmup = _convert_time(self.t_warmup, state, ssr)
         decay = _convert_time(self.t_decay, state, ssr)
         total = _convert_time(Time(1.0, TimeUnit.DURATION), state, ssr)
-        if decay.unit != total.unit:
+        if decay.value > 0 and decay.unit != total.unit:  # no decay (0tok) fits any unit
             raise ConfigError(
                 f"t_decay={self.t_decay} must be in max_duration's unit ({total.unit.value}) or dur"
             )

@@ -46,6 +46,9 @@ def test_wsd_refuses_a_decay_in_another_unit():
         WarmupStableDecayScheduler("10ba", "100ba")(_state("10000tok", token=1, batch=1))
     with pytest.raises(ValueError, match="decay_shape"):
         WarmupStableDecayScheduler(decay_shape="cosine")
+    # no decay at all (a recipe's 0tok over a short run in batches) fits any unit
+    no_decay = WarmupStableDecayScheduler("0ba", "0tok")
+    assert no_decay(_state("5ba", token=100, batch=4)) == 1.0
 
 
 def test_the_default_scheduler_config_builds_the_wsd_scheduler():
