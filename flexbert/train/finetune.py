@@ -203,11 +203,14 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
 
 def best_eval(history: list[dict[str, Any]], metrics: list[str]) -> dict[str, Any] | None:
     """The evaluation with the highest value of the task's first metric (the one a sweep
-    maximises), with its epoch and batch: what to report for GLUE-style fine-tuning."""
+    maximises), with its epoch and batch: what to report for GLUE-style fine-tuning. A NaN
+    (or missing) value is no score: max() would keep a NaN it met first."""
+    import math
+
     if not metrics or not history:
         return None
     key = metrics[0]
-    scored = [e for e in history if e.get(key) is not None]
+    scored = [e for e in history if e.get(key) is not None and math.isfinite(e[key])]
     if not scored:
         return None
     best = max(scored, key=lambda e: e[key])

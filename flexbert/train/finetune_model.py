@@ -111,13 +111,14 @@ def build_metrics(
     from torchmetrics.regression import PearsonCorrCoef, SpearmanCorrCoef
 
     n = max(num_labels, 2)
+    outside = label_names.index("O") if label_names and "O" in label_names else 0
     factories = {
         "accuracy": lambda: MulticlassAccuracy(num_classes=n, average="micro"),
         "f1": lambda: BinaryF1Score() if n == 2 else MulticlassF1Score(n, average="macro"),
         "matthews": lambda: MulticlassMatthewsCorrCoef(num_classes=n),
         "pearson": PearsonCorrCoef,
         "spearman": SpearmanCorrCoef,
-        "entity_f1": EntityF1,
+        "entity_f1": lambda: EntityF1(outside),
         "span_f1": lambda: SpanF1(label_names),
     }
     allowed = {
@@ -299,21 +300,24 @@ def save_task_model(model: Any, tokenizer: Any, out: Path, task: Mapping[str, An
     except ConfigError as e:  # refused before anything is written
         return str(e)
     save_tokenizer(tokenizer, out)
-    write_label_names(out, task.get("labels"))
+    write_label_names(out, task.get("labels"), model.config.num_labels)
     if isinstance(model, FlexBertForColBERT):
         length = task.get("document_length") or model.config.max_seq_len
         write_pylate_modules(out, model, tokenizer, length)
     return None
 
 
-def write_label_names(out: Path, label_names: list[str] | None) -> None:
-    """id2label / label2id into a saved config.json (nothing when there are no names)."""
+def write_label_names(out: Path, label_names: list[str] | None, num_labels: int) -> None:
+    """id2label / label2id into a saved config.json (nothing when there are no names). Labels
+    without a name (fewer names than the model's `num_labels`) are LABEL_i, as transformers
+    names them: its config reads num_labels from id2label, so a short one would not load."""
     import json
 
     if not label_names:
         return
+    names = [*label_names, *(f"LABEL_{i}" for i in range(len(label_names), num_labels))]
     cfg_file = Path(out) / "config.json"
     hf = json.loads(cfg_file.read_text())
-    hf["id2label"] = {str(i): n for i, n in enumerate(label_names)}
-    hf["label2id"] = {n: i for i, n in enumerate(label_names)}
+    hf["id2label"] = {str(i): n for i, n in enumerate(names)}
+    hf["label2id"] = {n: i for i, n in enumerate(names)}
     cfg_file.write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")

@@ -31,7 +31,7 @@ from torchmetrics import Metric
 from flexbert.data.errors import DataError
 from flexbert.outputs import FlexBertOutput
 from flexbert.train.composer_model import FlexBertComposerModel
-from flexbert.train.tasks import check_fields, pad_rows
+from flexbert.train.tasks import check_fields, pad_rows, text_column
 
 QA_INPUTS = ("input_ids", "attention_mask", "start_positions", "end_positions")
 QA_METRICS = ("exact_match", "f1")
@@ -105,8 +105,9 @@ def encode_questions(
         raise DataError("question answering needs a fast tokenizer (character offsets)")
     answer_field = task["label_field"]
     check_fields(ds, [*fields, answer_field], split)
-    questions = [str(t).lstrip() for t in ds[fields[0]]]  # leading spaces only cost room
-    contexts = [str(t) for t in ds[fields[1]]]
+    # leading spaces only cost room
+    questions = [t.lstrip() for t in text_column(ds[fields[0]], split, fields[0])]
+    contexts = text_column(ds[fields[1]], split, fields[1])
     answers = ds[answer_field]
     allow_no_answer = bool(task.get("allow_no_answer", False))
     stride = task.get("doc_stride")

@@ -16,7 +16,7 @@ import torch
 
 from flexbert.data.errors import DataError
 from flexbert.registry import ConfigError
-from flexbert.train.tasks import check_fields, pad_rows
+from flexbert.train.tasks import check_fields, pad_rows, text_column
 
 
 def encode_pairs(
@@ -38,7 +38,7 @@ def encode_pairs(
     if len(fields) != 2:
         raise DataError(f"task.text_fields: retrieval needs [query, positive], got {fields}")
     check_fields(ds, fields, split)
-    q, p = ([_text(t, split, i, f) for i, t in enumerate(ds[f])] for f in fields)
+    q, p = (text_column(ds[f], split, f) for f in fields)
     q_ids = tokenizer(q, truncation=True, max_length=query_max_len or max_len)["input_ids"]
     p_ids = tokenizer(p, truncation=True, max_length=max_len)["input_ids"]
     rows = [{"input_ids": a, "cand_ids": b} for a, b in zip(q_ids, p_ids)]
@@ -53,13 +53,6 @@ def encode_pairs(
         if scores is not None:
             row["teacher_scores"] = scores[i]
     return rows
-
-
-def _text(value: Any, split: str, row: int, field: str) -> str:
-    """A query or positive as text; a missing or empty one is an error naming its row."""
-    if value is None or (isinstance(value, str) and not value.strip()):
-        raise DataError(f"split '{split}' row {row}: field '{field}' is empty")
-    return str(value)
 
 
 def _written_as_text(value: Any) -> bool:

@@ -8,6 +8,8 @@ the data raises DataError naming the file, split or field, before any training s
 
 from __future__ import annotations
 
+import csv
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,10 @@ TASK_TYPES = (
     "colbert",
 )
 FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+# only an empty cell is missing: "NA", "nan" or "null" in a CSV/TSV cell stay text (pandas' default
+# would read them as missing); TSV has no quoting, so a '"' is text, not the start of a field
+CSV_OPTIONS = {"keep_default_na": False, "na_values": [""]}
+TSV_OPTIONS = {**CSV_OPTIONS, "delimiter": "\t", "quoting": csv.QUOTE_NONE}
 
 
 def _file_format(files: Mapping[str, str]) -> tuple[str, dict[str, Any]]:
@@ -42,7 +48,10 @@ def _file_format(files: Mapping[str, str]) -> tuple[str, dict[str, Any]]:
     builders = {FORMATS[s] for s in suffixes}
     if len(builders) > 1:
         raise DataError(f"task.dataset.files mixes formats {sorted(suffixes)}; use one format")
-    return builders.pop(), ({"delimiter": "\t"} if suffixes == {".tsv"} else {})
+    builder = builders.pop()
+    if builder != "csv":
+        return builder, {}
+    return builder, TSV_OPTIONS if suffixes == {".tsv"} else CSV_OPTIONS
 
 
 def load_splits(dataset: Mapping[str, Any], splits: Sequence[str]) -> dict[str, Any]:
@@ -91,6 +100,27 @@ def check_fields(
         )
 
 
+def text_column(values: Sequence[Any], split: str, field: str, blank_ok: bool = False) -> list[str]:
+    """A text field's values as strings; a missing (null, empty cell) or, unless `blank_ok`,
+    blank text is an error naming its split, row and field, not the text "None"."""
+    for row, value in enumerate(values):
+        if value is None or (not blank_ok and isinstance(value, str) and not value.strip()):
+            raise DataError(
+                f"split '{split}' row {row}: field '{field}' is empty (null, missing or blank); "
+                "every row needs a text there"
+            )
+    return [str(v) for v in values]
+
+
+def _missing(value: Any) -> bool:
+    """No label: null, NaN (an empty numeric cell) or a blank string."""
+    return (
+        value is None
+        or (isinstance(value, float) and math.isnan(value))
+        or (isinstance(value, str) and not value.strip())
+    )
+
+
 def feature_label_names(ds: Any, field: str) -> list[str] | None:
     """The names of a `datasets` ClassLabel column (or a sequence of ClassLabel), if it is one."""
     feature = (getattr(ds, "features", None) or {}).get(field)
@@ -105,24 +135,47 @@ def label_mapper(
     """A function raw label -> target, and the label names (for id2label) when known: from
     task.label_names, else `known_names` (a ClassLabel column's), else string labels."""
     kind, num_labels = task["type"], int(task["num_labels"])
+    field = task.get("label_field", "label")
+
+    def check(v: Any, valid: str) -> None:
+        if _missing(v):
+            raise DataError(
+                f"no label in field '{field}' (an empty cell, null, or no such column in the "
+                f"split's file); every row needs {valid}"
+            )
+
+    def to_float(v: Any) -> float:
+        check(v, "a number")
+        try:
+            return float(v)
+        except (TypeError, ValueError):
+            raise DataError(f"label {v!r} in field '{field}' is not a number") from None
+
     if kind == "regression":
-        return float, None
+        return to_float, None
     names = list(task.get("label_names") or known_names or [])
     if not names and any(isinstance(v, str) for v in values):
-        names = sorted({str(v) for v in values})  # string labels: ids in sorted order,
+        names = sorted({str(v) for v in values if not _missing(v)})  # ids in sorted order,
         if kind == "token_classification" and "O" in names:  # but the outside tag is id 0
             names = ["O", *[n for n in names if n != "O"]]
     if len(names) > num_labels:
         raise DataError(f"{len(names)} labels {names} but task.num_labels={num_labels}")
     index = {n: i for i, n in enumerate(names)}
+    valid = f"one of {names}" if names else f"a class id 0..{num_labels - 1}"
 
     def to_id(v: Any) -> int:
+        check(v, valid)
         if isinstance(v, str) and names:
             if v not in index:
                 raise DataError(f"label '{v}' is not one of task.label_names {names}")
             i = index[v]
+        elif isinstance(v, float) and not v.is_integer():
+            raise DataError(f"label {v!r} in field '{field}' is not a whole number; need {valid}")
         else:
-            i = int(v)
+            try:
+                i = int(v)
+            except (TypeError, ValueError):
+                raise DataError(f"label {v!r} in field '{field}' is not {valid}") from None
         if not 0 <= i < num_labels:
             raise DataError(
                 f"label {v!r} is outside task.num_labels={num_labels} (0..{num_labels - 1})"
@@ -130,6 +183,18 @@ def label_mapper(
         return i
 
     return to_id, names or None
+
+
+def read_labels(values: Sequence[Any], to_label: Any, where: str, item: str = "row") -> list[Any]:
+    """Each value's target; a bad label's DataError says where (`where`, then its row, or the
+    `item` it labels) it is."""
+    out = []
+    for i, v in enumerate(values):
+        try:
+            out.append(to_label(v))
+        except DataError as e:
+            raise DataError(f"{where} {item} {i}: {e}") from None
+    return out
 
 
 def encode_sequences(
@@ -140,9 +205,9 @@ def encode_sequences(
     if not 1 <= len(fields) <= 2:
         raise DataError(f"task.text_fields: one or two fields, got {fields}")
     check_fields(ds, [*fields, task["label_field"]], split)
-    columns = [[str(t) for t in ds[f]] for f in fields]
+    columns = [text_column(ds[f], split, f) for f in fields]
     enc = tokenizer(*columns, truncation=True, max_length=max_len)
-    labels = [to_label(v) for v in ds[task["label_field"]]]
+    labels = read_labels(ds[task["label_field"]], to_label, f"split '{split}'")
     return [{"input_ids": ids, "labels": y} for ids, y in zip(enc["input_ids"], labels)]
 
 
@@ -174,11 +239,12 @@ def encode_tokens(
         if len(words) != len(tags):
             raise DataError(f"split '{split}' row {row}: {len(words)} words but {len(tags)} labels")
         ids, labels = [cls], [IGNORE_INDEX]
-        for i, (word, tag) in enumerate(zip(words, tags)):
+        targets = read_labels(tags, to_label, f"split '{split}' row {row}", "word")
+        for i, (word, y) in enumerate(zip(words, targets)):
             pieces = tokenizer(str(word) if i == 0 else " " + str(word), add_special_tokens=False)
             pieces = pieces["input_ids"] or [tokenizer.unk_token_id or sep]
             ids += pieces
-            labels += [to_label(tag)] + [IGNORE_INDEX] * (len(pieces) - 1)
+            labels += [y] + [IGNORE_INDEX] * (len(pieces) - 1)
         ids, labels = ids[: max_len - 1] + [sep], labels[: max_len - 1] + [IGNORE_INDEX]
         out.append({"input_ids": ids, "labels": labels})
     return out
@@ -202,14 +268,14 @@ def encode_choices(
         )
     prefix = task.get("choice_prefix")
     check_fields(ds, [context, *choices, task["label_field"], *([prefix] if prefix else [])], split)
-    contexts = [str(c) for c in ds[context]]  # each column read once (a Dataset copies it)
-    columns = [[str(t) for t in ds[f]] for f in choices]
+    contexts = text_column(ds[context], split, context)  # each column read once (a copy)
+    columns = [text_column(ds[f], split, f) for f in choices]
     n = len(contexts)
-    starts = [str(t) + " " for t in ds[prefix]] if prefix else [""] * n
+    starts = [t + " " for t in text_column(ds[prefix], split, prefix, True)] if prefix else [""] * n
     firsts = [c for c in contexts for _ in choices]
     seconds = [starts[i] + column[i] for i in range(n) for column in columns]
     ids = tokenizer(firsts, seconds, truncation=True, max_length=max_len)["input_ids"]
-    labels = [to_label(v) for v in ds[task["label_field"]]]
+    labels = read_labels(ds[task["label_field"]], to_label, f"split '{split}'")
     k = len(choices)
     return [{"input_ids": ids[i * k : (i + 1) * k], "labels": labels[i]} for i in range(n)]
 

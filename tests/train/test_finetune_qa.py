@@ -351,3 +351,11 @@ def test_question_answering_trains_evaluates_and_exports(pretrained, tmp_path): 
     exported = AutoModelForQuestionAnswering.from_pretrained(tmp_path / "x").eval()
     with torch.no_grad():
         torch.testing.assert_close(exported(input_ids=ids).start_logits, b)
+
+
+@pytest.mark.parametrize("field, value", [("question", None), ("context", None), ("context", "")])
+def test_a_null_or_empty_question_or_context_is_refused(tokenizer, field, value):
+    rows = _rows(3, seed=11)
+    rows[2][field] = value
+    with pytest.raises(DataError, match=rf"split 'train' row 2: field '{field}' is empty"):
+        encode_questions(_Split(_columns(rows)), TASK, tokenizer, 64, "train")

@@ -196,3 +196,196 @@ def test_multiple_choice_needs_one_label_per_choice_field(pretrained, tmp_path):
         encode_choices(
             {"q": ["x"], "a": ["y"], "b": ["z"], "label": [0]}, task, None, 16, "train", int
         )
+
+
+def _task(files: dict, **overrides) -> dict:
+    """A sequence classification task over local files, as build_examples reads it."""
+    return {
+        "type": "sequence_classification",
+        "num_labels": 2,
+        "text_fields": ["text"],
+        "label_field": "label",
+        "train_split": "train",
+        "eval_split": "validation",
+        "dataset": {"files": {k: str(v) for k, v in files.items()}},
+    } | overrides
+
+
+def _both(path) -> dict:
+    return {"train": path, "validation": path}
+
+
+def test_a_quote_in_a_tsv_cell_is_text_and_rows_stay_apart(tmp_path):
+    from flexbert.train.tasks import load_splits
+
+    path = tmp_path / "q.tsv"
+    path.write_text('text\tlabel\n"apple river\t1\nstone\t0\ncloud "x\t1\ngreen"\t0\n')
+    (train,) = load_splits(_task(_both(path))["dataset"], ["train"]).values()
+    assert train["text"] == ['"apple river', "stone", 'cloud "x', 'green"']
+    assert train["label"] == [1, 0, 1, 0]
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".tsv"])
+def test_na_nan_and_null_in_a_cell_stay_text(tmp_path, suffix):
+    from flexbert.train.tasks import load_splits
+
+    sep = "," if suffix == ".csv" else "\t"
+    path = tmp_path / f"a{suffix}"
+    rows = [("text", "label"), ("NA", 1), ("nan", 0), ("null", 1), ("None", 0)]
+    path.write_text("".join(f"{t}{sep}{y}\n" for t, y in rows))
+    (train,) = load_splits(_task(_both(path))["dataset"], ["train"]).values()
+    assert train["text"] == ["NA", "nan", "null", "None"] and train["label"] == [1, 0, 1, 0]
+
+
+@pytest.mark.parametrize(
+    "name, content",
+    [
+        ("a.csv", "text,label\napple,1\n,0\n"),
+        ("a.tsv", "text\tlabel\napple\t1\n\t0\n"),
+        ("a.jsonl", '{"text": "apple", "label": 1}\n{"text": null, "label": 0}\n'),
+        ("a.jsonl", '{"text": "apple", "label": 1}\n{"text": " ", "label": 0}\n'),
+    ],
+)
+def test_an_empty_or_null_text_is_refused_naming_split_row_and_field(
+    pretrained,  # noqa: F811
+    tmp_path,
+    name,
+    content,
+):
+    from flexbert.data.errors import DataError
+    from flexbert.data.tokenizer import load_tokenizer
+    from flexbert.train.tasks import build_examples
+
+    (tmp_path / name).write_text(content)
+    with pytest.raises(DataError, match=r"split 'train' row 1: field 'text' is empty"):
+        build_examples(_task(_both(tmp_path / name)), load_tokenizer(pretrained), 32)
+
+
+def test_a_null_choice_or_context_is_refused_not_read_as_none():
+    from flexbert.data.errors import DataError
+    from flexbert.train.tasks import encode_choices
+
+    task = {"text_fields": ["q", "a", "b"], "num_labels": 2, "label_field": "label"}
+    rows = {"q": ["x", "y"], "a": ["y", None], "b": ["z", "w"], "label": [0, 1]}
+    with pytest.raises(DataError, match=r"split 'dev' row 1: field 'a' is empty"):
+        encode_choices(_Rows(rows), task, None, 16, "dev", int)
+    rows |= {"q": [None, "y"], "a": ["y", "v"]}
+    with pytest.raises(DataError, match=r"split 'dev' row 0: field 'q' is empty"):
+        encode_choices(_Rows(rows), task, None, 16, "dev", int)
+
+
+@pytest.mark.parametrize(
+    "kind, train, dev, match",
+    [
+        (
+            "sequence_classification",
+            "text,label\napple,1\nriver,\nstone,0\n",
+            "text,label\napple,1\n",
+            r"split 'train' row 1: no label in field 'label'.*0\.\.1",
+        ),
+        (
+            "sequence_classification",
+            "text,label\napple,pos\nriver,\nstone,neg\n",
+            "text,label\napple,pos\n",
+            r"split 'train' row 1: no label in field 'label'.*one of \['neg', 'pos'\]",
+        ),
+        (
+            "sequence_classification",
+            "text,label\napple,1\nriver,0\n",
+            "text\napple\nriver\n",  # the eval file has no label column
+            r"split 'validation' row 0: no label in field 'label'",
+        ),
+        (
+            "regression",
+            "text,label\napple,1.5\nriver,\nstone,3\n",
+            "text,label\napple,1\n",
+            r"split 'train' row 1: no label in field 'label'.*a number",
+        ),
+    ],
+)
+def test_a_missing_label_is_refused_naming_split_row_and_field(
+    pretrained,  # noqa: F811
+    tmp_path,
+    kind,
+    train,
+    dev,
+    match,
+):
+    from flexbert.data.errors import DataError
+    from flexbert.data.tokenizer import load_tokenizer
+    from flexbert.train.tasks import build_examples
+
+    (tmp_path / "train.csv").write_text(train)
+    (tmp_path / "dev.csv").write_text(dev)
+    files = {"train": tmp_path / "train.csv", "validation": tmp_path / "dev.csv"}
+    task = _task(files, type=kind, num_labels=1 if kind == "regression" else 2)
+    with pytest.raises(DataError, match=match):
+        build_examples(task, load_tokenizer(pretrained), 32)
+
+
+def test_a_missing_word_label_names_its_row_and_word(pretrained):  # noqa: F811
+    from flexbert.data.errors import DataError
+    from flexbert.data.tokenizer import load_tokenizer
+    from flexbert.train.tasks import encode_tokens, label_mapper
+
+    task = {"type": "token_classification", "num_labels": 3, "label_field": "tags"}
+    to_id, _ = label_mapper(task, [0, 1, None])
+    rows = _Rows({"tokens": [["a"], ["b", "c"]], "tags": [[0], [1, None]]})
+    tok = load_tokenizer(pretrained)
+    with pytest.raises(DataError, match=r"split 'train' row 1 word 1: no label in field 'tags'"):
+        encode_tokens(rows, {**task, "text_fields": ["tokens"]}, tok, 16, "train", to_id)
+
+
+def test_a_fractional_class_label_is_refused_and_whole_floats_are_ids(pretrained, tmp_path):  # noqa: F811
+    from flexbert.data.errors import DataError
+    from flexbert.data.tokenizer import load_tokenizer
+    from flexbert.train.tasks import build_examples
+
+    tok, path = load_tokenizer(pretrained), tmp_path / "a.csv"
+    path.write_text("text,label\napple,1.0\nriver,0.0\n")
+    examples, _ = build_examples(_task(_both(path)), tok, 32)
+    assert [r["labels"] for r in examples["train"]] == [1, 0]
+    path.write_text("text,label\napple,1.0\nriver,0.0\nstone,1.7\n")
+    with pytest.raises(DataError, match=r"split 'train' row 2: label 1\.7 .* not a whole number"):
+        build_examples(_task(_both(path)), tok, 32)
+
+
+def test_fewer_label_names_than_labels_export_a_loadable_model(pretrained, tmp_path):  # noqa: F811
+    from transformers import AutoModelForSequenceClassification
+
+    from flexbert import FlexBertForSequenceClassification
+    from flexbert.data.tokenizer import load_tokenizer
+    from flexbert.train.finetune_model import save_task_model
+
+    model = FlexBertForSequenceClassification.from_hf(pretrained, num_labels=3)
+    save_task_model(model, load_tokenizer(pretrained), tmp_path / "hf", {"labels": ["neg", "pos"]})
+    theirs = AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf")
+    assert theirs.config.num_labels == 3
+    assert theirs.config.id2label == {0: "neg", 1: "pos", 2: "LABEL_2"}
+
+
+def test_best_eval_skips_nan_scores():
+    from flexbert.train.finetune import best_eval
+
+    history = [
+        {"epoch": 1, "batch": 10, "matthews": float("nan")},
+        {"epoch": 2, "batch": 20, "matthews": 0.3},
+        {"epoch": 3, "batch": 30, "matthews": 0.1},
+    ]
+    assert best_eval(history, ["matthews"]) == {
+        "metric": "matthews",
+        "value": 0.3,
+        "epoch": 2,
+        "batch": 20,
+    }
+    assert best_eval(history[:1], ["matthews"]) is None
+
+
+def test_entity_f1_treats_the_o_label_as_outside_wherever_it_is():
+    from flexbert.train.finetune_model import build_metrics
+
+    names = ["B-KEY", "I-KEY", "O"]
+    metric = build_metrics("token_classification", 3, ["entity_f1"], names)["entity_f1"]
+    # gold: B-KEY I-KEY O O B-KEY; predicted: the first entity, O for the second
+    metric.update(torch.tensor([0, 1, 2, 2, 2]), torch.tensor([0, 1, 2, 2, 0]))
+    assert metric.compute().item() == pytest.approx(2 * 2 / (2 + 3))  # 2 correct of 2 and 3
