@@ -102,7 +102,8 @@ def read_parquet(path: Path, text_field: str = "text") -> Iterator[Document]:
     row = 0
     for batch in pf.iter_batches(columns=[text_field]):
         for value in batch.column(0).to_pylist():
-            yield Document(f"{path}#{row}", value or "")
+            where = f"{path} row {row}"
+            yield Document(f"{path}#{row}", _text_of({text_field: value}, text_field, where))
             row += 1
 
 
@@ -127,7 +128,8 @@ def read_hf_dataset(
     row = 0
     for batch in ds.iter(batch_size=1000):
         for value in batch[text_field]:
-            yield Document(f"{path}#{row}", value or "")
+            where = f"{path} row {row}"
+            yield Document(f"{path}#{row}", _text_of({text_field: value}, text_field, where))
             row += 1
 
 

@@ -170,6 +170,19 @@ def get_shards(
     return out, manifest
 
 
+def check_shard_length(data: DictConfig, padding: str, manifest: dict | None) -> None:
+    """Padded rows hold one document each, cut to data.seq_len: shards prepared with longer
+    documents would lose their ends, so that is refused (packed rows split them instead)."""
+    longest = ((manifest or {}).get("settings") or {}).get("max_length")
+    if padding == "padded" and longest and longest > data.seq_len:
+        raise ConfigError(
+            f"the shards hold documents of up to {longest} tokens (prepared with --max-length "
+            f"{longest}) but data.seq_len={data.seq_len}: model.padding=padded would cut each "
+            f"to {data.seq_len}; set data.seq_len={longest}, prepare the shards with "
+            f"--max-length {data.seq_len}, or use model.padding=unpadded (packed rows)"
+        )
+
+
 def eval_stream_names(data: DictConfig, eval_batches: int = -1) -> list[str] | None:
     """The mixture's stream names when `data.eval_per_stream` asks for per-stream metrics.
     `eval_batches` (trainer.eval_subset_num_batches) must be -1: the val split is read stream

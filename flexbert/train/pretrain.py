@@ -54,7 +54,13 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> tuple[Any, dict[str, Any]]:
     from flexbert.train.callbacks import LossHistory
     from flexbert.train.checkpoints import init_from, write_run_files
     from flexbert.train.composer_model import ComposerFlexBertMLM
-    from flexbert.train.data import build_loaders, eval_stream_names, get_shards, get_tokenizer
+    from flexbert.train.data import (
+        build_loaders,
+        check_shard_length,
+        eval_stream_names,
+        get_shards,
+        get_tokenizer,
+    )
     from flexbert.train.data_spec import flexbert_data_spec
     from flexbert.train.model_config import TOKENIZER_FIELDS, resolve_model_config
 
@@ -65,6 +71,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> tuple[Any, dict[str, Any]]:
         model_cfg = resolve_model_config(cfg.model, special_token_ids(tokenizer))
         check_tokenizer_matches(tokenizer, **{k: getattr(model_cfg, k) for k in TOKENIZER_FIELDS})
         mds_dir, manifest = get_shards(cfg.data, tokenizer, cache_dir)
+    check_shard_length(cfg.data, model_cfg.padding, manifest)
     train_loader, eval_loader = build_loaders(
         cfg.data, model_cfg, tokenizer, mds_dir, cfg.seed, dist.get_world_size()
     )

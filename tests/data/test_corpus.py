@@ -46,6 +46,9 @@ def test_parquet(tmp_path):
     assert texts(f) == ["one", "", "three"]
     with pytest.raises(DataError, match="missing text field 'content'"):
         texts(f, text_field="content")
+    # a column that is not text is a clear error, as in JSONL (0 once became empty text)
+    with pytest.raises(DataError, match=r"d.parquet row 0: field 'n' must be a string, got int"):
+        texts(f, text_field="n")
     bad = tmp_path / "bad.parquet"
     bad.write_bytes(b"not parquet at all")
     with pytest.raises(DataError, match="bad.parquet"):
@@ -57,7 +60,7 @@ def test_hf_dataset_on_disk(tmp_path):
 
     ds = datasets.DatasetDict(
         {
-            "train": datasets.Dataset.from_dict({"text": ["a", "b"]}),
+            "train": datasets.Dataset.from_dict({"text": ["a", "b"], "label": [0, 1]}),
             "test": datasets.Dataset.from_dict({"text": ["c"]}),
         }
     )
@@ -66,6 +69,8 @@ def test_hf_dataset_on_disk(tmp_path):
     assert texts(tmp_path / "hf", hf_split="test") == ["c"]
     with pytest.raises(DataError, match="no split 'dev'"):
         texts(tmp_path / "hf", hf_split="dev")
+    with pytest.raises(DataError, match="row 0: field 'label' must be a string, got int"):
+        texts(tmp_path / "hf", text_field="label")
 
 
 def test_directory_is_recursive_sorted_and_mixed(tmp_path):

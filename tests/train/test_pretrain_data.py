@@ -108,3 +108,19 @@ def test_streams_and_a_corpus_together_are_refused(tiny_run_config):
     cfg = tiny_run_config("data.mds.streams={a: {dir: /x}}")
     with pytest.raises(ConfigError, match="set data.corpus=null"):
         get_shards(cfg.data, tokenizer=None, cache_dir=None)
+
+
+def test_padded_rows_refuse_shards_of_longer_documents():
+    """Padded rows would cut longer documents to data.seq_len (their ends silently lost);
+    packed rows split them, and shards of the row length are fine either way."""
+    from omegaconf import OmegaConf
+
+    from flexbert.train.data import check_shard_length
+
+    data = OmegaConf.create({"seq_len": 32})
+    longer = {"settings": {"max_length": 64}}
+    with pytest.raises(ConfigError, match="up to 64 tokens .* data.seq_len=32"):
+        check_shard_length(data, "padded", longer)
+    check_shard_length(data, "unpadded", longer)
+    check_shard_length(data, "padded", {"settings": {"max_length": 32}})
+    check_shard_length(data, "padded", None)  # a mixture: no single manifest
