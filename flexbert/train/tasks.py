@@ -205,7 +205,8 @@ def encode_sequences(
     if not 1 <= len(fields) <= 2:
         raise DataError(f"task.text_fields: one or two fields, got {fields}")
     check_fields(ds, [*fields, task["label_field"]], split)
-    columns = [text_column(ds[f], split, f) for f in fields]
+    # a blank text is still text (GLUE's QQP has empty questions); a missing one is not
+    columns = [text_column(ds[f], split, f, blank_ok=True) for f in fields]
     enc = tokenizer(*columns, truncation=True, max_length=max_len)
     labels = read_labels(ds[task["label_field"]], to_label, f"split '{split}'")
     return [{"input_ids": ids, "labels": y} for ids, y in zip(enc["input_ids"], labels)]
