@@ -304,6 +304,7 @@ class PackedMLMLoader:
         self._last: dict[str, Any] = {"consumed": 0, "buffer": []}
         self._resume: dict[str, Any] | None = None
         self._started = False
+        self._finished = False  # the epoch was read to its end (its state starts the next)
 
     @property
     def efficiency(self) -> float:
@@ -365,7 +366,7 @@ class PackedMLMLoader:
                 self._epoch += 1
             self._batches = 0
             self._last = {"consumed": 0, "buffer": []}
-        self._started = True
+        self._started, self._finished = True, False
         it: Any = self._batches_of_epoch(self._epoch, self._batches, resume)
         if self.prefetch > 0:
             it = Prefetcher(it, self.prefetch)
@@ -376,11 +377,13 @@ class PackedMLMLoader:
                 done = item is None
                 if self.finish_every_rank:  # evaluation: on until the last rank is done
                     if not any_rank(not done):
+                        self._finished = True
                         break
                     if done:
                         yield self.empty_batch()
                         continue
                 elif not all_ranks(not done):  # one rank ran out: the epoch ends for all
+                    self._finished = True
                     break
                 batch, state = item
                 self._batches += 1
@@ -413,15 +416,28 @@ class PackedMLMLoader:
         return {
             "epoch": self._epoch,
             "batches": self._batches,
+            "finished": self._finished,
             "ranks": ranks,
             "dataset": self.streaming_dataset.state_dict(common * len(ranks), from_beginning=True),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume: the next iteration continues the saved epoch from the saved batch."""
+        """Resume: the next iteration continues the saved epoch from the saved batch, or
+        starts the next epoch when the saved one was read to its end (a checkpoint taken at
+        an epoch boundary)."""
+        if state.get("finished"):
+            dataset = state["dataset"]
+            self.streaming_dataset.load_state_dict(
+                {**dataset, "epoch": int(dataset["epoch"]) + 1, "sample_in_epoch": 0}
+            )
+            self._epoch, self._batches = int(state["epoch"]) + 1, 0
+            self._resume, self._started, self._finished = None, False, False
+            self._last = {"consumed": 0, "buffer": []}
+            return
         self.streaming_dataset.load_state_dict(state["dataset"])
         self._epoch = int(state["epoch"])
         self._batches = int(state["batches"])
+        self._started, self._finished = True, False
         rank, world = rank_and_world()
         ranks = state.get("ranks") or [  # a single-rank state of an earlier release
             {"consumed": state["dataset"]["sample_in_epoch"], "buffer": state["buffer"]}
@@ -434,6 +450,7 @@ class PackedMLMLoader:
                 "skip": mine["consumed"] - per_rank,
                 "buffer": mine["buffer"],
             }
+            self._last = {"consumed": mine["consumed"], "buffer": mine["buffer"]}  # if saved again
             return
         waiting = sum(len(r["buffer"]) for r in ranks)
         log.warning(
@@ -444,3 +461,4 @@ class PackedMLMLoader:
             waiting,
         )
         self._resume = {"consumed": per_rank, "skip": 0, "buffer": []}
+        self._last = {"consumed": per_rank, "buffer": []}

@@ -83,6 +83,40 @@ def test_resume_mid_epoch_gives_the_same_next_batches(shards, tokenizer, k):
     assert len(list(resumed)) == len(rest) + k
 
 
+def test_a_state_saved_at_the_end_of_an_epoch_resumes_with_the_next_epoch(shards, tokenizer):
+    """What Composer saves at an epoch checkpoint: the next iteration is the next epoch, not
+    an empty replay of the finished one (which cost an epoch-limited run a data epoch)."""
+    loader = make_loader(shards, tokenizer, prefetch=0)
+    list(loader)
+    state = loader.dataset.state_dict(num_samples=0, from_beginning=True)
+    second = list(loader)
+    del loader
+    resumed = make_loader(shards, tokenizer, prefetch=0)
+    resumed.dataset.load_state_dict(state)
+    again = list(resumed)
+    assert len(again) == len(second) > 0 and all(same(a, b) for a, b in zip(second, again))
+
+
+def test_a_state_saved_again_before_any_batch_keeps_the_position(shards, tokenizer):
+    loader = make_loader(shards, tokenizer, prefetch=0)
+    it = iter(loader)
+    for _ in range(3):
+        next(it)
+    state = loader.dataset.state_dict(num_samples=0, from_beginning=True)
+    rest = list(it)
+    del it, loader
+    reloaded = make_loader(shards, tokenizer, prefetch=0)
+    reloaded.dataset.load_state_dict(state)
+    saved_again = reloaded.dataset.state_dict(num_samples=0, from_beginning=True)
+    assert saved_again["ranks"] == state["ranks"] and saved_again["batches"] == 3
+    assert saved_again["dataset"]["sample_in_epoch"] == state["dataset"]["sample_in_epoch"]
+    del reloaded
+    resumed = make_loader(shards, tokenizer, prefetch=0)
+    resumed.dataset.load_state_dict(saved_again)
+    again = list(resumed)
+    assert len(again) == len(rest) > 0 and all(same(a, b) for a, b in zip(rest, again))
+
+
 def test_padded_streaming_loader(shards, tokenizer):
     ds = streaming_dataset(shards, split="val", shuffle=False, batch_size=4)
     collator = PaddedMLMCollator(
