@@ -101,6 +101,9 @@ class ModelConfig:
     # dropout
     embedding_dropout: float = 0.0
     attention_dropout: float = 0.0
+    # on the attention output projection; None: attention_dropout (Hugging Face ModernBERT's
+    # one knob for both). ModernBERT pretrained with 0.1 here and 0.0 on the probabilities.
+    attention_out_dropout: float | None = None
     mlp_dropout: float = 0.0
     head_dropout: float = 0.0  # before the classifier of task heads
     # heads
@@ -193,8 +196,18 @@ class ModelConfig:
                 raise ConfigError(
                     f"{name} must be an integer in [0, vocab_size={self.vocab_size}), got {value!r}"
                 )
-        for name in ("embedding_dropout", "attention_dropout", "mlp_dropout", "head_dropout"):
+        for name in (
+            "embedding_dropout",
+            "attention_dropout",
+            "attention_out_dropout",
+            "mlp_dropout",
+            "head_dropout",
+        ):
             value = getattr(self, name)
+            if value is None and name == "attention_out_dropout":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"{name} must be a number in [0, 1), got {value!r}")
             if not 0.0 <= value < 1.0:
                 raise ConfigError(f"{name} must be in [0, 1), got {value}")
         if self.padding not in PADDINGS:

@@ -30,7 +30,8 @@ class Attention(nn.Module):
         self.backend = backend.fn
         self.Wqkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=cfg.qkv_bias)
         self.Wo = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=cfg.attn_out_bias)
-        self.out_drop = nn.Dropout(cfg.attention_dropout)
+        out_dropout = cfg.attention_out_dropout
+        self.out_drop = nn.Dropout(cfg.attention_dropout if out_dropout is None else out_dropout)
 
     def forward(
         self,

@@ -44,6 +44,7 @@ def test_overrides_accept_names_mappings_and_round_trip():
         ({"attention_pattern": {"name": "explicit", "types": ["global"]}}, "num_layers is 4"),
         ({"mask_token_id": 10_000}, "mask_token_id must be an integer in [0, vocab_size=512)"),
         ({"attention_dropout": 1.5}, "attention_dropout must be in [0, 1)"),
+        ({"attention_out_dropout": "0.1"}, "attention_out_dropout must be a number in [0, 1)"),
         ({"backend": "cudnn"}, "unknown attention backend 'cudnn'"),
     ],
 )
@@ -51,6 +52,20 @@ def test_bad_config_names_field_and_allowed_values(overrides, needle):
     with pytest.raises(ConfigError) as err:
         ModelConfig.preset("tiny", **overrides)
     assert needle in str(err.value)
+
+
+def test_attention_output_dropout_is_its_own_knob_or_follows_attention_dropout():
+    """ModernBERT pretrained with dropout 0.1 on the attention output and none on the
+    probabilities; unset, the output follows attention_dropout (Hugging Face's one knob)."""
+    from flexbert import FlexBertModel
+
+    def dropouts(**overrides):
+        attn = FlexBertModel(ModelConfig.preset("tiny", **overrides)).layers[1].attn
+        return attn.attention_dropout, attn.out_drop.p
+
+    assert dropouts(attention_out_dropout=0.1) == (0.0, 0.1)
+    assert dropouts(attention_dropout=0.2) == (0.2, 0.2)
+    assert dropouts(attention_dropout=0.2, attention_out_dropout=0.0) == (0.2, 0.0)
 
 
 def test_unknown_top_level_key_and_preset_are_refused():

@@ -48,6 +48,8 @@ def test_paper_recipes_carry_the_paper_settings():
     assert (m.hidden_size, m.num_layers, m.intermediate_size) == (768, 22, 1152)
     assert base.optimizer._target_ == "optimi.StableAdamW" and base.optimizer.lr == 8e-4
     assert base.data.mlm_probability == 0.3 and base.data.seq_len == 1024
+    base_model = resolve_model_config(base.model, MODERNBERT_IDS)
+    assert (base_model.attention_dropout, base_model.attention_out_dropout) == (0.0, 0.1)
     large = resolve_model_config(
         compose_config(["experiment=modernbert_large_pretrain"]).model, MODERNBERT_IDS
     )
