@@ -128,15 +128,22 @@ def _write(corpus: CorpusSpec, tokenizer: Any, tmp: Path, settings: dict, progre
     counts = {
         s: {"documents": 0, "chunks": 0, "tokens": 0, "skipped": 0, "truncated": 0} for s in SPLITS
     }
-    writers = {
-        s: MDSWriter(
-            out=str(tmp / s),
-            columns=columns,
-            compression=settings["compression"],
-            size_limit=settings["size_limit"],
-        )
-        for s in SPLITS
-    }
+    try:
+        writers = {
+            s: MDSWriter(
+                out=str(tmp / s),
+                columns=columns,
+                compression=settings["compression"],
+                size_limit=settings["size_limit"],
+            )
+            for s in SPLITS
+        }
+    except ValueError as e:  # streaming's words for a bad compression or size limit
+        raise DataError(
+            f"shard settings compression={settings['compression']!r}, size_limit="
+            f"{settings['size_limit']!r}: {e} (e.g. compression zstd or null, size_limit "
+            "'64mb' or a byte count)"
+        ) from e
     bar = tqdm(desc="tokenizing", unit="doc", disable=not progress)
     try:
         for batch in _batched(corpus.documents(), 256):
@@ -228,4 +235,12 @@ def prepare_mds(
             os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    for split in SPLITS:
+        if not counts[split]["chunks"]:  # flexbert-train needs both
+            log.warning(
+                "%s: the %s split holds no documents (val_fraction=%s); training refuses it",
+                out,
+                split,
+                settings["val_fraction"],
+            )
     return {**manifest, "reused": False}

@@ -8,6 +8,7 @@ For checking a conversion before spending GPU hours on it: the right tokenizer (
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +29,10 @@ def inspect_shards(
     """Manifest settings and counts, length statistics over the first `scan` samples of
     `split`, and the first `samples` samples (decoded when a tokenizer is given)."""
     manifest = read_manifest(mds_dir)
-    ds = streaming_dataset(mds_dir, split=split, shuffle=False)
-    n = min(len(ds), scan)
+    index = Path(mds_dir) / split / "index.json"
+    empty = index.exists() and not json.loads(index.read_text()).get("shards")
+    ds: Any = [] if empty else streaming_dataset(mds_dir, split=split, shuffle=False)
+    n = min(len(ds), scan)  # an empty split (streaming refuses to open one) has no samples
     lengths = np.array([len(ds[i]["input_ids"]) for i in range(n)], dtype=np.int64)
     shown = []
     for i in range(min(samples, len(ds))):

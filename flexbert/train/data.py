@@ -170,6 +170,20 @@ def get_shards(
     return out, manifest
 
 
+def check_splits(manifest: dict | None, where: Any) -> None:
+    """Training reads the train split and evaluates on the val split: an empty one (shards
+    prepared with --val-fraction 0, or a corpus too small for its fraction) is refused now
+    rather than when the loader first opens it."""
+    counts = (manifest or {}).get("counts") or {}
+    empty = [s for s in ("train", "val") if s in counts and not counts[s].get("chunks")]
+    if empty:
+        raise ConfigError(
+            f"{where}: the {' and '.join(empty)} split(s) hold no documents; prepare the shards "
+            "with a val fraction that gives the val split some (flexbert-data prepare "
+            "--val-fraction, data.mds.val_fraction for a corpus) and a train split that keeps some"
+        )
+
+
 def check_shard_length(data: DictConfig, padding: str, manifest: dict | None) -> None:
     """Padded rows hold one document each, cut to data.seq_len: shards prepared with longer
     documents would lose their ends, so that is refused (packed rows split them instead)."""

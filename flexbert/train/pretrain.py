@@ -57,6 +57,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> tuple[Any, dict[str, Any]]:
     from flexbert.train.data import (
         build_loaders,
         check_shard_length,
+        check_splits,
         eval_stream_names,
         get_shards,
         get_tokenizer,
@@ -72,6 +73,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> tuple[Any, dict[str, Any]]:
         check_tokenizer_matches(tokenizer, **{k: getattr(model_cfg, k) for k in TOKENIZER_FIELDS})
         mds_dir, manifest = get_shards(cfg.data, tokenizer, cache_dir)
     check_shard_length(cfg.data, model_cfg.padding, manifest)
+    check_splits(manifest, mds_dir)
     train_loader, eval_loader = build_loaders(
         cfg.data, model_cfg, tokenizer, mds_dir, cfg.seed, dist.get_world_size()
     )

@@ -139,3 +139,30 @@ def test_existing_empty_dir_is_used_but_foreign_files_are_protected(
     with pytest.raises(DataError, match="other files"):
         prepare_mds(str(path), tmp_path / "busy", tokenizer, max_length=32, progress=False)
     assert (tmp_path / "busy" / "notes.txt").read_text() == "keep me"
+
+
+def test_an_empty_val_split_is_announced_and_refused_by_training(
+    tokenizer, jsonl_corpus, tmp_path, caplog
+):
+    from flexbert import ConfigError
+    from flexbert.train.data import check_splits
+
+    path, _ = jsonl_corpus
+    with caplog.at_level("WARNING", logger="flexbert"):
+        m = prepare_mds(str(path), tmp_path / "out", tokenizer, val_fraction=0.0, progress=False)
+    assert "the val split holds no documents" in caplog.text
+    with pytest.raises(ConfigError, match="the val split.* hold no documents"):
+        check_splits(m, tmp_path / "out")
+    from flexbert.data.shard_info import inspect_shards
+
+    report = inspect_shards(tmp_path / "out", split="val")
+    assert report["lengths"]["samples"] == 0 and report["samples"] == []
+    check_splits({"counts": {"train": {"chunks": 3}, "val": {"chunks": 1}}}, "x")
+
+
+@pytest.mark.parametrize(("setting", "value"), [("compression", "bogus"), ("size_limit", "abc")])
+def test_bad_shard_settings_are_data_errors(tokenizer, jsonl_corpus, tmp_path, setting, value):
+    path, _ = jsonl_corpus
+    with pytest.raises(DataError, match=f"{setting}={value!r}"):
+        prepare_mds(str(path), tmp_path / "out", tokenizer, progress=False, **{setting: value})
+    assert not (tmp_path / "out").exists()
