@@ -174,12 +174,17 @@ def check_doc_stride(
         return
     i = max(range(len(lengths)), key=lengths.__getitem__)
     room = max_len - specials - lengths[i]
+    if room <= 0:
+        raise DataError(
+            f"split '{split}' row {i}: its question takes {lengths[i]} tokens, leaving no room "
+            f"for the context in data.max_seq_len={max_len}; raise data.max_seq_len"
+        )
     if stride >= room:
         raise DataError(
             f"split '{split}' row {i}: its question takes {lengths[i]} tokens, leaving "
-            f"{max(room, 0)} for the context in data.max_seq_len={max_len}, so windows sharing "
+            f"{room} for the context in data.max_seq_len={max_len}, so windows sharing "
             f"task.doc_stride={stride} tokens cannot advance; lower task.doc_stride below "
-            f"{max(room, 0)} or raise data.max_seq_len"
+            f"{room} or raise data.max_seq_len"
         )
 
 

@@ -213,6 +213,9 @@ def test_a_doc_stride_that_cannot_advance_is_one_clear_error(tokenizer):
         encode_questions(_Split(_columns(rows)), task, tokenizer, 32, "train")
     with pytest.raises(DataError, match="doc_stride must be >= 0"):
         encode_questions(_Split(_columns(rows)), {**TASK, "doc_stride": -1}, tokenizer, 32, "x")
+    rows[1]["question"] = "where is " + " ".join(["apple"] * 40)  # longer than the sequence
+    with pytest.raises(DataError, match=r"row 1: .* leaving no room for the context"):
+        encode_questions(_Split(_columns(rows)), task, tokenizer, 32, "train")
 
 
 def test_a_question_that_fills_the_sequence_is_one_clear_error(tokenizer):
