@@ -242,6 +242,11 @@ def encode_tokens(
         ids, labels = [cls], [IGNORE_INDEX]
         targets = read_labels(tags, to_label, f"split '{split}' row {row}", "word")
         for i, (word, y) in enumerate(zip(words, targets)):
+            if word is None:  # not the text "None"
+                raise DataError(
+                    f"split '{split}' row {row} word {i}: null in field '{words_field}'; every "
+                    "word must be a text"
+                )
             pieces = tokenizer(str(word) if i == 0 else " " + str(word), add_special_tokens=False)
             pieces = pieces["input_ids"] or [tokenizer.unk_token_id or sep]
             ids += pieces

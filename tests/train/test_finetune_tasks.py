@@ -338,6 +338,9 @@ def test_a_missing_word_label_names_its_row_and_word(pretrained):  # noqa: F811
     tok = load_tokenizer(pretrained)
     with pytest.raises(DataError, match=r"split 'train' row 1 word 1: no label in field 'tags'"):
         encode_tokens(rows, {**task, "text_fields": ["tokens"]}, tok, 16, "train", to_id)
+    rows = _Rows({"tokens": [["a"], [None, "c"]], "tags": [[0], [1, 2]]})
+    with pytest.raises(DataError, match=r"row 1 word 0: null in field 'tokens'"):
+        encode_tokens(rows, {**task, "text_fields": ["tokens"]}, tok, 16, "train", to_id)
 
 
 def test_a_fractional_class_label_is_refused_and_whole_floats_are_ids(pretrained, tmp_path):  # noqa: F811
