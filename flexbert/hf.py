@@ -8,6 +8,7 @@ what the other side cannot express. transformers is imported inside the function
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,8 @@ import torch
 
 from flexbert.config import ModelConfig
 from flexbert.registry import ConfigError
+
+log = logging.getLogger(__name__)
 
 # FlexBERT activation name <-> transformers ACT2FN name.
 ACT_TO_HF = {
@@ -348,6 +351,11 @@ def load_hf(cls: type, path: str | Path, **overrides: Any):
     if "decoder.weight" in model.state_dict():  # a head with the tied decoder
         check_tied_decoder(state, hf_config, path)
     state = match_state_dict(model, state)
+    fresh = sorted(
+        {k.split(".")[0] for k in model.state_dict() if k not in state and k != "decoder.weight"}
+    )
+    if fresh:  # as transformers warns: these layers need training before the model is used
+        log.warning("%s: %s not in the checkpoint, initialised fresh", path, ", ".join(fresh))
     model.load_state_dict(state, strict=False)
     return model
 

@@ -139,10 +139,13 @@ def test_save_hf_task_heads_load_with_auto_classes(tmp_path, cls):
     assert _rel_err(b, a) < 1e-4
 
 
-def test_classifier_fine_tuning_starts_from_a_masked_lm_checkpoint(tmp_path):
+def test_classifier_fine_tuning_starts_from_a_masked_lm_checkpoint(tmp_path, caplog):
     mlm = FlexBertForMaskedLM(ModelConfig.preset("tiny"))
     mlm.save_hf(tmp_path)
-    clf = FlexBertForSequenceClassification.from_hf(tmp_path, num_labels=5)
+    with caplog.at_level("WARNING", logger="flexbert"):
+        clf = FlexBertForSequenceClassification.from_hf(tmp_path, num_labels=5)
+        FlexBertForMaskedLM.from_hf(tmp_path)  # every layer from the checkpoint: no warning
+    assert caplog.messages == [f"{tmp_path}: classifier not in the checkpoint, initialised fresh"]
     torch.testing.assert_close(clf.model.layers[2].mlp.Wi.weight, mlm.model.layers[2].mlp.Wi.weight)
     assert clf.classifier.out_features == 5
     encoder = FlexBertModel.from_hf(tmp_path)
