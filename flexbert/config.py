@@ -110,6 +110,7 @@ class ModelConfig:
     sparse_prediction: bool = False  # MLM: decode only positions that carry a label
     num_labels: int = 2
     problem_type: str | None = None
+    label_names: list[str] | None = None  # one per label (Hugging Face's id2label), if named
     # derived
     layer_types: list[str] = field(init=False, repr=False)
 
@@ -154,6 +155,9 @@ class ModelConfig:
         return out
 
     def replace(self, **changes: Any) -> ModelConfig:
+        """A copy with `changes`; another num_labels drops label names that no longer fit."""
+        if changes.get("num_labels", self.num_labels) != self.num_labels:
+            changes.setdefault("label_names", None)
         return ModelConfig.from_dict({**self.to_dict(), **changes})
 
     # ------------------------------------------------------------------ derived
@@ -213,6 +217,17 @@ class ModelConfig:
         if self.padding not in PADDINGS:
             raise ConfigError(
                 f"padding: unknown padding '{self.padding}'; valid choices are {list(PADDINGS)}"
+            )
+        names = self.label_names
+        if names is not None and (
+            isinstance(names, str)
+            or len(names) != self.num_labels
+            or not all(isinstance(n, str) for n in names)
+            or len(set(names)) != len(names)
+        ):
+            raise ConfigError(
+                f"label_names: {self.num_labels} distinct names (one per label, num_labels="
+                f"{self.num_labels}) or None, got {names!r}"
             )
         if self.problem_type not in PROBLEM_TYPES:
             raise ConfigError(

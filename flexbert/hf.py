@@ -104,6 +104,12 @@ def config_from_hf(hf_config: Any, **overrides: Any) -> ModelConfig:
             f"config.json has sparse_pred_ignore_index={ignore}; FlexBERT's heads ignore label "
             "-100 (transformers' default): relabel with -100"
         )
+    names = [str(hf_config.id2label.get(i, f"LABEL_{i}")) for i in range(hf_config.num_labels)]
+    if (
+        names != [f"LABEL_{i}" for i in range(hf_config.num_labels)]
+        and overrides.get("num_labels", hf_config.num_labels) == hf_config.num_labels
+    ):  # named labels, unless the model gets another number of them
+        values["label_names"] = names
     mask_id = getattr(hf_config, "mask_token_id", None)
     if mask_id is not None:
         values["mask_token_id"] = mask_id
@@ -181,6 +187,9 @@ def config_to_hf(cfg: ModelConfig, architecture: str) -> Any:
         problem_type=cfg.problem_type,
         architectures=[architecture],
     )
+    if cfg.label_names:
+        hf_config.id2label = dict(enumerate(cfg.label_names))
+        hf_config.label2id = {name: i for i, name in enumerate(cfg.label_names)}
     # Not a ModernBertConfig field: kept as an extra attribute so from_hf restores it.
     hf_config.mask_token_id = cfg.mask_token_id
     return hf_config
