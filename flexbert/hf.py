@@ -105,10 +105,9 @@ def config_from_hf(hf_config: Any, **overrides: Any) -> ModelConfig:
             "-100 (transformers' default): relabel with -100"
         )
     names = [str(hf_config.id2label.get(i, f"LABEL_{i}")) for i in range(hf_config.num_labels)]
-    if (
-        names != [f"LABEL_{i}" for i in range(hf_config.num_labels)]
-        and overrides.get("num_labels", hf_config.num_labels) == hf_config.num_labels
-    ):  # named labels, unless the model gets another number of them
+    named = names != [f"LABEL_{i}" for i in range(hf_config.num_labels)]
+    same_count = overrides.get("num_labels", hf_config.num_labels) == hf_config.num_labels
+    if named and same_count and len(set(names)) == len(names):  # and usable as names
         values["label_names"] = names
     mask_id = getattr(hf_config, "mask_token_id", None)
     if mask_id is not None:
@@ -394,6 +393,12 @@ def save_hf(model: torch.nn.Module, path: str | Path) -> Path:
             f"{name} has no Hugging Face ModernBERT counterpart; use one of {sorted(HEAD_ARCHITECTURES)}"
         )
     hf_config = config_to_hf(model.config, HEAD_ARCHITECTURES[name])
+    if not model.config.position.fp32:
+        log.warning(
+            "%s: this model rotates RoPE in the compute dtype (position.fp32=false); "
+            "transformers rotates in fp32, so in bf16 its outputs differ slightly (~1e-2)",
+            path,
+        )
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     hf_config.save_pretrained(path)

@@ -269,6 +269,33 @@ def test_checkpoint_with_other_shapes_or_from_another_model_is_refused(tmp_path)
         FlexBertForMaskedLM.from_hf(tmp_path / "bert")
 
 
+def test_label_names_travel_both_ways_and_another_label_count_drops_them(tmp_path):
+    hf = ModernBertForSequenceClassification(
+        _hf_config(3, window=8, num_labels=3, id2label={0: "NEG", 1: "NEU", 2: "POS"})
+    )
+    hf.save_pretrained(tmp_path / "hf")
+    ours = FlexBertForSequenceClassification.from_hf(tmp_path / "hf", mask_token_id=3)
+    assert ours.config.label_names == ["NEG", "NEU", "POS"]
+    ours.save_hf(tmp_path / "ours")
+    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "ours")
+    assert loaded.config.id2label == {0: "NEG", 1: "NEU", 2: "POS"}
+    assert loaded.config.label2id == {"NEG": 0, "NEU": 1, "POS": 2}
+    assert ours.config.replace(num_labels=2).label_names is None  # they no longer fit
+    assert FlexBertModel.from_hf(tmp_path / "ours", num_labels=2).config.label_names is None
+    with pytest.raises(ConfigError, match="label_names: 3 distinct names"):
+        ModelConfig.preset("tiny", num_labels=3, label_names=["a", "a", "b"])
+
+
+def test_saving_a_model_with_bf16_rope_says_transformers_rotates_in_fp32(tmp_path, caplog):
+    model = FlexBertForMaskedLM(
+        ModelConfig.preset("tiny", position={"name": "rope", "fp32": False})
+    )
+    with caplog.at_level("WARNING", logger="flexbert"):
+        model.save_hf(tmp_path)
+    assert "position.fp32=false" in caplog.text
+    assert AutoModelForMaskedLM.from_pretrained(tmp_path) is not None
+
+
 def test_an_untied_mlm_decoder_is_refused_and_its_encoder_still_loads(tmp_path):
     """FlexBERT ties the decoder to the token embedding: a checkpoint with its own decoder
     (tie_word_embeddings=false) once loaded with the decoder written over the embedding."""
