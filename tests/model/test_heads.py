@@ -86,6 +86,17 @@ def test_mlm_loss_ignores_padding_and_unlabelled_positions():
     torch.testing.assert_close(out.loss, manual)
 
 
+def test_outputs_index_by_name_and_by_position_as_transformers_outputs_do():
+    model = FlexBertForMaskedLM(ModelConfig.preset("tiny")).eval()
+    ids, mask = ragged_batch([6, 4])
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask)
+        with_loss = model(ids, attention_mask=mask, labels=_mlm_labels(ids, mask, rate=0.5))
+    assert out[0] is out["logits"] is out.logits and out[1] is out.last_hidden_state
+    assert with_loss[0] is with_loss.loss and with_loss[1] is with_loss.logits
+    assert len(out.to_tuple()) == 2
+
+
 def test_decoder_is_tied_to_the_token_embedding():
     model = FlexBertForMaskedLM(ModelConfig.preset("tiny"))
     assert model.decoder.weight is model.model.embeddings.tok_embeddings.weight
