@@ -65,6 +65,17 @@ def test_shuffle_is_seeded(shards, tokenizer):
     assert len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
 
 
+def resumed_batches(shards, tokenizer, state, **kw):
+    """The batches of a fresh loader that loads `state` (as Composer resumes), and it."""
+    loader = make_loader(shards, tokenizer, **kw)
+    loader.dataset.load_state_dict(state)
+    return list(loader), loader
+
+
+def same_batches(a, b):
+    return len(a) == len(b) > 0 and all(same(x, y) for x, y in zip(a, b))
+
+
 @pytest.mark.parametrize("k", [1, 4])
 def test_resume_mid_epoch_gives_the_same_next_batches(shards, tokenizer, k):
     loader = make_loader(shards, tokenizer)
@@ -74,11 +85,8 @@ def test_resume_mid_epoch_gives_the_same_next_batches(shards, tokenizer, k):
     state = loader.dataset.state_dict(num_samples=999, from_beginning=True)  # as Composer calls it
     rest = list(it)
     del it, loader
-    resumed = make_loader(shards, tokenizer)
-    resumed.dataset.load_state_dict(state)
-    again = list(resumed)
-    assert len(again) == len(rest) > 0
-    assert all(same(a, b) for a, b in zip(rest, again))
+    again, resumed = resumed_batches(shards, tokenizer, state)
+    assert same_batches(rest, again)
     # The next epoch starts fresh and covers the whole split again.
     assert len(list(resumed)) == len(rest) + k
 
@@ -91,10 +99,7 @@ def test_a_state_saved_at_the_end_of_an_epoch_resumes_with_the_next_epoch(shards
     state = loader.dataset.state_dict(num_samples=0, from_beginning=True)
     second = list(loader)
     del loader
-    resumed = make_loader(shards, tokenizer, prefetch=0)
-    resumed.dataset.load_state_dict(state)
-    again = list(resumed)
-    assert len(again) == len(second) > 0 and all(same(a, b) for a, b in zip(second, again))
+    assert same_batches(second, resumed_batches(shards, tokenizer, state, prefetch=0)[0])
 
 
 def test_a_state_saved_again_before_any_batch_keeps_the_position(shards, tokenizer):
@@ -111,10 +116,7 @@ def test_a_state_saved_again_before_any_batch_keeps_the_position(shards, tokeniz
     assert saved_again["ranks"] == state["ranks"] and saved_again["batches"] == 3
     assert saved_again["dataset"]["sample_in_epoch"] == state["dataset"]["sample_in_epoch"]
     del reloaded
-    resumed = make_loader(shards, tokenizer, prefetch=0)
-    resumed.dataset.load_state_dict(saved_again)
-    again = list(resumed)
-    assert len(again) == len(rest) > 0 and all(same(a, b) for a, b in zip(rest, again))
+    assert same_batches(rest, resumed_batches(shards, tokenizer, saved_again, prefetch=0)[0])
 
 
 def test_padded_streaming_loader(shards, tokenizer):
