@@ -3,17 +3,20 @@
 Every weight of the target is filled from the matching weight of the source, dimension by
 dimension, by one of three tilings (`TILE_MODES`):
 
+- `middle` (the default): the source is repeated, wrapping, aligned so that one whole copy
+  sits in the middle: `new[i] = old[(i - (n_new - n_old) // 2) % n_old]`. This is how
+  ModernBERT-large grew from -base ("center tiling" with the rest filled by wraparound: the
+  reference code's `tile_weights_from_middle`).
 - `center`: the source block sits in the middle of the target tensor; the rest keeps the
-  target's fresh initialisation (ModernBERT's choice: "center tiling").
+  target's fresh initialisation.
 - `edge`: the source is repeated from index 0 on, wrapping: `new[i] = old[i % n_old]`.
-- `middle`: the source is repeated, wrapping, aligned so that one whole copy sits in the middle:
-  `new[i] = old[(i - (n_new - n_old) // 2) % n_old]`.
 
 Fused projections are tiled per part: the query/key/value thirds of `Wqkv` and the input/gate
 halves of a GLU's `Wi`, so every part of the grown tensor comes from the same part of the
 source. Depth grows by a layer map (`LAYER_MAPS`): `gopher` stretches the source stack in
-order (target layer i <- source layer floor(i * n_source / n_target), each source layer
-repeated in place, as in Gopher's depth expansion), `cyclic` repeats the whole stack.
+order (target layer i <- source layer round(i * n_source / n_target), as the ModernBERT
+reference code does; each source layer repeated in place, as in Gopher's depth expansion),
+`cyclic` repeats the whole stack.
 
 With equal sizes every tiling is a plain copy, so growth also loads a same-size checkpoint.
 Growth never shrinks a dimension and never changes the vocabulary; both are refused.
@@ -53,7 +56,7 @@ def layer_mapping(n_source: int, n_target: int, scheme: str = "gopher") -> list[
     if n_target < n_source:
         raise ConfigError(f"cannot grow {n_source} layers into fewer ({n_target})")
     if scheme == "gopher":
-        return [i * n_source // n_target for i in range(n_target)]
+        return [min(round(i * n_source / n_target), n_source - 1) for i in range(n_target)]
     return [i % n_source for i in range(n_target)]
 
 
@@ -65,7 +68,7 @@ def _tile_index(n_old: int, n_new: int, mode: str) -> torch.Tensor | None:
     return (torch.arange(n_new) - offset) % n_old
 
 
-def tile_tensor(source: torch.Tensor, target: torch.Tensor, mode: str = "center") -> torch.Tensor:
+def tile_tensor(source: torch.Tensor, target: torch.Tensor, mode: str = "middle") -> torch.Tensor:
     """`target`'s shape filled from `source` by `mode`; `target`'s values stay where `center`
     leaves room. Dimensions of equal size are copied straight."""
     if mode not in TILE_MODES:
@@ -155,7 +158,7 @@ def _check_compatible(source: nn.Module, target: nn.Module) -> None:
 
 @torch.no_grad()
 def grow_model(
-    target: nn.Module, source: nn.Module, tile_mode: str = "center", layer_map: str = "gopher"
+    target: nn.Module, source: nn.Module, tile_mode: str = "middle", layer_map: str = "gopher"
 ) -> GrowthReport:
     """Fill `target`'s weights (in place) from the smaller trained `source`; see the module doc.
 

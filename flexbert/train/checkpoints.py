@@ -288,7 +288,7 @@ def init_from(node: Any, model: Any) -> dict[str, Any] | None:
     if not node or not node.get("path"):
         return None
     source = load_pretrained_mlm(node["path"])
-    tile_mode, layer_map = node.get("tile_mode", "center"), node.get("layer_map", "gopher")
+    tile_mode, layer_map = node.get("tile_mode", "middle"), node.get("layer_map", "gopher")
     try:
         grown = grow_model(model, source, tile_mode=tile_mode, layer_map=layer_map)
     except ConfigError as err:

@@ -91,11 +91,11 @@ def test_grown_model_runs_and_reports_what_it_did():
     source = _trained_like(ModelConfig.preset("tiny"))
     target = FlexBertForMaskedLM(ModelConfig.preset("tiny", **WIDE))
     report = grow_model(target, source, tile_mode="middle", layer_map="gopher")
-    assert report.layer_map == [0, 0, 1, 2, 2, 3]
-    # layer 0 of the source has no attention pre-norm (skip_first_prenorm), layer 1 of the
-    # target grows from it and keeps its own
-    assert report.kept_init == ["model.layers.1.attn_norm.weight"]
-    assert report.copied["model.layers.4.mlp.Wo.weight"] == "model.layers.2.mlp.Wo.weight"
+    assert report.layer_map == [0, 1, 1, 2, 3, 3]  # round(i * 4 / 6), as the reference code
+    # only target layer 0 grows from source layer 0, and both lack the attention pre-norm
+    # (skip_first_prenorm): every target weight has a source
+    assert report.kept_init == []
+    assert report.copied["model.layers.4.mlp.Wo.weight"] == "model.layers.3.mlp.Wo.weight"
     torch.testing.assert_close(  # the decoder stays tied to the grown embedding
         target.decoder.weight, target.model.embeddings.tok_embeddings.weight
     )
@@ -131,6 +131,8 @@ def test_layer_maps():
     gopher = layer_mapping(22, 28, "gopher")
     assert len(gopher) == 28 and sorted(set(gopher)) == list(range(22))
     assert gopher == sorted(gopher)  # order kept: each source layer repeated in place
+    assert gopher[:6] == [0, 1, 2, 2, 3, 4]  # round(i * 22 / 28), as the reference code
+    assert layer_mapping(2, 5, "gopher") == [0, 0, 1, 1, 1]  # never past the last layer
     assert layer_mapping(2, 5, "cyclic") == [0, 1, 0, 1, 0]
     with pytest.raises(ConfigError, match="fewer"):
         layer_mapping(6, 4)

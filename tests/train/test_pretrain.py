@@ -136,7 +136,7 @@ def test_eval_split_masks_at_the_eval_rate_with_the_same_masks_every_time(
 
 @pytest.mark.parametrize("source", ["checkpoint", "hf", "run"])
 def test_init_from_grows_a_trained_run_into_a_larger_model(first_run, tiny_run_config, source):
-    """A wider, deeper model starts from the first run's weights (center tiling, gopher map);
+    """A wider, deeper model starts from the first run's weights (middle tiling, gopher map);
     with lr 0 the weights after two steps are still exactly the grown ones. The source may be
     a checkpoint, an HF export or the run folder (its newest checkpoint)."""
     from flexbert.train.checkpoints import load_pretrained_mlm
@@ -161,7 +161,8 @@ def test_init_from_grows_a_trained_run_into_a_larger_model(first_run, tiny_run_c
     summary = train(cfg, root / f"grown_{source}")
     grown = summary["init_from"]
     assert grown["source_shape"] == [4, 64, 96] and grown["target_shape"] == [6, 96, 144]
-    assert grown["source_layer_of_each_layer"] == [0, 0, 1, 2, 2, 3]
+    assert grown["source_layer_of_each_layer"] == [0, 1, 1, 2, 3, 3]
+    assert grown["tile_mode"] == "middle"  # ModernBERT's, the default
     assert grown["dropped"] == []
     small = load_pretrained_mlm(path)
     big = load_checkpoint_model(
