@@ -276,10 +276,10 @@ class FlexBertForSentenceEmbedding(FlexBertPreTrainedModel):
     def save_hf(self, path: str | Path) -> Path:
         """The encoder as a ModernBertModel directory (`AutoModel`) plus the
         sentence-transformers module files: `SentenceTransformer(path)` gives these vectors."""
-        from flexbert import hf
+        from flexbert import hf_sentence_transformers as st
 
-        hf.sentence_transformers_pooling(self.config)  # refuse before writing anything
-        return hf.write_sentence_transformers_modules(self.model.save_hf(path), self.config)
+        st.sentence_transformers_pooling(self.config)  # refuse before writing anything
+        return st.write_sentence_transformers_modules(self.model.save_hf(path), self.config)
 
     def embed(
         self,
