@@ -36,10 +36,15 @@ class ColBERTOutput(FlexBertOutput):
     candidate_mask: torch.Tensor | None = None
 
 
+def check_positive_int(name: str, value: Any) -> None:
+    """A ColBERT length or size: a positive integer, else a ConfigError naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name}: a positive integer, got {value!r}")
+
+
 def check_colbert_settings(colbert_dim: Any, query_length: Any) -> None:
-    for name, value in (("colbert_dim", colbert_dim), ("query_length", query_length)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{name}: a positive integer, got {value!r}")
+    check_positive_int("colbert_dim", colbert_dim)
+    check_positive_int("query_length", query_length)
 
 
 def insert_marker(

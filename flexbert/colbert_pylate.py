@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from flexbert.colbert import FlexBertForColBERT
+from flexbert.colbert import FlexBertForColBERT, check_positive_int
 from flexbert.registry import ConfigError
 
 PYLATE_DENSE_DIR = "1_Dense"
@@ -26,8 +26,7 @@ PYLATE_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_tr
 
 def pylate_settings(model: FlexBertForColBERT, tokenizer: Any, document_length: int) -> dict:
     """config_sentence_transformers.json of the PyLate model that scores like `model`."""
-    if isinstance(document_length, bool) or not isinstance(document_length, int):
-        raise ConfigError(f"document_length: a positive integer, got {document_length!r}")
+    check_positive_int("document_length", document_length)
     least = 2 + (model.document_marker_id is not None)  # [CLS], the marker, one token
     if not least <= document_length <= model.config.max_seq_len:
         raise ConfigError(

@@ -24,7 +24,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from flexbert.colbert import ColBERTOutput, FlexBertForColBERT, maxsim, maxsim_per_query
+from flexbert.colbert import (
+    ColBERTOutput,
+    FlexBertForColBERT,
+    check_positive_int,
+    maxsim,
+    maxsim_per_query,
+)
 from flexbert.registry import ConfigError
 from flexbert.train.finetune_retrieval import (
     ComposerFlexBertRetrieval,
@@ -165,16 +171,11 @@ def with_task_settings(
     return fresh
 
 
-def _check_length(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"task.{name}: a positive integer, got {value!r}")
-
-
 def document_length(task: Mapping[str, Any], max_len: int) -> int:
     """The length documents are cut to, their marker counted: task.doc_max_len, at most
     max_len (data.max_seq_len); unset, max_len."""
     value = task.get("doc_max_len") or max_len
-    _check_length("doc_max_len", value)
+    check_positive_int("task.doc_max_len", value)
     return min(value, max_len)
 
 
@@ -190,7 +191,7 @@ def encode_colbert_pairs(
     task.query_length, documents to task.doc_max_len (at most max_len, data.max_seq_len;
     unset: max_len), one token less each where the model adds a marker."""
     query_len = task.get("query_length", DEFAULTS["query_length"])
-    _check_length("query_length", query_len)
+    check_positive_int("task.query_length", query_len)
     # a marker (inserted by the model after [CLS]) takes one of each length's tokens
     lengths = {"doc_max_len": document_length(task, max_len), "query_length": query_len}
     for name, marker in (("doc_max_len", "document_marker"), ("query_length", "query_marker")):
