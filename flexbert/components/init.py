@@ -2,7 +2,10 @@
 
 `hf_trunc_normal` matches Hugging Face ModernBERT: truncated normal with std 0.02 cut at
 `cutoff_factor` std, output projections scaled by 1/sqrt(2 * num_layers), classifiers by
-hidden_size ** -0.5. `normal` is plain BERT-style N(0, std). Roles come from module names.
+hidden_size ** -0.5. `megatron` is the code that trained the paper's models (`full_megatron`):
+the same, except that the MLM prediction head's dense layer counts as an input projection
+(std, where Hugging Face gives it std / sqrt(2 * num_layers)); the ModernBERT recipes use it.
+`normal` is plain BERT-style N(0, std). Roles come from module names.
 """
 
 from __future__ import annotations
@@ -52,9 +55,12 @@ def _stds(std: float, model_cfg: ModelConfig) -> dict[str, float]:
     }
 
 
-def _initialize(model: nn.Module, model_cfg: ModelConfig, std: float, init_fn) -> None:
+def _initialize(
+    model: nn.Module, model_cfg: ModelConfig, std: float, init_fn, mlm_head_role: str = "out"
+) -> None:
     stds = _stds(std, model_cfg)
     seen: set[int] = set()
+    is_mlm = hasattr(model, "decoder")
     for name, module in model.named_modules():
         leaf = name.rsplit(".", 1)[-1]
         if isinstance(module, nn.Embedding):
@@ -62,7 +68,10 @@ def _initialize(model: nn.Module, model_cfg: ModelConfig, std: float, init_fn) -
         elif isinstance(module, nn.Linear):
             if id(module.weight) in seen:  # a decoder tied to the embedding
                 continue
-            init_fn(module.weight, stds[LINEAR_ROLES.get(leaf, "in")])
+            role = (
+                mlm_head_role if is_mlm and name == "head.dense" else LINEAR_ROLES.get(leaf, "in")
+            )
+            init_fn(module.weight, stds[role])
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.LayerNorm | nn.RMSNorm):
@@ -83,6 +92,14 @@ def init_trunc_normal(cfg: TruncNormalInitConfig, model: nn.Module, model_cfg: M
         nn.init.trunc_normal_(w, 0.0, s, -cfg.cutoff_factor * s, cfg.cutoff_factor * s)
 
     _initialize(model, model_cfg, cfg.std, fn)
+
+
+@INITS.register("megatron", TruncNormalInitConfig)
+def init_megatron(cfg: TruncNormalInitConfig, model: nn.Module, model_cfg: ModelConfig) -> None:
+    def fn(w, s):
+        nn.init.trunc_normal_(w, 0.0, s, -cfg.cutoff_factor * s, cfg.cutoff_factor * s)
+
+    _initialize(model, model_cfg, cfg.std, fn, mlm_head_role="in")
 
 
 @INITS.register("normal", NormalInitConfig)

@@ -3,6 +3,7 @@ from config nodes, eval metrics, and running a task with one clear line for bad 
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -12,6 +13,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from flexbert.registry import ConfigError
 from flexbert.train.paths import conf_dir, register_overlays
+
+log = logging.getLogger("flexbert.train")
 
 
 def instantiate_all(node: DictConfig | None) -> list[Any]:
@@ -121,14 +124,18 @@ def composer_trainer(
     from composer import Trainer
     from hydra.utils import instantiate
 
+    from flexbert.train import continue_from
     from flexbert.train.loggers import build_loggers, log_config_to_wandb
     from flexbert.train.optim import build_optimizer
 
+    optimizer = build_optimizer(cfg.optimizer, model, cfg.trainer.get("device") or "cpu")
+    fresh = continue_from.fresh_hyperparameters(optimizer)
+    trainer_args.update(continue_from.trainer_load_kwargs(cfg))
     trainer = Trainer(
         model=model,
         train_dataloader=train_dataloader,
         eval_dataloader=evaluator,
-        optimizers=build_optimizer(cfg.optimizer, model, cfg.trainer.get("device") or "cpu"),
+        optimizers=optimizer,
         schedulers=instantiate(cfg.scheduler),
         callbacks=[*instantiate_all(cfg.get("callbacks")), *callbacks],
         algorithms=instantiate_all(cfg.get("algorithms")),
@@ -138,6 +145,16 @@ def composer_trainer(
         seed=cfg.seed,
         **trainer_args,
     )
+    done = continue_from.apply(trainer, cfg, fresh)
+    if done:
+        log.info(
+            "continue_from %s: its weights and optimizer moments, this config's optimizer "
+            "settings (lr %s, was %s), starting at batch %d",
+            done["path"],
+            done["lr"],
+            done["checkpoint_lr"],
+            done["start_batch"],
+        )
     log_config_to_wandb(trainer, cfg)
     return trainer
 

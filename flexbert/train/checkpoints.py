@@ -127,6 +127,59 @@ def load_checkpoint_model(
     return model.eval()
 
 
+def check_checkpoint_fits(path: str | Path, model: Any, setting: str) -> None:
+    """Refuse, before Composer loads it, a local checkpoint named by `setting` that is missing
+    or whose weights do not fit `model` (the Composer model the run built): the names and
+    shapes that differ, instead of a wall of load_state_dict errors. Remote URIs and per-rank
+    name patterns are left to Composer."""
+    from flexbert.hf import CheckpointError
+    from flexbert.registry import ConfigError
+
+    text = str(path)
+    if "://" in text or "{" in text:
+        return
+    if not Path(text).is_file():
+        raise ConfigError(f"{setting}={text}: no such checkpoint file")
+    try:
+        blob = torch.load(text, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as e:  # noqa: BLE001 - unpickling fails in many ways
+        raise CheckpointError(
+            f"{setting}={text} could not be read as a Composer checkpoint ({type(e).__name__}: "
+            f"{e}); it may be truncated or corrupt: use another of the run's checkpoints"
+        ) from e
+    saved = blob.get("state", {}).get("model") if isinstance(blob, dict) else None
+    if not isinstance(saved, dict):
+        raise CheckpointError(
+            f"{setting}={text} is not a Composer checkpoint (no state.model weights): expected "
+            "a flexbert-train checkpoints/ep<N>-ba<M>-rank0.pt"
+        )
+    def shapes_of(state: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+        plain = {k: tuple(v.shape) for k, v in state.items() if hasattr(v, "shape")}
+        torch.nn.modules.utils.consume_prefix_in_state_dict_if_present(plain, "module.")  # DDP
+        return plain
+
+    ours, theirs = shapes_of(model.state_dict()), shapes_of(saved)
+    missing = sorted(set(ours) - set(theirs))
+    extra = sorted(set(theirs) - set(ours))
+    shapes = [
+        f"{k} {theirs[k]} vs {ours[k]}"
+        for k in sorted(set(ours) & set(theirs))
+        if theirs[k] != ours[k]
+    ]
+    found = [
+        f"{len(shapes)} of other shapes (checkpoint vs this model: {shapes[:3]})" if shapes else "",
+        f"{len(missing)} missing ({missing[:3]})" if missing else "",
+        f"{len(extra)} not in this model ({extra[:3]})" if extra else "",
+    ]
+    if any(found):
+        raise CheckpointError(
+            f"{setting}={text} holds another model's weights: "
+            + "; ".join(f for f in found if f)
+            + ". Use a checkpoint of this model's size and components, or init_from.path to "
+            "grow a smaller model into this one"
+        )
+
+
 def config_next_to(checkpoint: Path) -> Path:
     """The run's model_config.json for a checkpoint, or a FileNotFoundError saying what to pass."""
     path = find_run_file(checkpoint, "model_config.json")

@@ -26,6 +26,7 @@ from flexbert.train.app import (
     trainer_kwargs,
 )
 from flexbert.train.checkpoints import last_checkpoint
+from flexbert.train.continue_from import continue_from_path
 from flexbert.train.runtime import final_model, is_main_process, start_distributed
 
 log = logging.getLogger("flexbert.train")
@@ -34,12 +35,18 @@ log = logging.getLogger("flexbert.train")
 def check_start_weights(cfg: DictConfig) -> None:
     """A recipe that continues a trained model (`requires_start_weights`, context extension)
     refuses a random start."""
-    start = cfg.trainer.get("load_path") or (cfg.get("init_from") or {}).get("path")
+    start = (
+        cfg.trainer.get("load_path")
+        or continue_from_path(cfg)
+        or (cfg.get("init_from") or {}).get("path")
+    )
     if cfg.get("requires_start_weights") and not start:
         raise ConfigError(
             "this recipe continues a trained model (requires_start_weights=true) but no weights "
-            "were given: set trainer.load_path=<phase-1 checkpoint .pt> or init_from.path=<Hugging "
-            "Face ModernBERT directory, run folder or checkpoint>"
+            "were given: set continue_from.path=<previous phase's checkpoint .pt> (weights and "
+            "optimizer moments), or init_from.path=<Hugging Face ModernBERT directory, run "
+            "folder or checkpoint> (weights only), or trainer.load_path=<this phase's own "
+            "checkpoint> to resume it"
         )
 
 
@@ -52,7 +59,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> tuple[Any, dict[str, Any]]:
     from flexbert import FlexBertForMaskedLM
     from flexbert.data.tokenizer import check_tokenizer_matches, special_token_ids
     from flexbert.train.callbacks import LossHistory
-    from flexbert.train.checkpoints import init_from, write_run_files
+    from flexbert.train.checkpoints import check_checkpoint_fits, init_from, write_run_files
     from flexbert.train.composer_model import ComposerFlexBertMLM
     from flexbert.train.data import (
         build_loaders,
@@ -96,6 +103,12 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> tuple[Any, dict[str, Any]]:
     prepare_layers(cfg, mlm)
     subset = int(cfg.trainer.get("eval_subset_num_batches", -1))
     model = ComposerFlexBertMLM(mlm, eval_stream_names(cfg.data, subset) or ())
+    for setting, path in (
+        ("trainer.load_path", cfg.trainer.get("load_path")),
+        ("continue_from.path", continue_from_path(cfg)),
+    ):
+        if path:
+            check_checkpoint_fits(path, model, setting)
     history = LossHistory()
     world = dist.get_world_size()
     trainer = composer_trainer(

@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from flexbert import FlexBertForMaskedLM, ModelConfig
+from flexbert import FlexBertForMaskedLM, FlexBertForSequenceClassification, ModelConfig
 from flexbert.config import COMPONENT_FIELDS
 from tests.conftest import ragged_batch
 
@@ -74,6 +74,21 @@ def test_init_scheme_scales_output_projections():
     assert std_in == pytest.approx(0.02 * 0.88, rel=0.05)
     assert std_out == pytest.approx(0.02 / (2 * 8) ** 0.5 * 0.88, rel=0.05)
     assert model.model.layers[3].attn.Wqkv.weight.abs().max() <= 0.04 + 1e-6
+
+
+@pytest.mark.parametrize("init, head_std", [("hf_trunc_normal", 0.005), ("megatron", 0.02)])
+def test_the_mlm_head_dense_std_follows_the_scheme(init, head_std):
+    """Hugging Face gives the MLM head's dense layer the output std (0.02 / sqrt(2 * 8)); the
+    ModernBERT training code (megatron) the input std. A classifier's head is an output
+    projection in both."""
+    cfg = ModelConfig.preset(
+        "tiny", hidden_size=256, intermediate_size=384, num_layers=8, init={"name": init}
+    )
+    mlm = FlexBertForMaskedLM(cfg)
+    assert mlm.head.dense.weight.std().item() == pytest.approx(head_std * 0.88, rel=0.08)
+    assert mlm.model.layers[3].attn.Wo.weight.std().item() == pytest.approx(0.005 * 0.88, rel=0.08)
+    classifier = FlexBertForSequenceClassification(cfg.replace(num_labels=2))
+    assert classifier.head.dense.weight.std().item() == pytest.approx(0.005 * 0.88, rel=0.08)
 
 
 def test_compiled_model_matches_eager_on_cpu():

@@ -63,8 +63,18 @@ def test_paper_recipes_carry_the_paper_settings():
     with pytest.raises(ConfigError, match="no weights were given"):  # not a random start
         check_start_weights(ext)
     check_start_weights(compose_config(["experiment=context_extension", "init_from.path=HF"]))
+    check_start_weights(compose_config(["experiment=context_extension", "continue_from.path=a"]))
     check_start_weights(compose_config(["experiment=context_extension", "trainer.load_path=a.pt"]))
     check_start_weights(base)  # phase 1 starts from random weights
+    assert base.model.sparse_prediction and base.trainer.max_duration == "1719000000000tok"
+    decay = compose_config(["experiment=context_extension_decay"])
+    assert (
+        decay.scheduler.alpha_f == 0.001 and decay.scheduler.t_decay == decay.trainer.max_duration
+    )
+    large_ext = compose_config(["experiment=context_extension_large_decay"])
+    assert resolve_model_config(large_ext.model, MODERNBERT_IDS).hidden_size == 1024
+    assert (large_ext.optimizer.lr, large_ext.optimizer.weight_decay) == (5e-5, 1e-6)
+    assert (large_ext.data.batch_size, large_ext.data.seq_len) == (624, 8192)
 
 
 @pytest.mark.parametrize("name", ABLATIONS)
