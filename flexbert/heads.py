@@ -19,6 +19,7 @@ from flexbert.layout import Layout, to_rows
 from flexbert.model import (
     FlexBertModel,
     FlexBertPreTrainedModel,
+    check_labels_shape,
     labels_to_internal,
     to_caller_layout,
 )
@@ -78,6 +79,7 @@ class FlexBertForMaskedLM(FlexBertPreTrainedModel):
                 keep = (flat_labels != IGNORE_INDEX).nonzero().flatten()  # host sync
                 targets = flat_labels.index_select(0, keep)
             else:
+                check_labels_shape(labels, layout)
                 targets = labels.flatten().index_select(0, label_positions)
                 keep = layout.internal_positions(label_positions)
             logits = self.decoder(self.head(flat.index_select(0, keep)))  # (M, V)

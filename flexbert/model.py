@@ -29,6 +29,9 @@ from flexbert.layout import (
 from flexbert.outputs import FlexBertOutput
 from flexbert.registry import ConfigError
 
+# Dynamo's recompile limit while layers are compiled: see FlexBertPreTrainedModel.compile_layers.
+COMPILED_LAYER_VARIANTS = 32
+
 
 class Embeddings(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
@@ -86,6 +89,11 @@ class FlexBertPreTrainedModel(HFInteropMixin, nn.Module):
         attention kernel). Layers share code, so they share compiled graphs; the entry
         (unpadding, masks) stays eager where data-dependent shapes would break a graph."""
         encoder = self if isinstance(self, FlexBertModel) else self.model
+        # One layer's code compiles into a graph per (layer kind: first/global/local) x (mask
+        # cache state) x (padding or not) x (chunked window or not): up to 24. Dynamo's default
+        # limit of 8 would silently leave every layer eager after two kinds of batch.
+        dynamo = torch._dynamo.config
+        dynamo.recompile_limit = max(dynamo.recompile_limit, COMPILED_LAYER_VARIANTS)
         for layer in encoder.layers:
             layer.compile(**compile_kwargs)
 
@@ -149,7 +157,10 @@ class FlexBertModel(FlexBertPreTrainedModel):
             if max_seqlen is None:
                 max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max().item())
             if max_seqlen > limit:
-                raise ValueError(f"a sequence of {max_seqlen} tokens exceeds max_seq_len={limit}")
+                raise ValueError(
+                    f"max_seqlen={max_seqlen} (the longest packed sequence) exceeds "
+                    f"max_seq_len={limit}: split or truncate sequences to {limit} tokens"
+                )
             cu_seqlens = cu_seqlens.to(torch.int32)
             positions = positions_from_cu_seqlens(cu_seqlens, input_ids.shape[0])
             return input_ids, Layout(False, positions, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
@@ -159,7 +170,10 @@ class FlexBertModel(FlexBertPreTrainedModel):
             )
         batch, seqlen = input_ids.shape
         if seqlen > limit:
-            raise ValueError(f"sequence length {seqlen} exceeds max_seq_len={limit}")
+            raise ValueError(
+                f"sequence length {seqlen} (the padded batch's width) exceeds "
+                f"max_seq_len={limit}: truncate or pad to at most {limit} tokens"
+            )
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
         elif attention_mask.shape != input_ids.shape:
@@ -167,8 +181,9 @@ class FlexBertModel(FlexBertPreTrainedModel):
                 f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
                 f"got {tuple(attention_mask.shape)}"
             )
-        attention_mask = attention_mask.bool()
-        positions = torch.arange(seqlen, device=input_ids.device).expand(batch, seqlen)
+        attention_mask = check_attention_mask(attention_mask)
+        # (1, L): RoPE's cos/sin are computed once and broadcast over the rows
+        positions = torch.arange(seqlen, device=input_ids.device)[None]
         if self.config.padding == "padded":
             has_padding = not bool(attention_mask.all())  # one host sync per forward
             return input_ids, Layout(
@@ -177,7 +192,7 @@ class FlexBertModel(FlexBertPreTrainedModel):
         indices, cu, max_len = unpad(attention_mask)
         layout = Layout(
             False,
-            positions.flatten().index_select(0, indices),
+            positions.expand(batch, seqlen).flatten().index_select(0, indices),
             cu_seqlens=cu,
             max_seqlen=max_len,
             indices=indices,
@@ -213,12 +228,27 @@ class FlexBertModel(FlexBertPreTrainedModel):
         return FlexBertOutput(last_hidden_state=to_caller_layout(hidden, layout))
 
 
+def check_attention_mask(mask: torch.Tensor) -> torch.Tensor:
+    """The (B, L) mask as bool: 1/True for real tokens, 0/False for padding. A Hugging Face
+    style additive mask (0 keep, -inf pad) would silently invert, so other values are refused
+    (read only where that costs no host sync, as the id check)."""
+    if mask.dtype != torch.bool and can_read_values(mask) and mask.numel():
+        low, high = torch.stack(torch.aminmax(mask.float())).tolist()
+        if low < 0 or high > 1 or not bool(((mask == 0) | (mask == 1)).all()):
+            raise ValueError(
+                "attention_mask must be 1 for real tokens and 0 for padding (bool or 0/1), "
+                f"got values from {low} to {high}: an additive mask (0 keep, -inf pad) is "
+                "not one"
+            )
+    return mask.bool()
+
+
 def check_token_ids(ids: torch.Tensor, vocab_size: int) -> None:
     """Token ids outside the embedding table fail here, naming the valid range, instead of
     as a bare IndexError (or, on CUDA, a device-side assert). Reading the values would make
     the host wait for a GPU, so only CPU tensors outside torch.compile are checked."""
-    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
-        raise ValueError(f"input_ids must be an integer tensor, got {ids.dtype}")
+    if ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"input_ids must be int64 or int32 token ids, got {ids.dtype}")
     if not can_read_values(ids) or ids.numel() == 0:
         return
     low, high = torch.stack(torch.aminmax(ids)).tolist()  # host memory: no sync on the CPU
@@ -234,8 +264,26 @@ def to_caller_layout(x: torch.Tensor, layout: Layout) -> torch.Tensor:
     return repad(x, layout) if layout.indices is not None else x
 
 
+def check_labels_shape(labels: torch.Tensor, layout: Layout) -> None:
+    """Per-token labels must have the shape of input_ids: (B, L) for a padded batch, (T,) for
+    a packed one (shapes only, no host sync). A shifted or differently padded label tensor
+    would otherwise be gathered onto the wrong tokens in the unpadded layout."""
+    if layout.batch_shape is not None:
+        expected = layout.batch_shape
+    elif layout.padded:
+        expected = tuple(layout.attention_mask.shape)
+    else:
+        expected = (layout.positions.shape[0],)
+    if tuple(labels.shape) != tuple(expected):
+        raise ValueError(
+            f"labels must have the shape of input_ids {tuple(expected)} (one label per token, "
+            f"-100 where there is none), got {tuple(labels.shape)}"
+        )
+
+
 def labels_to_internal(labels: torch.Tensor, layout: Layout) -> torch.Tensor:
     """Per-token labels in the caller's layout -> flat, aligned with internal tokens."""
+    check_labels_shape(labels, layout)
     if layout.indices is not None:
         return labels.flatten().index_select(0, layout.indices)
     return labels.flatten()

@@ -1,23 +1,25 @@
 #!/usr/bin/env bash
-# All GPU measurements of flexbert-bench in one call (< 8 minutes), from the repo root, with
-# nothing installed: correctness checks first, then inference (base, max batch, large,
-# torch.compile) and MLM training, then the optional levers (bf16 RoPE, compiled training,
-# CUDA graphs) and op profiles,
-# each only if it fits in what is left of BENCH_BUDGET seconds (default 480). Each phase has
-# its own `timeout`; results.json is rewritten after every row, so a phase cut short keeps
-# what it measured and the next phase still runs.
+# All GPU measurements of flexbert-bench in one call (at most BENCH_BUDGET seconds, default
+# 540), from the repo root, with nothing installed: correctness checks first, then base
+# inference, the max-batch search, MLM training, large, torch.compile, then the optional
+# levers (bf16 RoPE, compiled training, CUDA graphs) and op profiles. Every phase has its own
+# `timeout`, clamped to what is left of the budget (the final report keeps its share), and
+# an optional phase runs only if its whole limit fits; results.json is rewritten after every
+# row, so a phase cut short keeps what it measured and the next phase still runs.
 #
 #   OUT=bench_out bash scripts/gpu_bench.sh          # on the GPU machine
 #   BENCH_CPU=1 PYTHON=.venv/bin/python bash scripts/gpu_bench.sh   # same logic, tiny, CPU
 #
-# Writes into $OUT: gpu_checks.json, results.json, results.txt (the table), targets.md (each
-# target met or not), results.png (if matplotlib is there) and one log per phase.
+# Writes into $OUT six files (the device tool brings back at most eight): gpu_checks.json,
+# results.json, results.txt (the table), targets.md (each target met or not), results.png
+# (if matplotlib is there) and log.txt (the environment, then every phase's output).
 set -u
 cd "$(dirname "$0")/.."
 OUT="${OUT:-./bench_out}"
-PY="${PYTHON:-$(command -v python || command -v python3)}"
-export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}."
+PY="${PYTHON:-$(command -v python3 || command -v python)}"
+export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}." PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
+LOG="$OUT/log.txt"
 BENCH=("$PY" -m flexbert.bench.cli --out "$OUT" --append)
 
 if [ "${BENCH_CPU:-0}" = "1" ]; then  # CPU dry run: every phase, tiny sizes, seconds each
@@ -27,56 +29,67 @@ if [ "${BENCH_CPU:-0}" = "1" ]; then  # CPU dry run: every phase, tiny sizes, se
   FAST=sdpa; SLOW=; CAPS=8,2; TRAIN=(--train-steps 1 --train-rows 2 --train-len 128)
   T_CHECK=120; T_BASE=120; T_BATCH=60; T_LARGE=60; T_COMPILE=120; T_TRAIN=120
   T_LEVERS=120; T_TRAIN_COMPILE=120; T_GRAPH=0; BUDGET=${BENCH_BUDGET:-100000}
+  LARGE_DOCS=(); BATCH_SECONDS=30
 else
   DEV=(--device cuda --num-docs 512,32 --batch-size 256,16 --repeats 3 --warmup 1)
   CHECK_SIZES=tiny,base; CHECK_DEV=cuda
   BASE=(--sizes base); LARGE=(--sizes large)
   FAST=varlen; SLOW=,sdpa; CAPS=4096,512; TRAIN=(--train-steps 10 --train-rows 32 --train-len 1024)
-  T_CHECK=60; T_BASE=125; T_BATCH=65; T_LARGE=65; T_COMPILE=90; T_TRAIN=50
-  T_LEVERS=80; T_TRAIN_COMPILE=90; T_GRAPH=80; BUDGET=${BENCH_BUDGET:-480}
+  T_CHECK=75; T_BASE=125; T_BATCH=90; T_LARGE=65; T_COMPILE=90; T_TRAIN=50
+  T_LEVERS=80; T_TRAIN_COMPILE=90; T_GRAPH=80; BUDGET=${BENCH_BUDGET:-540}
+  LARGE_DOCS=(--num-docs 256,16); BATCH_SECONDS=20  # per model and set: then ">=N"
 fi
 if "$PY" -c "import flash_attn" 2>/dev/null; then FAST="$FAST,flash_attn"; fi
 
+T_REPORT=40  # the report imports torch and transformers again: slow on a cold or busy box
 phase() {  # phase NAME SECONDS CMD...: run with a time limit, log it, never stop the script
   local name=$1 limit=$2; shift 2
-  echo "=== $name (limit ${limit}s): $*"
+  if [ "$name" != report ]; then  # clamp to the budget left, the report's share kept
+    local left=$((BUDGET - T_REPORT - SECONDS - 10))
+    if (( left < 15 )); then
+      echo "=== $name: skipped (${SECONDS}s used of the ${BUDGET}s budget)" | tee -a "$LOG"
+      return
+    fi
+    (( limit > left )) && limit=$left
+  fi
+  echo "=== $name (limit ${limit}s): $*" | tee -a "$LOG"
   local start=$SECONDS
-  timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$OUT/log_$name.txt"
+  timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$LOG"
   local rc=${PIPESTATUS[0]}
-  echo "=== $name: exit $rc after $((SECONDS - start))s"
+  echo "=== $name: exit $rc after $((SECONDS - start))s" | tee -a "$LOG"
 }
 
-T_REPORT=40  # the report imports torch and transformers again: slow on a cold or busy box
 optional() {  # optional NAME SECONDS CMD...: a phase, only if it fits in the budget left
   if (( SECONDS + $2 + T_REPORT > BUDGET )); then  # the final report keeps its share
-    echo "=== $1: skipped (${SECONDS}s used; it needs $2s of the ${BUDGET}s budget)"
+    echo "=== $1: skipped (${SECONDS}s used; it needs $2s of the ${BUDGET}s budget)" | tee -a "$LOG"
     return
   fi
   phase "$@"
 }
 
-rm -f "$OUT/results.json"
+rm -f "$OUT/results.json" "$LOG"
 {
   echo "date: $(date -u +%FT%TZ)"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
   "$PY" -c "import torch, importlib.util as u; print('torch', torch.__version__,
 'cuda', torch.version.cuda, 'transformers', u.find_spec('transformers') is not None,
 'flash_attn', u.find_spec('flash_attn') is not None, 'matplotlib', u.find_spec('matplotlib') is not None)"
-} | tee "$OUT/env.txt"
+} 2>&1 | tee -a "$LOG"
 
 phase checks "$T_CHECK" "$PY" -m flexbert.bench.gpu_checks --out "$OUT" --sizes "$CHECK_SIZES" \
   --device "$CHECK_DEV"
 phase base "$T_BASE" "${BENCH[@]}" "${DEV[@]}" "${BASE[@]}" --backends "$FAST$SLOW" \
   --models flexbert,hf-modernbert,bert --train-steps 0 --no-plot
-phase max_batch "$T_BATCH" "${BENCH[@]}" "${DEV[@]}" "${BASE[@]}" --backends "$FAST" \
-  --models flexbert,hf-modernbert --workloads fixed-short,fixed-long --max-batch-only \
-  --max-batch-search "$CAPS" --train-steps 0 --no-plot
-phase large "$T_LARGE" "${BENCH[@]}" "${DEV[@]}" "${LARGE[@]}" --backends "${FAST%%,*}" \
-  --models flexbert,hf-modernbert --train-steps 0 --no-plot
-phase compile "$T_COMPILE" "${BENCH[@]}" "${DEV[@]}" "${BASE[@]}" --backends "${FAST%%,*}+compile" \
-  --models flexbert --train-steps 0 --no-plot
+# fixed-8192 first: the "2x HF's max batch" target is decided there
+phase max_batch "$T_BATCH" "${BENCH[@]}" "${DEV[@]}" "${BASE[@]}" --backends "${FAST%%,*}" \
+  --models flexbert,hf-modernbert --workloads fixed-long,fixed-short --max-batch-only \
+  --max-batch-search "$CAPS" --max-batch-seconds "$BATCH_SECONDS" --train-steps 0 --no-plot
 phase train "$T_TRAIN" "${BENCH[@]}" "${DEV[@]}" "${BASE[@]}" --backends "${FAST%%,*}" \
   --models flexbert,hf-modernbert,bert --workloads none "${TRAIN[@]}" --no-plot
+phase large "$T_LARGE" "${BENCH[@]}" "${DEV[@]}" "${LARGE_DOCS[@]}" "${LARGE[@]}" \
+  --backends "${FAST%%,*}" --models flexbert,hf-modernbert --train-steps 0 --no-plot
+phase compile "$T_COMPILE" "${BENCH[@]}" "${DEV[@]}" "${BASE[@]}" --backends "${FAST%%,*}+compile" \
+  --models flexbert --train-steps 0 --no-plot
 # Levers one at a time: RoPE in bf16 (eager and compiled), then compiled MLM training.
 optional levers "$T_LEVERS" "${BENCH[@]}" "${DEV[@]}" "${BASE[@]}" \
   --backends "${FAST%%,*}+bf16rope,${FAST%%,*}+compile+bf16rope" --models flexbert \

@@ -46,4 +46,5 @@ class Attention(nn.Module):
             q, k = apply_rotary(q, k, *rotary)
         dropout_p = self.attention_dropout if self.training else 0.0
         out = self.backend(q, k, v, layout, self.half_window, dropout_p, self.scale)
-        return self.out_drop(self.Wo(out.reshape(*lead, -1)))  # (..., D)
+        hidden = self.num_heads * self.head_dim  # not -1: a batch may hold no tokens
+        return self.out_drop(self.Wo(out.reshape(*lead, hidden)))  # (..., D)

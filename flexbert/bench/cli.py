@@ -56,6 +56,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--max-batch-only", action="store_true", help="only the max-batch search (fixed sets)"
     )
+    p.add_argument(
+        "--max-batch-seconds",
+        type=float,
+        default=None,
+        help="time limit per max-batch search; then what fits so far, reported as >=N",
+    )
     p.add_argument("--out", default="bench_out", help="output directory")
     p.add_argument("--append", action="store_true", help="keep rows of an existing results.json")
     p.add_argument(
@@ -131,6 +137,7 @@ def build_settings(args: argparse.Namespace) -> suite.Settings:
         train_len=args.train_len or (256 if args.tiny else 1024 if cuda else 512),
         seed=args.seed,
         max_batch_only=args.max_batch_only,
+        max_batch_seconds=args.max_batch_seconds,
         interleave=(not cuda) if args.interleave is None else args.interleave,
         env=env,
     )

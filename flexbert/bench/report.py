@@ -36,6 +36,7 @@ ROW_KEYS = (
     "repeats",
     "peak_mem_gib",
     "max_batch_size",
+    "max_batch_bound",  # why the true maximum may be larger: cap, time limit, resolution
     "dtype",
     "device",
     "device_name",
@@ -60,13 +61,14 @@ def ratios(rows: list[Row]) -> list[Row]:
     Max-batch results (from timed rows or `max-batch` rows) are compared per (size, workload).
     """
     best: dict[tuple, Row] = {}
-    batch: dict[tuple, int] = {}
+    batch: dict[tuple, tuple[int, str | None]] = {}
     for row in rows:
         if row["status"] != "ok" or row["family"] not in ("flexbert", "hf-modernbert"):
             continue
         if row.get("max_batch_size"):
             key = (row["family"], row["size"], row["label"])
-            batch[key] = max(batch.get(key, 0), row["max_batch_size"])
+            found = (row["max_batch_size"], row.get("max_batch_bound"))
+            batch[key] = max(batch.get(key, (0, None)), found, key=lambda f: f[0])
         if row.get("tokens_per_s") is None:
             continue
         key = (row["family"], row["size"], row["mode"], row["label"])
@@ -89,8 +91,8 @@ def ratios(rows: list[Row]) -> list[Row]:
                 "speed_ratio": flex["tokens_per_s"] / hf["tokens_per_s"],
             }
         )
-    for (family, size, label), flex_batch in batch.items():
-        hf_batch = batch.get(("hf-modernbert", size, label))
+    for (family, size, label), (flex_batch, flex_bound) in batch.items():
+        hf_batch, hf_bound = batch.get(("hf-modernbert", size, label), (0, None))
         if family == "flexbert" and hf_batch:
             out.append(
                 {
@@ -100,9 +102,20 @@ def ratios(rows: list[Row]) -> list[Row]:
                     "flexbert_max_batch": flex_batch,
                     "hf_max_batch": hf_batch,
                     "max_batch_ratio": flex_batch / hf_batch,
+                    # a lower bound where only FlexBERT's search stopped early (cap, time);
+                    # unknown where HF's did
+                    "flexbert_max_batch_bound": flex_bound,
+                    "hf_max_batch_bound": hf_bound,
                 }
             )
     return out
+
+
+def batch_text(size: int | None, bound: str | None) -> str:
+    """A max-batch figure: ">=N" when the search stopped at its cap or time limit."""
+    if size is None:
+        return "-"
+    return f">={size}" if bound in ("cap", "time limit") else str(size)
 
 
 def write_json(path: str | Path, meta: dict[str, Any], rows: list[Row]) -> Path:
@@ -146,7 +159,7 @@ def format_table(rows: list[Row]) -> str:
             f"{r['model']:<20} {variant:<24} {r['mode']:<9} {r['label']:<11} "
             f"{_fmt(r['batch_size']):>6} {_fmt(r['tokens_per_s'], ',.0f'):>11} "
             f"{_fmt(r['seconds'], '.3f'):>9} {span:>15} {_fmt(r['peak_mem_gib'], '.2f'):>8} "
-            f"{_fmt(r['max_batch_size']):>6}  {status}"
+            f"{batch_text(r['max_batch_size'], r.get('max_batch_bound')):>6}  {status}"
         )
     return "\n".join(lines)
 
@@ -158,10 +171,9 @@ def format_ratios(entries: list[Row]) -> str:
     for e in entries:
         head = f"  {e['size']:<6} {e['mode']:<9} {e['workload']:<11}"
         if e["mode"] == "max-batch":
-            lines.append(
-                f"{head} x{e['max_batch_ratio']:.2f} (max batch {e['flexbert_max_batch']} vs "
-                f"{e['hf_max_batch']})"
-            )
+            flex = batch_text(e["flexbert_max_batch"], e.get("flexbert_max_batch_bound"))
+            hf = batch_text(e["hf_max_batch"], e.get("hf_max_batch_bound"))
+            lines.append(f"{head} x{e['max_batch_ratio']:.2f} (max batch {flex} vs {hf})")
             continue
         lines.append(
             f"{head} x{e['speed_ratio']:.2f} "

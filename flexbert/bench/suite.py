@@ -36,6 +36,7 @@ class Settings:
     seed: int = 0
     interleave: bool = False  # time all models round-robin (noisy CPUs)
     max_batch_only: bool = False  # skip timing: only the max-batch search on fixed sets
+    max_batch_seconds: float | None = None  # per search; then what fits so far, as ">="
     env: dict[str, Any] = field(default_factory=dict)  # device_name, torch, transformers
 
     @property
@@ -83,6 +84,7 @@ def run_inference(s: Settings, on_row: Callable[[Row], None]) -> None:
         if s.max_batch_only:
             for w in s.workloads:
                 on_row(_max_batch_row(model, spec, w, docs[w.key], s, ids))
+                timing.free_memory(s.device)
         elif s.interleave:
             models[spec] = model
             continue
@@ -160,7 +162,11 @@ def _time_group(models: dict, w: workloads.Workload, docs: list, s: Settings, id
         cap = s.max_batch_cap[w.long]
         if cap > 0 and not w.variable and spec.plain:
             pad = runners.special_ids(spec)["pad"]
-            row["max_batch_size"] = _max_batch(models[spec], spec, w, s, ids, pad, cap)
+            try:
+                found = _max_batch(models[spec], spec, w, s, ids, pad, cap)
+                row.update(max_batch_size=found.size, max_batch_bound=found.bound or None)
+            except Exception as err:  # the timing stands; only the search failed
+                row["note"] = "max-batch search: " + _failure(err)[1]
     return list(rows.values())
 
 
@@ -173,8 +179,19 @@ def _max_batch_row(model, spec: ModelSpec, w, docs: list, s: Settings, ids) -> R
     if w.max_len > runners.max_len(spec):
         return {**row, "status": "skipped", "note": f"max {runners.max_len(spec)} positions"}
     pad = runners.special_ids(spec)["pad"]
-    found = _max_batch(model, spec, w, s, ids, pad, cap)
-    return {**row, "max_batch_size": found, "status": "ok", "note": f"cap {cap}"}
+    try:
+        found = _max_batch(model, spec, w, s, ids, pad, cap)
+    except Exception as err:  # e.g. a sticky CUDA error: this row fails, the next ones run
+        status, note = _failure(err)
+        return {**row, "status": status, "note": note}
+    bound = found.bound or None
+    return {
+        **row,
+        "max_batch_size": found.size,
+        "max_batch_bound": bound,
+        "status": "ok",
+        "note": f"cap {cap}",
+    }
 
 
 def _make_pass(model, batches: list[workloads.ModelBatch]) -> Callable[[], None]:
@@ -186,7 +203,7 @@ def _make_pass(model, batches: list[workloads.ModelBatch]) -> Callable[[], None]
     return run_pass
 
 
-def _max_batch(model, spec, w, s: Settings, ids, pad: int, cap: int) -> int:
+def _max_batch(model, spec, w, s: Settings, ids, pad: int, cap: int) -> timing.BatchSearch:
     """Largest batch of fixed-length documents one forward pass fits in memory."""
 
     def try_batch(size: int) -> bool:
@@ -198,7 +215,7 @@ def _max_batch(model, spec, w, s: Settings, ids, pad: int, cap: int) -> int:
 
         return timing.fits(attempt, s.device)
 
-    return timing.max_batch_search(try_batch, cap)
+    return timing.max_batch_search(try_batch, cap, seconds=s.max_batch_seconds)
 
 
 def train_specs(s: Settings) -> list[tuple[ModelSpec, bool]]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from flexbert.bench.report import Row, ratios
+from flexbert.bench.report import Row, batch_text, ratios
 from flexbert.config import ModelConfig
 from flexbert.flops import forward_flops_per_token
 
@@ -73,6 +73,19 @@ def _best(rows: list[Row], family: str, target: Target) -> Row | None:
     return max(found, key=lambda r: r["tokens_per_s"]) if found else None
 
 
+def decided(ratio: float, minimum: float, ours_at_least: bool, theirs_at_least: bool) -> bool:
+    """Whether a max-batch ratio settles its target when a search stopped early (its figure
+    a lower bound): ours stopped -> the true ratio is higher, so only a pass is certain;
+    theirs stopped -> it is lower, so only a miss is; both -> nothing is."""
+    if ours_at_least and theirs_at_least:
+        return False
+    if ours_at_least:
+        return ratio >= minimum
+    if theirs_at_least:
+        return ratio < minimum
+    return True
+
+
 def measured_on(rows: list[Row], device: str, device_name: str) -> tuple[str, str]:
     """(device, device name) the rows were measured on: theirs when they agree (a report
     redrawn on another machine from fetched GPU rows keeps the GPU targets), else the given."""
@@ -104,7 +117,14 @@ def check(rows: list[Row], device: str) -> list[dict[str, Any]]:
         if t.mode == "max-batch":
             e = batch.get((t.size, t.workload))
             value = e["max_batch_ratio"] if e else None
-            detail = f"{e['flexbert_max_batch']} vs {e['hf_max_batch']}" if e else ""
+            detail = ""
+            if e:
+                flex = batch_text(e["flexbert_max_batch"], e.get("flexbert_max_batch_bound"))
+                hf = batch_text(e["hf_max_batch"], e.get("hf_max_batch_bound"))
+                detail = f"{flex} vs {hf}"
+                if not decided(value, t.minimum, flex.startswith(">="), hf.startswith(">=")):
+                    detail += " (a search stopped at its cap or time limit: not decided)"
+                    value = None
         else:
             ours, hf = _best(rows, "flexbert", t), _best(rows, "hf-modernbert", t)
             value = ours["tokens_per_s"] if ours else None

@@ -137,17 +137,31 @@ def _max_or_none(values: list[float | None]) -> float | None:
 
 
 # ---------------------------------------------------------------- max batch size
+# Near the memory limit a failed allocation does not always arrive as torch.OutOfMemoryError:
+# cuBLAS/cuDNN workspaces and kernel launches report it as a RuntimeError with these words.
+OOM_WORDS = ("out of memory", "ALLOC_FAILED", "invalid configuration argument")
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """An out-of-memory, whichever library raised it."""
+    return isinstance(err, torch.OutOfMemoryError) or (
+        isinstance(err, RuntimeError) and any(w in str(err) for w in OOM_WORDS)
+    )
+
+
 def fits(attempt: Callable[[], object], device: str) -> bool:
     """Run one attempt; an out-of-memory is a clean `False`, with memory freed afterwards.
 
     The exception (and the frames holding its tensors) is released before freeing, so one
-    failed attempt never leaves memory behind for the next.
+    failed attempt never leaves memory behind for the next. Other errors propagate.
     """
     ok = True
     try:
         attempt()
         synchronize(device)
-    except torch.OutOfMemoryError:
+    except RuntimeError as err:  # torch.OutOfMemoryError is one
+        if not is_out_of_memory(err):
+            raise
         ok = False
     if not ok:
         gc.collect()
@@ -156,23 +170,55 @@ def fits(attempt: Callable[[], object], device: str) -> bool:
     return ok
 
 
-def max_batch_search(try_batch: Callable[[int], bool], cap: int, start: int = 1) -> int:
+@dataclass
+class BatchSearch:
+    """A max-batch search's answer: `size` fits; `bound` says why the true maximum may be
+    larger ("" when the search pinned it down: size fits and the next size tried did not)."""
+
+    size: int
+    bound: str = ""  # "cap" | "time limit" | "resolution" (within `resolution` of it)
+
+
+def max_batch_search(
+    try_batch: Callable[[int], bool],
+    cap: int,
+    start: int = 1,
+    resolution: float = 1 / 16,
+    seconds: float | None = None,
+) -> BatchSearch:
     """Largest batch size in [start, cap] for which `try_batch` succeeds (0 if none does).
 
     Doubles from `start` until a failure or the cap, then bisects between the last success
-    and the first failure; assumes success is monotone in the batch size.
+    and the first failure until they are within `resolution` of each other (0: exact); stops
+    early, with what fits so far, after `seconds`. Assumes success is monotone in the size.
     """
+    deadline = None if seconds is None else time.perf_counter() + seconds
+
+    def out_of_time() -> bool:
+        return deadline is not None and time.perf_counter() > deadline
+
     if cap < start or not try_batch(start):
-        return 0
+        return BatchSearch(0)
     good, bad = start, None
     while bad is None and good < cap:
+        if out_of_time():
+            return BatchSearch(good, "time limit")
         trial = min(2 * good, cap)
         if try_batch(trial):
             good = trial
         else:
             bad = trial
     if bad is None:
-        return good
+        return BatchSearch(good, "cap")
+    while bad - good > max(1, int(good * resolution)):
+        if out_of_time():
+            return BatchSearch(good, "time limit")
+        mid = (good + bad) // 2
+        if try_batch(mid):
+            good = mid
+        else:
+            bad = mid
+    return BatchSearch(good, "" if bad - good == 1 else "resolution")
     while bad - good > 1:
         mid = (good + bad) // 2
         if try_batch(mid):

@@ -153,6 +153,7 @@ def check_checkpoint_fits(path: str | Path, model: Any, setting: str) -> None:
             f"{setting}={text} is not a Composer checkpoint (no state.model weights): expected "
             "a flexbert-train checkpoints/ep<N>-ba<M>-rank0.pt"
         )
+
     def shapes_of(state: dict[str, Any]) -> dict[str, tuple[int, ...]]:
         plain = {k: tuple(v.shape) for k, v in state.items() if hasattr(v, "shape")}
         torch.nn.modules.utils.consume_prefix_in_state_dict_if_present(plain, "module.")  # DDP

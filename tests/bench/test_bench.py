@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
 
-from flexbert.bench import cli, report, runners, timing, workloads
+from flexbert.bench import cli, report, runners, targets, timing, workloads
 
 ID_RANGE = (5, 512)
 
@@ -80,12 +81,47 @@ def test_max_batch_search_finds_the_oom_threshold_and_isolates_failures():
     def try_batch(batch: int) -> bool:
         return timing.fits(lambda: fake_runner(batch), "cpu")
 
-    assert timing.max_batch_search(try_batch, cap=1000) == 37
+    assert timing.max_batch_search(try_batch, cap=1000, resolution=0).size == 37
     assert attempts[:7] == [1, 2, 4, 8, 16, 32, 64]  # doubling, then bisection
-    assert timing.max_batch_search(try_batch, cap=20) == 20  # the cap wins
-    assert timing.max_batch_search(lambda b: False, cap=8) == 0
+    coarse = timing.max_batch_search(try_batch, cap=1000)  # stops within 1/16
+    assert 37 - 37 // 16 <= coarse.size <= 37 and coarse.bound in ("", "resolution")
+    assert timing.max_batch_search(try_batch, cap=20) == timing.BatchSearch(20, "cap")
+    assert timing.max_batch_search(lambda b: False, cap=8).size == 0
+    slow = timing.max_batch_search(lambda b: time.sleep(0.02) or True, cap=10**6, seconds=0.05)
+    assert slow.bound == "time limit" and 1 <= slow.size < 10**6
     with pytest.raises(ValueError):  # only out-of-memory is swallowed
         timing.fits(lambda: (_ for _ in ()).throw(ValueError("bug")), "cpu")
+    cublas = RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate")
+    assert not timing.fits(lambda: (_ for _ in ()).throw(cublas), "cpu")  # an OOM too
+    with pytest.raises(RuntimeError, match="illegal"):
+        timing.fits(lambda: (_ for _ in ()).throw(RuntimeError("illegal memory access")), "cpu")
+
+
+@pytest.mark.parametrize(
+    "ours, theirs, ratio, met",
+    [
+        (None, None, 2.5, True),
+        (None, None, 1.5, False),
+        ("cap", None, 2.5, True),  # ours is at least that: a pass is certain
+        ("cap", None, 1.5, None),
+        (None, "time limit", 1.5, False),  # theirs is at least that: a miss is certain
+        (None, "cap", 2.5, None),
+        ("cap", "cap", 1.0, None),
+    ],
+)
+def test_a_max_batch_search_stopped_early_decides_only_what_it_can(ours, theirs, ratio, met):
+    rows = [
+        {
+            **_row("flexbert", "max-batch", "fixed-8192", max_batch=int(16 * ratio)),
+            "max_batch_bound": ours,
+        },
+        {
+            **_row("hf-modernbert", "max-batch", "fixed-8192", max_batch=16),
+            "max_batch_bound": theirs,
+        },
+    ]
+    (entry,) = [e for e in targets.check(rows, "cuda") if e["target"].startswith("max batch")]
+    assert entry["met"] is met
 
 
 def test_interleaved_timing_reports_every_pass():

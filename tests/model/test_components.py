@@ -8,7 +8,12 @@ import pytest
 import torch
 import yaml
 
-from flexbert import FlexBertForMaskedLM, FlexBertForSequenceClassification, ModelConfig
+from flexbert import (
+    FlexBertForMaskedLM,
+    FlexBertForSequenceClassification,
+    FlexBertModel,
+    ModelConfig,
+)
 from flexbert.config import COMPONENT_FIELDS
 from tests.conftest import ragged_batch
 
@@ -102,6 +107,28 @@ def test_compiled_model_matches_eager_on_cpu():
             rtol=1e-4,
             atol=1e-5,
         )
+
+
+@pytest.mark.slow
+def test_compiled_layers_keep_compiling_across_kinds_of_batch():
+    """A compiled layer needs a graph per layer kind, mask-cache state, padding and window
+    path: with dynamo's default limit (8) a third kind of batch left every layer eager."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = FlexBertModel(ModelConfig.preset("tiny", backend="sdpa")).eval()
+    model.compile_layers(dynamic=True)
+    graphs = []
+    for shape, padded in [((2, 40), True), ((2, 64), False), ((2, 130), True)]:
+        ids, mask = torch.randint(5, 100, shape), torch.ones(shape, dtype=torch.long)
+        if padded:
+            mask[0, -5:] = 0
+        with torch.no_grad():
+            model(ids, attention_mask=mask)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[-1] > graphs[-2] > 0  # the third kind compiled too
+    assert counters["frames"]["total"] == counters["frames"]["ok"]  # no frame left eager
 
 
 def test_compiled_layers_match_eager_on_cpu():

@@ -97,9 +97,60 @@ def test_padding_slots_are_not_embedded_when_unpadded_so_they_are_not_checked(mo
     model(ids, attention_mask=mask)
 
 
-def test_float_input_ids_are_refused(model):
-    with pytest.raises(ValueError, match="input_ids must be an integer tensor, got torch.float32"):
-        model(torch.ones(2, 8))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.int16, torch.uint8, torch.bool])
+def test_input_ids_other_than_int64_or_int32_are_refused(model, dtype):
+    with pytest.raises(ValueError, match=f"int64 or int32 token ids, got {dtype}"):
+        model(torch.ones(2, 8, dtype=dtype))
+
+
+@pytest.mark.parametrize("padding", ["unpadded", "padded"])
+def test_labels_of_another_shape_than_input_ids_are_refused_in_both_layouts(padding):
+    """A label tensor shifted by one column used to be gathered onto the wrong tokens in the
+    unpadded layout (the padded one failed); both now name the expected shape."""
+    from flexbert import FlexBertForTokenClassification
+
+    cfg = ModelConfig.preset("tiny", padding=padding)
+    ids, mask = torch.randint(5, 100, (2, 20)), torch.ones(2, 20, dtype=torch.long)
+    mask[1, 15:] = 0
+    for model in (
+        FlexBertForMaskedLM(cfg),
+        FlexBertForTokenClassification(cfg.replace(num_labels=3)),
+    ):
+        with pytest.raises(ValueError, match=r"labels must have the shape of input_ids \(2, 20\)"):
+            model(ids, attention_mask=mask, labels=torch.zeros(2, 19, dtype=torch.long))
+    sparse = FlexBertForMaskedLM(cfg.replace(sparse_prediction=True))
+    with pytest.raises(ValueError, match="labels must have the shape"):
+        sparse(
+            ids,
+            attention_mask=mask,
+            labels=torch.zeros(40, dtype=torch.long),
+            label_positions=torch.tensor([1, 2]),
+        )
+
+
+def test_an_additive_attention_mask_is_refused_not_inverted(model):
+    ids = torch.randint(5, 100, (2, 8))
+    additive = torch.zeros(2, 8)
+    additive[1, 6:] = float("-inf")
+    with pytest.raises(ValueError, match="1 for real tokens and 0 for padding"):
+        model(ids, attention_mask=additive)
+    model(ids, attention_mask=(additive == 0).float())  # a 0/1 float mask is fine
+
+
+@pytest.mark.parametrize("padding", ["unpadded", "padded"])
+def test_a_batch_without_real_tokens_gives_empty_outputs(padding):
+    model = FlexBertModel(ModelConfig.preset("tiny", padding=padding)).eval()
+    ids = torch.randint(5, 100, (2, 8))
+    out = model(ids, attention_mask=torch.zeros(2, 8, dtype=torch.long)).last_hidden_state
+    assert out.shape == (2, 8, 64)
+    if padding == "unpadded":
+        packed = model(torch.zeros(0, dtype=torch.long), cu_seqlens=torch.tensor([0, 0]))
+        assert packed.last_hidden_state.shape == (0, 64)
+
+
+def test_a_too_long_packed_sequence_names_max_seqlen(model):
+    with pytest.raises(ValueError, match="max_seqlen=600 .* exceeds max_seq_len=512"):
+        model(torch.randint(5, 100, (600,)), cu_seqlens=torch.tensor([0, 600]))
 
 
 def test_value_checks_skip_tensors_off_the_cpu_and_never_sync():
