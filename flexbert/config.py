@@ -24,7 +24,7 @@ from flexbert.components import (
     POOLINGS,
     POSITIONS,
 )
-from flexbert.registry import ComponentConfig, ConfigError, Registry
+from flexbert.registry import ComponentConfig, ConfigError, Registry, check_field_types
 
 PADDINGS = ("unpadded", "padded")
 PROBLEM_TYPES = (None, "regression", "single_label_classification", "multi_label_classification")
@@ -173,6 +173,7 @@ class ModelConfig:
 
     # ------------------------------------------------------------------ validation
     def _validate(self) -> None:
+        check_field_types(self)
         positive = (
             "vocab_size",
             "hidden_size",

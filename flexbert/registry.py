@@ -21,6 +21,51 @@ class ConfigError(ValueError):
     """A model or component configuration that cannot be built."""
 
 
+# Field annotations (strings under `from __future__ import annotations`) whose values are
+# checked: what each admits and how to name it. Others (Any, lists, unions) check themselves.
+_SIMPLE_TYPES: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "bool": ("true or false", lambda v: isinstance(v, bool)),
+    "int": ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    "float": (
+        "a number",
+        lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    ),
+    "str": ("a string", lambda v: isinstance(v, str)),
+}
+
+
+def check_field_types(obj: Any, prefix: str = "") -> None:
+    """Refuse a dataclass field whose value is not of its annotated simple type (bool, int,
+    float, str, or one of them | None): a string "false" is truthy, a 128.0 window or a "1e-5"
+    eps from a YAML loader would fail deep inside the model instead."""
+    for f in dataclasses.fields(obj):
+        if not f.init:
+            continue
+        kind = str(f.type).replace(" ", "")
+        optional = kind.endswith("|None")
+        kind = kind.removesuffix("|None")
+        if kind not in _SIMPLE_TYPES:
+            continue
+        value = getattr(obj, f.name)
+        if value is None and optional:
+            continue
+        what, ok = _SIMPLE_TYPES[kind]
+        if not ok(value):
+            null = " (or null)" if optional else ""
+            hint = ""
+            if kind in ("float", "int") and isinstance(value, str) and _is_number(value):
+                hint = " (a string: PyYAML reads 1e-5 as one; write 1.0e-5)"
+            raise ConfigError(f"{prefix}{f.name} must be {what}{null}, got {value!r}{hint}")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 @dataclass
 class ComponentConfig:
     """Base of every component's config; `name` is the registered name it builds."""
@@ -103,6 +148,7 @@ class Registry:
                 f"{field}: expected a name, a mapping or a config, got {type(value).__name__}"
             )
         try:
+            check_field_types(cfg)
             cfg.validate()
         except ConfigError as err:
             raise ConfigError(f"{field}: {err}") from None

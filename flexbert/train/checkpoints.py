@@ -75,11 +75,29 @@ def find_run_file(checkpoint: Path, name: str) -> Path | None:
 
 
 def read_model_config(path: Path) -> Any:
-    """A ModelConfig from model_config.json, or from a run's summary.json (`model_config`)."""
+    """A ModelConfig from model_config.json, or from a run's summary.json (`model_config`),
+    with an attention backend that runs on this machine (`backend_for_here`)."""
     from flexbert import ModelConfig
 
     values = json.loads(path.read_text())
-    return ModelConfig.from_dict(values.get("model_config", values))
+    return backend_for_here(ModelConfig.from_dict(values.get("model_config", values)))
+
+
+def backend_for_here(config: Any) -> Any:
+    """A saved config whose attention backend cannot run here (varlen or flash_attn from a
+    GPU run, read on a CPU machine to export or fine-tune) gets `auto` instead, with a
+    warning: every backend computes the same attention, so the weights mean the same."""
+    import logging
+
+    from flexbert.attention.backends import BACKENDS
+    from flexbert.registry import ConfigError
+
+    try:
+        BACKENDS.build(config.backend).check(config)
+    except ConfigError as err:
+        logging.getLogger("flexbert").warning("%s; using backend 'auto' here instead", err)
+        return config.replace(backend="auto")
+    return config
 
 
 def load_checkpoint_model(

@@ -407,3 +407,20 @@ def test_a_misspelt_experiment_or_ablation_is_refused_not_skipped(group):
     missing = pytest.raises(MissingConfigException, match=f"Could not find '{group}/nope'")
     with initialize_config_dir(str(conf_dir()), version_base="1.3"), missing:
         compose("pretrain", overrides=[f"{group}=nope"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="varlen builds where a GPU is visible")
+def test_a_saved_gpu_backend_is_read_as_auto_on_a_cpu_machine(tmp_path, caplog):
+    """A GPU run's model_config.json names backend varlen; export or fine-tuning on a CPU
+    machine reads it with `auto` (same attention, another kernel) and says so."""
+    from flexbert import FlexBertForMaskedLM
+    from flexbert.train.checkpoints import read_model_config
+
+    path = tmp_path / "model_config.json"
+    path.write_text(json.dumps(ModelConfig.preset("tiny", backend="varlen").to_dict()))
+    with pytest.raises(ConfigError, match="runs on CUDA only"):
+        FlexBertForMaskedLM(ModelConfig.from_dict(json.loads(path.read_text())))
+    with caplog.at_level("WARNING", logger="flexbert"):
+        cfg = read_model_config(path)
+    assert cfg.backend.name == "auto" and "using backend 'auto'" in caplog.text
+    FlexBertForMaskedLM(cfg)  # builds here
