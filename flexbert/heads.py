@@ -254,7 +254,8 @@ class FlexBertForQuestionAnswering(ClassifierModel):
 
 
 def span_loss(logits: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of (B, L) position logits; positions outside [0, L) are ignored."""
+    """Cross-entropy of (B, L) position logits; positions >= L are ignored and negative ones
+    clamp to 0 (the [CLS] slot, "no answer"), as in Hugging Face."""
     outside = logits.shape[1]
     positions = positions.view(-1).clamp(0, outside)
     return F.cross_entropy(logits.float(), positions, ignore_index=outside)
