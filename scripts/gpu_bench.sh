@@ -16,7 +16,15 @@
 set -u
 cd "$(dirname "$0")/.."
 OUT="${OUT:-./bench_out}"
+if [ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; fi  # uv sync's
 PY="${PYTHON:-$(command -v python3 || command -v python)}"
+if ! "$PY" -c "import torch" 2>/dev/null; then
+  echo "gpu_bench: $PY cannot import torch; set PYTHON=<a python with torch>" >&2; exit 2
+fi
+if [ "${BENCH_CPU:-0}" != "1" ] && ! "$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
+  echo "gpu_bench: no CUDA GPU visible to $PY; BENCH_CPU=1 runs the same phases on the CPU" >&2
+  exit 2
+fi
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}." PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 LOG="$OUT/log.txt"

@@ -66,7 +66,10 @@ def measure(size: str, rows: int, length: int, device: str, bf16: bool) -> dict[
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="activation_memory", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="activation_memory",
+        description=__doc__.split("\n\n")[0].replace("\n", " "),
+    )
     p.add_argument("--size", default="base")
     p.add_argument("--rows", type=int, default=1)
     p.add_argument("--len", type=int, default=8192, dest="length")

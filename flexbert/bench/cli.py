@@ -11,6 +11,7 @@ Writes results.json (rewritten after every row), results.txt (the table) and res
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import platform
 import sys
@@ -78,7 +79,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def pair(value: str, name: str) -> dict[bool, int]:
     """'N' or 'short,long' -> {False: short, True: long} (keyed by Workload.long)."""
-    parts = [int(v) for v in value.split(",")]
+    try:
+        parts = [int(v) for v in value.split(",")]
+    except ValueError:
+        parts = []
     if len(parts) not in (1, 2) or min(parts) < 0:
         raise SystemExit(f"--{name}: expected N or SHORT,LONG (non-negative), got {value!r}")
     return {False: parts[0], True: parts[-1]}
@@ -143,9 +147,27 @@ def build_settings(args: argparse.Namespace) -> suite.Settings:
     )
 
 
+def check_device(device: str) -> None:
+    """`auto`, `cpu` or a CUDA device that is there; anything else is a clear error."""
+    if device in ("auto", "cpu"):
+        return
+    if not device.startswith("cuda"):
+        raise ValueError(f"--device {device}: expected cuda, cuda:N, cpu or auto")
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA GPU is visible here; use --device cpu")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    settings = build_settings(args)
+    try:
+        check_device(args.device)
+        settings = build_settings(args)
+    except (ValueError, SystemExit) as err:  # unknown model/workload, a bad N or S,L
+        if isinstance(err, SystemExit) and not isinstance(err.code, str):
+            raise
+        message = err.code if isinstance(err, SystemExit) else err
+        print(f"flexbert-bench: error: {message}", file=sys.stderr)
+        return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / "results.json"
@@ -186,7 +208,10 @@ def main(argv: list[str] | None = None) -> int:
     (out / "targets.md").write_text(checked + "\n")
     if not args.no_plot:
         png = report.plot(rows, out / "results.png")
-        print(f"plot: {png}" if png else "plot skipped (matplotlib is not installed)")
+        why = "no timed rows to plot"
+        if importlib.util.find_spec("matplotlib") is None:
+            why = "matplotlib is not installed"
+        print(f"plot: {png}" if png else f"plot skipped ({why})")
     print(f"results: {json_path}")
     return 0
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from flexbert.data.corpus import TEXT_MODES, CorpusSpec
 from flexbert.data.errors import DataError
@@ -42,14 +43,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flexbert-data", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    tok = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer")
+    defaults = {"formatter_class": argparse.ArgumentDefaultsHelpFormatter}
+    tok = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer", **defaults)
     tok.add_argument("out_dir", help="directory to write tokenizer.json and configs into")
     _add_corpus_args(tok)
     tok.add_argument("--vocab-size", type=int, default=50368, help="target size (multiple of 64)")
     tok.add_argument("--num-unused", type=int, default=83, help="reserved [unusedN] tokens (min)")
     tok.add_argument("--min-frequency", type=int, default=2)
+    tok.add_argument("--overwrite", action="store_true", help="replace a non-empty out_dir")
 
-    prep = sub.add_parser("prepare", help="tokenize a corpus into MDS shards (train/ and val/)")
+    prep = sub.add_parser(
+        "prepare", help="tokenize a corpus into MDS shards (train/ and val/)", **defaults
+    )
     prep.add_argument("out_dir", help="output directory (gets train/, val/, manifest.json)")
     prep.add_argument("--tokenizer", required=True, help="local Hugging Face tokenizer directory")
     _add_corpus_args(prep)
@@ -64,7 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--overwrite", action="store_true", help="replace a different conversion")
     prep.add_argument("--no-progress", action="store_true")
 
-    look = sub.add_parser("inspect", help="manifest, sample lengths and decoded samples of shards")
+    look = sub.add_parser(
+        "inspect", help="manifest, sample lengths and decoded samples of shards", **defaults
+    )
     look.add_argument("mds_dir", help="a prepared directory (train/, val/, manifest.json)")
     look.add_argument("--split", default="train", choices=("train", "val"))
     look.add_argument("--tokenizer", default=None, help="decode samples with this tokenizer")
@@ -79,6 +86,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "tokenizer":
             from flexbert.data.tokenizer import save_tokenizer, train_tokenizer
+
+            out_dir = Path(args.out_dir)
+            if out_dir.is_dir() and any(out_dir.iterdir()) and not args.overwrite:
+                raise DataError(
+                    f"{out_dir} is not empty (shards and runs made with a tokenizer there "
+                    "would no longer match it): write to a new directory or pass --overwrite"
+                )
 
             tokenizer = train_tokenizer(
                 _corpus(args).texts(), args.vocab_size, args.num_unused, args.min_frequency

@@ -57,11 +57,16 @@ def _check_local_index(local: str | Path) -> None:
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise DataError(f"{index}: corrupt MDS index ({e})") from e
     for shard in shards:
-        names = [(shard.get(k) or {}).get("basename") for k in ("zip_data", "raw_data")]
-        names = [n for n in names if n]
-        if not any((Path(local) / n).exists() for n in names):
-            listed = " / ".join(names)
-            raise DataFileNotFoundError(f"{local}: shard {listed} listed in index.json is missing")
+        zipped, raw = ((shard.get(k) or {}).get("basename") for k in ("zip_data", "raw_data"))
+        if zipped and not (Path(local) / zipped).exists():
+            # with only the decompressed copy left, the streaming library deletes it on open
+            left = f" (only its decompressed {raw} is here)" if (Path(local) / raw).exists() else ""
+            raise DataFileNotFoundError(
+                f"{local}: shard {zipped} listed in index.json is missing{left}; restore it or "
+                "re-run `flexbert-data prepare --overwrite`"
+            )
+        if not zipped and raw and not (Path(local) / raw).exists():
+            raise DataFileNotFoundError(f"{local}: shard {raw} listed in index.json is missing")
 
 
 def token_streams(seq_streams: Sequence[int], cu_seqlens: torch.Tensor) -> torch.Tensor:

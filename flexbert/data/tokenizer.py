@@ -96,6 +96,10 @@ def save_tokenizer(tokenizer: Any, out_dir: str | Path) -> Path:
     return out
 
 
+# What a Hugging Face tokenizer directory holds (one of them at least).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model")
+
+
 def load_tokenizer(path: str | Path, require_specials: bool = True) -> Any:
     """Load a local Hugging Face tokenizer directory (or tokenizer.json) without any network.
 
@@ -106,6 +110,11 @@ def load_tokenizer(path: str | Path, require_specials: bool = True) -> Any:
     if not p.exists():
         raise DataFileNotFoundError(
             f"tokenizer not found: {p} (expected a directory with tokenizer.json)"
+        )
+    if p.is_dir() and not any((p / f).exists() for f in TOKENIZER_FILES):
+        raise DataError(
+            f"{p} is not a tokenizer directory (none of {list(TOKENIZER_FILES)} in it): pass "
+            "the folder `flexbert-data tokenizer` or save_pretrained wrote"
         )
     try:
         if p.is_file():

@@ -64,6 +64,34 @@ def check_trainer_node(trainer: DictConfig) -> None:
                 ) from None
 
 
+# Settings read as numbers by both entry points (where a node holds them): a string there
+# would fail deep inside (or blame the data), so they are checked once, by name, at entry.
+INTEGER_KEYS = (
+    "seed",
+    "data.seq_len",
+    "data.max_seq_len",
+    "data.batch_size",
+    "data.micro_batch_size",
+    "data.eval_micro_batch_size",
+    "data.eval_batch_size",
+    "task.num_labels",
+)
+NUMBER_KEYS = ("optimizer.lr", "optimizer.weight_decay", "data.mlm_probability")
+
+
+def check_number_keys(cfg: DictConfig) -> None:
+    """Refuse `data.batch_size=abc`, `optimizer.lr=fast` and the like, naming the key."""
+    for key in (*INTEGER_KEYS, *NUMBER_KEYS):
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is None:
+            continue
+        integer = key in INTEGER_KEYS
+        ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+        if isinstance(value, bool) or not ok:
+            kind = "an integer" if integer else "a number"
+            raise ConfigError(f"{key} must be {kind}, got {value!r}")
+
+
 def trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
     """The `trainer` node as composer.Trainer keyword arguments."""
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
@@ -186,6 +214,7 @@ def run_app(prog: str, config_name: str, task: Callable[[DictConfig, Path], Any]
 
         try:
             check_trainer_node(cfg.trainer)
+            check_number_keys(cfg)
             return task(cfg, Path(HydraConfig.get().runtime.output_dir))
         except (ConfigError, DataError, CheckpointError, FileNotFoundError) as err:
             print(f"{prog}: error: {err}", file=sys.stderr, flush=True)

@@ -94,7 +94,8 @@ class StepBatcher:
         if rows_per_step % rows_per_microbatch:
             raise ConfigError(
                 f"rows per step ({rows_per_step}) must be a multiple of rows per microbatch "
-                f"({rows_per_microbatch})"
+                f"({rows_per_microbatch}), per rank: set data.batch_size to a multiple of "
+                "data.micro_batch_size"
             )
         self.loader = loader
         self.rows_per_microbatch = rows_per_microbatch

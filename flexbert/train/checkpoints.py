@@ -33,6 +33,35 @@ def write_run_files(
         (run_dir / TASK_FILE).write_text(json.dumps(task, indent=2) + "\n")
 
 
+def check_run_dir(run_dir: Path, model_cfg: Any, trainer: Any) -> None:
+    """Refuse, before any run file is written, to start in a folder that already holds
+    checkpoints, unless resuming them (`trainer.autoresume`) or replacing them
+    (`trainer.save_overwrite`) with the same model: rewriting its model_config.json for
+    another model would leave those checkpoints unreadable."""
+    from flexbert.registry import ConfigError
+
+    found = last_checkpoint(run_dir)
+    if found is None:
+        return
+    saved_path = run_dir / "model_config.json"
+    if saved_path.exists():
+        saved = json.loads(saved_path.read_text())
+        ours = json.loads(json.dumps(model_cfg.to_dict()))  # tuples -> lists, as saved
+        changed = sorted(k for k in set(saved) | set(ours) if saved.get(k) != ours.get(k))
+        if changed:
+            diff = ", ".join(f"{k}: {saved.get(k)!r} -> {ours.get(k)!r}" for k in changed[:4])
+            raise ConfigError(
+                f"{run_dir} holds checkpoints ({found.name}) of another model ({diff}); "
+                "start this run in a new folder (hydra.run.dir=...)"
+            )
+    if not (trainer.get("autoresume") or trainer.get("save_overwrite")):
+        raise ConfigError(
+            f"{run_dir} already holds checkpoints ({found.name}): resume them with "
+            "trainer.autoresume=true, replace them with trainer.save_overwrite=true, or start "
+            "in a new folder (hydra.run.dir=...)"
+        )
+
+
 def task_model_class(task_type: str | None) -> type:
     """The FlexBERT class a run trains: the MLM for pretraining, the task head otherwise."""
     import flexbert

@@ -26,12 +26,16 @@ def export(
     out: str | Path,
     config: str | Path | None = None,
     tokenizer: str | Path | None = None,
+    overwrite: bool = False,
 ) -> Path:
-    """Write `out` (config.json, model.safetensors, tokenizer files); return it."""
+    """Write `out` (config.json, model.safetensors, tokenizer files); return it. `checkpoint`
+    may also be a run folder (or its checkpoints/): its newest checkpoint. A non-empty `out`
+    is refused unless `overwrite`."""
     from flexbert import ConfigError
     from flexbert.data.tokenizer import load_tokenizer
     from flexbert.train.checkpoints import (
         config_next_to,
+        find_run_checkpoint,
         load_checkpoint_model,
         read_model_config,
         run_task,
@@ -43,6 +47,17 @@ def export(
     ckpt = Path(checkpoint).resolve()
     if not ckpt.exists():
         raise FileNotFoundError(f"checkpoint not found: {ckpt}")
+    if ckpt.is_dir():  # a run folder, or its checkpoints/: the newest checkpoint
+        found = find_run_checkpoint(ckpt.parent if ckpt.name == "checkpoints" else ckpt)
+        if found is None:
+            raise ConfigError(f"{ckpt} is a Hugging Face directory already: nothing to export")
+        ckpt = found.checkpoint
+    out = Path(out)
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(
+            f"--out {out} is not empty: export into a new directory, or pass --overwrite to "
+            "replace the model files in it"
+        )
     cfg_path = Path(config) if config else config_next_to(ckpt)
     if not cfg_path.exists():
         raise FileNotFoundError(f"--config {cfg_path}: no such file")
@@ -65,11 +80,16 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser (separate so tests and docs can inspect it)."""
     p = argparse.ArgumentParser(prog="flexbert-export", description=__doc__.splitlines()[0])
     p.add_argument(
-        "checkpoint", help="Composer checkpoint (.pt) of flexbert-train or flexbert-finetune"
+        "checkpoint",
+        help="Composer checkpoint (.pt) of flexbert-train or flexbert-finetune, or a run "
+        "folder (its newest checkpoint)",
     )
     p.add_argument("--out", required=True, help="output directory for the Hugging Face model")
     p.add_argument("--config", default=None, help="model_config.json or summary.json of the run")
     p.add_argument("--tokenizer", default=None, help="tokenizer dir (default: the run's)")
+    p.add_argument(
+        "--overwrite", action="store_true", help="write into a non-empty --out directory"
+    )
     return p
 
 
@@ -81,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     from flexbert.hf import CheckpointError
 
     try:
-        out = export(args.checkpoint, args.out, args.config, args.tokenizer)
+        out = export(args.checkpoint, args.out, args.config, args.tokenizer, args.overwrite)
     except (
         FileNotFoundError,
         ConfigError,

@@ -68,8 +68,9 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> tuple[Any, dict[str, Any]]:
     from composer.utils import dist, reproducibility
 
     from flexbert.data.tokenizer import check_tokenizer_matches, load_tokenizer
+    from flexbert.registry import ConfigError
     from flexbert.train.callbacks import LossHistory
-    from flexbert.train.checkpoints import find_run_checkpoint, write_run_files
+    from flexbert.train.checkpoints import check_run_dir, find_run_checkpoint, write_run_files
     from flexbert.train.data_spec import flexbert_data_spec
     from flexbert.train.finetune_colbert import document_length
     from flexbert.train.finetune_model import (
@@ -90,12 +91,19 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> tuple[Any, dict[str, Any]]:
     model = load_task_model(cfg, source.checkpoint if source else None, tokenizer)
     prepare_layers(cfg, model)
     check_tokenizer_matches(tokenizer, **{k: getattr(model.config, k) for k in TOKENIZER_FIELDS})
-    max_len = min(int(cfg.data.max_seq_len), model.config.max_seq_len)
+    max_len = int(cfg.data.max_seq_len)
+    if max_len > model.config.max_seq_len:
+        raise ConfigError(
+            f"data.max_seq_len={max_len} exceeds the model's max_seq_len="
+            f"{model.config.max_seq_len} (its position limit): set data.max_seq_len<="
+            f"{model.config.max_seq_len}"
+        )
     examples, label_names = build_examples(cfg.task, tokenizer, max_len)
     composer_model, collate = composer_parts(cfg.task, model, tokenizer.pad_token_id, label_names)
     task = {"name": cfg.task.name, "type": cfg.task.type, "labels": label_names}
     if cfg.task.type == "colbert":  # what its PyLate export needs (flexbert-export too)
         task["document_length"] = document_length(cfg.task, max_len)
+    check_run_dir(run_dir, model.config, cfg.trainer)
     if is_main_process():
         write_run_files(run_dir, model.config, tokenizer, task)
     world = dist.get_world_size()

@@ -59,7 +59,12 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> tuple[Any, dict[str, Any]]:
     from flexbert import FlexBertForMaskedLM
     from flexbert.data.tokenizer import check_tokenizer_matches, special_token_ids
     from flexbert.train.callbacks import LossHistory
-    from flexbert.train.checkpoints import check_checkpoint_fits, init_from, write_run_files
+    from flexbert.train.checkpoints import (
+        check_checkpoint_fits,
+        check_run_dir,
+        init_from,
+        write_run_files,
+    )
     from flexbert.train.composer_model import ComposerFlexBertMLM
     from flexbert.train.data import (
         build_loaders,
@@ -85,6 +90,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> tuple[Any, dict[str, Any]]:
         cfg.data, model_cfg, tokenizer, mds_dir, cfg.seed, dist.get_world_size()
     )
     # What export and resumption need, written before training so any checkpoint is usable.
+    check_run_dir(run_dir, model_cfg, cfg.trainer)
     if is_main_process():
         write_run_files(run_dir, model_cfg, tokenizer)
 
@@ -171,9 +177,10 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     eval_only = bool(cfg.get("eval_only"))
     t0 = time.perf_counter()
     if not eval_only:
-        trainer.fit()
+        trainer.fit()  # Composer evaluates at its end (eval_interval or not)
     seconds = time.perf_counter() - t0
-    trainer.eval()
+    if eval_only or int(state.timestamp.batch) == start_batch:  # nothing trained this run
+        trainer.eval()
     metrics = _metrics(trainer)
     model = final_model(trainer)
     main = is_main_process()
@@ -232,8 +239,9 @@ def report(summary: dict[str, Any]) -> str:
     done = (
         "evaluated (eval_only)"
         if summary["config"].get("eval_only")
-        else f"done in {t['seconds']:.0f}s, {t['batches']} batches, {t['tokens']:,} tokens "
-        f"({t['tokens_per_second'] or 0:,.0f} tokens/s)"
+        else f"done in {t['seconds']:.0f}s, {t['batches_this_run']} batches this run"
+        + (f" ({t['batches']} in all)" if t["batches"] != t["batches_this_run"] else "")
+        + f", {t['tokens']:,} tokens in all ({t['tokens_per_second'] or 0:,.0f} tokens/s)"
     )
     lines = [
         "",

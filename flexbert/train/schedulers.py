@@ -53,7 +53,8 @@ class WarmupStableDecayScheduler(ComposerScheduler):
         total = _convert_time(Time(1.0, TimeUnit.DURATION), state, ssr)
         if decay.value > 0 and decay.unit != total.unit:  # no decay (0tok) fits any unit
             raise ConfigError(
-                f"t_decay={self.t_decay} must be in max_duration's unit ({total.unit.value}) or dur"
+                f"scheduler.t_decay={self.t_decay} must be in max_duration's unit "
+                f"({total.unit.value}) or a fraction of it: e.g. scheduler.t_decay=0.1dur"
             )
         now_w = state.timestamp.get(warmup.unit).value
         if warmup.value > 0 and now_w < warmup.value:

@@ -184,6 +184,12 @@ class SweepReport(Callback):
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
+    if args in (["-h"], ["--help"]):
+        print(
+            "usage: python -m flexbert.train.sweep SWEEP_DIR\n\nRebuild sweep_results.md "
+            "(and .json) over the jobs of a Hydra multirun folder."
+        )
+        return 0
     if len(args) != 1:
         print("usage: python -m flexbert.train.sweep SWEEP_DIR", file=sys.stderr)
         return 2

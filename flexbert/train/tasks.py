@@ -75,7 +75,8 @@ def load_splits(dataset: Mapping[str, Any], splits: Sequence[str]) -> dict[str, 
     except DataError:
         raise
     except Exception as e:  # noqa: BLE001 - datasets raises many types; one clear message
-        raise DataError(f"could not load task.dataset ({files or path or name}): {e}") from e
+        cause = f" ({type(e.__cause__).__name__}: {e.__cause__})" if e.__cause__ else ""
+        raise DataError(f"could not load task.dataset ({files or path or name}): {e}{cause}") from e
     if isinstance(loaded, datasets.Dataset):
         loaded = datasets.DatasetDict({"train": loaded})
     missing = [s for s in splits if s not in loaded]

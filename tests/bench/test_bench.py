@@ -341,3 +341,19 @@ def test_profiling_lists_top_ops_of_both_models(extra, capsys):
     out = capsys.readouterr().out
     assert out.count("== ") == 2 and "flexbert-tiny" in out and "hf-modernbert-tiny" in out
     assert "aten::mm" in out or "aten::addmm" in out
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--models", "flexbrt"], "unknown model 'flexbrt'"),
+        (["--workloads", "fixed-long2"], "unknown workload"),
+        (["--num-docs", "abc"], "--num-docs: expected N or SHORT,LONG"),
+        (["--device", "tpu"], "expected cuda, cuda:N, cpu or auto"),
+    ],
+)
+def test_bad_bench_arguments_are_one_line_and_exit_2(args, needle, tmp_path, capsys):
+    assert cli.main(["--device", "cpu", "--tiny", "--out", str(tmp_path), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("flexbert-bench: error:") and needle in err
+    assert "Traceback" not in err and not (tmp_path / "results.json").exists()

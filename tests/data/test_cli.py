@@ -31,6 +31,11 @@ def test_tokenizer_then_prepare(tmp_path, capsys):
         == 0
     )
     assert (tmp_path / "tok" / "tokenizer.json").exists()
+    before = (tmp_path / "tok" / "tokenizer.json").read_text()
+    again = ["tokenizer", str(tmp_path / "tok"), "--corpus", str(corpus), "--vocab-size", "384"]
+    assert main(again) == 2  # a tokenizer that shards and runs refer to is not replaced
+    assert "not empty" in capsys.readouterr().err
+    assert (tmp_path / "tok" / "tokenizer.json").read_text() == before
     args = [
         "prepare",
         str(tmp_path / "mds"),
@@ -57,6 +62,9 @@ def test_errors_exit_with_message(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "tokenizer not found" in err and "no-tok" in err
     assert not (tmp_path / "mds").exists()
+    (tmp_path / "corpus").mkdir()  # a folder, but not a tokenizer's
+    assert main(["prepare", str(tmp_path / "mds"), "--tokenizer", str(tmp_path / "corpus")]) == 2
+    assert "is not a tokenizer directory" in capsys.readouterr().err
 
 
 def test_inspect_reports_lengths_and_decodes_samples(mds_dir, tokenizer_dir, tmp_path, capsys):

@@ -320,3 +320,18 @@ def test_resuming_on_another_number_of_ranks_warns_and_continues(shards, tokeniz
         resumed.load_state_dict(two)
     assert "resuming on 1 ranks from a state of 2" in caplog.text
     assert 0 < len(list(resumed)) < rest  # the buffered pieces are not read again
+
+
+def test_a_missing_compressed_shard_is_refused_and_its_decompressed_copy_kept(shards):
+    """With a .zstd shard gone but its decompressed .mds left, the streaming library would
+    delete the .mds when the dataset opens; the check refuses first and names the shard."""
+    from flexbert.data.errors import DataFileNotFoundError
+
+    train = shards / "train"
+    zipped = sorted(train.glob("*.mds.zstd"))[0]
+    raw = zipped.with_suffix("")
+    raw.write_bytes(b"decompressed")  # what a read leaves beside the .zstd
+    zipped.unlink()
+    with pytest.raises(DataFileNotFoundError, match=f"{zipped.name} .*missing .*only its"):
+        streaming_dataset(shards, split="train", shuffle=False, batch_size=16)
+    assert raw.read_bytes() == b"decompressed"

@@ -424,3 +424,20 @@ def test_a_saved_gpu_backend_is_read_as_auto_on_a_cpu_machine(tmp_path, caplog):
         cfg = read_model_config(path)
     assert cfg.backend.name == "auto" and "using backend 'auto'" in caplog.text
     FlexBertForMaskedLM(cfg)  # builds here
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("data.batch_size=abc", "data.batch_size must be an integer, got 'abc'"),
+        ("optimizer.lr=fast", "optimizer.lr must be a number, got 'fast'"),
+        ("seed=abc", "seed must be an integer"),
+        ("data.mlm_probability=true", "data.mlm_probability must be a number"),
+    ],
+)
+def test_numbers_given_as_words_are_refused_by_name(override, needle):
+    from flexbert.train.app import check_number_keys
+
+    with pytest.raises(ConfigError, match=needle):
+        check_number_keys(compose_config([override]))
+    check_number_keys(compose_config())  # the defaults pass

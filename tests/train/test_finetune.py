@@ -306,6 +306,7 @@ def test_missing_text_field_is_one_clear_error(
         ("task.num_labels=1", "outside task.num_labels=1"),
         ("model.path=/nonexistent/dir", "no such directory"),
         ("task.dataset.files.train=/nonexistent/train.csv", "file not found"),
+        ("data.max_seq_len=100000", "data.max_seq_len=100000 exceeds the model's max_seq_len"),
     ],
 )
 def test_bad_input_raises_a_clear_error(pretrained, contains_word, tmp_path, bad, expected):

@@ -86,6 +86,35 @@ def test_flexbert_export_turns_a_checkpoint_into_an_hf_directory(first_run, tmp_
     lonely = tmp_path / "lonely.pt"
     shutil.copy(ckpt, lonely)
     assert export_main([str(lonely), "--out", str(tmp_path / "x")]) == 2  # no model config
+    capsys.readouterr()
+    # a non-empty --out is kept unless --overwrite; a run folder exports its newest checkpoint
+    notes = tmp_path / "hf" / "notes.txt"
+    notes.write_text("mine")
+    assert export_main([str(root / "run"), "--out", str(tmp_path / "hf")]) == 2
+    assert "is not empty" in capsys.readouterr().err and notes.read_text() == "mine"
+    args = [str(root / "run" / "checkpoints"), "--out", str(tmp_path / "hf"), "--overwrite"]
+    assert export_main(args) == 0
+    newest = AutoModelForMaskedLM.from_pretrained(tmp_path / "hf")
+    assert not torch.equal(
+        newest.model.embeddings.tok_embeddings.weight, model.model.embeddings.tok_embeddings.weight
+    )  # ba6, not ba3
+
+
+def test_a_run_folder_with_checkpoints_is_not_rewritten_by_another_run(first_run, tmp_path):
+    """Starting a run in a folder that holds checkpoints used to rewrite its model_config.json
+    before Composer refused, leaving those checkpoints unreadable."""
+    root, _, _ = first_run
+    run = tmp_path / "copy"
+    shutil.copytree(root / "run", run)
+    saved = (run / "model_config.json").read_text()
+    from tests.train.conftest import TINY_RUN, compose_config
+
+    base = [*TINY_RUN, f"paths.cache_dir={root / 'cache'}"]
+    with pytest.raises(ConfigError, match="holds checkpoints .* of another model .*hidden_size"):
+        train(compose_config([*base, "model.hidden_size=128"]), run)
+    with pytest.raises(ConfigError, match="already holds checkpoints .*trainer.autoresume=true"):
+        train(compose_config(base), run)
+    assert (run / "model_config.json").read_text() == saved
 
 
 def _environment() -> dict:
