@@ -99,6 +99,12 @@ def main(argv: list[str] | None = None) -> int:
             )
             out = save_tokenizer(tokenizer, args.out_dir)
             print(f"tokenizer: {len(tokenizer)} tokens -> {out}")
+            if len(tokenizer) < args.vocab_size:
+                print(
+                    f"note: fewer than --vocab-size {args.vocab_size}: the corpus holds no more "
+                    "merges that often (--min-frequency); a model's vocabulary follows the "
+                    "tokenizer it trains with"
+                )
         elif args.command == "inspect":
             from flexbert.data.shard_info import inspect_shards
             from flexbert.data.tokenizer import load_tokenizer
