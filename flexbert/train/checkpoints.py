@@ -129,6 +129,31 @@ def backend_for_here(config: Any) -> Any:
     return config
 
 
+def read_checkpoint_weights(
+    checkpoint: str | Path, label: str, mmap: bool = False
+) -> dict[str, Any]:
+    """The model weights (`state.model`) of a Composer checkpoint; a file that is not one
+    (corrupt, truncated, another format) is a CheckpointError that starts with `label`."""
+    from flexbert.hf import CheckpointError
+
+    try:
+        blob = torch.load(str(checkpoint), map_location="cpu", weights_only=False, mmap=mmap)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # noqa: BLE001 - unpickling fails in many ways
+        raise CheckpointError(
+            f"{label} could not be read as a Composer checkpoint ({type(e).__name__}: "
+            f"{e}); it may be truncated or corrupt: use another of the run's checkpoints"
+        ) from e
+    weights = blob.get("state", {}).get("model") if isinstance(blob, dict) else None
+    if not isinstance(weights, dict):
+        raise CheckpointError(
+            f"{label} is not a Composer checkpoint (no state.model weights): expected a "
+            "flexbert-train / flexbert-finetune checkpoints/ep<N>-ba<M>-rank0.pt"
+        )
+    return weights
+
+
 def load_checkpoint_model(
     checkpoint: str | Path, config: Any, model_class: type | None = None
 ) -> Any:
@@ -140,22 +165,7 @@ def load_checkpoint_model(
     from flexbert.hf import CheckpointError
     from flexbert.registry import ConfigError
 
-    try:
-        blob = torch.load(str(checkpoint), map_location="cpu", weights_only=False)
-    except FileNotFoundError:
-        raise
-    except Exception as e:  # noqa: BLE001 - unpickling fails in many ways
-        raise CheckpointError(
-            f"{checkpoint} could not be read as a Composer checkpoint ({type(e).__name__}: "
-            f"{e}); it may be truncated or corrupt: use another of the run's checkpoints"
-        ) from e
-    model_state = blob.get("state", {}).get("model") if isinstance(blob, dict) else None
-    if not isinstance(model_state, dict):
-        raise CheckpointError(
-            f"{checkpoint} is not a Composer checkpoint (no state.model weights): expected a "
-            "flexbert-train / flexbert-finetune checkpoints/ep<N>-ba<M>-rank0.pt"
-        )
-    state = dict(model_state)
+    state = dict(read_checkpoint_weights(checkpoint, str(checkpoint)))
     consume_prefix_in_state_dict_if_present(state, "module.")  # DDP
     consume_prefix_in_state_dict_if_present(state, "model.")  # the wrapper's .model
     model_class = model_class or task_model_class(None)
@@ -187,19 +197,7 @@ def check_checkpoint_fits(path: str | Path, model: Any, setting: str) -> None:
         return
     if not Path(text).is_file():
         raise ConfigError(f"{setting}={text}: no such checkpoint file")
-    try:
-        blob = torch.load(text, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as e:  # noqa: BLE001 - unpickling fails in many ways
-        raise CheckpointError(
-            f"{setting}={text} could not be read as a Composer checkpoint ({type(e).__name__}: "
-            f"{e}); it may be truncated or corrupt: use another of the run's checkpoints"
-        ) from e
-    saved = blob.get("state", {}).get("model") if isinstance(blob, dict) else None
-    if not isinstance(saved, dict):
-        raise CheckpointError(
-            f"{setting}={text} is not a Composer checkpoint (no state.model weights): expected "
-            "a flexbert-train checkpoints/ep<N>-ba<M>-rank0.pt"
-        )
+    saved = read_checkpoint_weights(text, f"{setting}={text}", mmap=True)
 
     def shapes_of(state: dict[str, Any]) -> dict[str, tuple[int, ...]]:
         plain = {k: tuple(v.shape) for k, v in state.items() if hasattr(v, "shape")}
