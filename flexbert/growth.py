@@ -18,8 +18,11 @@ order (target layer i <- source layer round(i * n_source / n_target), as the Mod
 reference code does; each source layer repeated in place, as in Gopher's depth expansion),
 `cyclic` repeats the whole stack.
 
-With equal sizes every tiling is a plain copy, so growth also loads a same-size checkpoint.
-Growth never shrinks a dimension and never changes the vocabulary; both are refused.
+When the model grows, the encoder's final norm keeps its fresh initialisation, as in the
+reference code (it tiles the embedding norm and every layer's norms, not the final one).
+With equal sizes every tiling is a plain copy, so growth also loads a same-size checkpoint
+(final norm included). Growth never shrinks a dimension and never changes the vocabulary;
+both are refused.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from flexbert.registry import ConfigError
 TILE_MODES = ("center", "edge", "middle")
 LAYER_MAPS = ("gopher", "cyclic")
 ENCODER = "model."  # every encoder parameter name, normalised, starts with this
+FRESH_WHEN_GROWN = ENCODER + "final_norm."  # left at its init when the model grows
 
 
 @dataclass
@@ -176,8 +180,14 @@ def grow_model(
     src, tgt = _named(source), _named(target)
     fused = _fused_parts(target)
     used: set[str] = set()
+    shape = ("hidden_size", "num_layers")
+    grows = any(getattr(source.config, k) != getattr(target.config, k) for k in shape)  # type: ignore[union-attr]
     for name, param in tgt.items():
         origin = _source_name(name, report.layer_map)
+        if grows and name.startswith(FRESH_WHEN_GROWN):
+            used.add(origin)
+            report.kept_init.append(name)
+            continue
         if origin not in src:
             report.kept_init.append(name)
             continue

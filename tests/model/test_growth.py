@@ -93,8 +93,11 @@ def test_grown_model_runs_and_reports_what_it_did():
     report = grow_model(target, source, tile_mode="middle", layer_map="gopher")
     assert report.layer_map == [0, 1, 1, 2, 3, 3]  # round(i * 4 / 6), as the reference code
     # only target layer 0 grows from source layer 0, and both lack the attention pre-norm
-    # (skip_first_prenorm): every target weight has a source
-    assert report.kept_init == []
+    # (skip_first_prenorm): every target weight has a source; the final norm stays fresh, as
+    # in the reference code (equal sizes copy it: test_equal_sizes_copy_the_model_exactly)
+    assert report.kept_init == ["model.final_norm.weight"]
+    assert torch.equal(target.model.final_norm.weight, torch.ones(96))
+    assert report.copied["model.embeddings.norm.weight"] == "model.embeddings.norm.weight"
     assert report.copied["model.layers.4.mlp.Wo.weight"] == "model.layers.3.mlp.Wo.weight"
     torch.testing.assert_close(  # the decoder stays tied to the grown embedding
         target.decoder.weight, target.model.embeddings.tok_embeddings.weight
