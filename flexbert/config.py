@@ -215,12 +215,6 @@ class ModelConfig:
                 raise ConfigError(f"{name} must be a number in [0, 1), got {value!r}")
             if not 0.0 <= value < 1.0:
                 raise ConfigError(f"{name} must be in [0, 1), got {value}")
-        if self.skip_first_prenorm and not self.embedding_norm:
-            raise ConfigError(
-                "skip_first_prenorm=true leaves layer 0's attention to the embedding norm, but "
-                "embedding_norm=false: layer 0 would see unnormalised embeddings; set "
-                "skip_first_prenorm=false (or embedding_norm=true)"
-            )
         if self.padding not in PADDINGS:
             raise ConfigError(
                 f"padding: unknown padding '{self.padding}'; valid choices are {list(PADDINGS)}"

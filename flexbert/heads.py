@@ -278,7 +278,8 @@ class FlexBertForSentenceEmbedding(FlexBertPreTrainedModel):
 
     def save_hf(self, path: str | Path) -> Path:
         """The encoder as a ModernBertModel directory (`AutoModel`) plus the
-        sentence-transformers module files: `SentenceTransformer(path)` gives these vectors."""
+        sentence-transformers module files: with the tokenizer saved there too
+        (`tokenizer.save_pretrained(path)`), `SentenceTransformer(path)` gives these vectors."""
         from flexbert import hf_sentence_transformers as st
 
         st.sentence_transformers_pooling(self.config)  # refuse before writing anything

@@ -53,8 +53,10 @@ def check_field_types(obj: Any, prefix: str = "") -> None:
         if not ok(value):
             null = " (or null)" if optional else ""
             hint = ""
-            if kind in ("float", "int") and isinstance(value, str) and _is_number(value):
+            if kind == "float" and isinstance(value, str) and _is_number(value):
                 hint = " (a string: PyYAML reads 1e-5 as one; write 1.0e-5)"
+            elif isinstance(value, str) and _is_number(value):
+                hint = " (a string: write it without quotes)"
             raise ConfigError(f"{prefix}{f.name} must be {what}{null}, got {value!r}{hint}")
 
 

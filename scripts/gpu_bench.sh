@@ -111,7 +111,7 @@ if [ "$CHECK_DEV" = cuda ]; then
     --backends "${FAST%%,*}+cudagraph,${FAST%%,*}+compile+cudagraph" --models flexbert \
     --workloads fixed-short,var-short,fixed-long --train-steps 0 --no-plot
 else
-  echo "=== cudagraph: skipped (CUDA graphs need a GPU)"
+  echo "=== cudagraph: skipped (CUDA graphs need a GPU)" | tee -a "$LOG"
 fi
 # Where the time goes (GPU only): top CUDA ops of FlexBERT and HF, inference then training.
 if [ "$CHECK_DEV" = cuda ]; then

@@ -219,10 +219,3 @@ def max_batch_search(
         else:
             bad = mid
     return BatchSearch(good, "" if bad - good == 1 else "resolution")
-    while bad - good > 1:
-        mid = (good + bad) // 2
-        if try_batch(mid):
-            good = mid
-        else:
-            bad = mid
-    return good

@@ -26,9 +26,11 @@ Resuming on a different number of ranks restarts the buffers (with a warning).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,12 +79,41 @@ def token_streams(seq_streams: Sequence[int], cu_seqlens: torch.Tensor) -> torch
     return torch.repeat_interleave(streams, lengths)
 
 
+# Every TokenDataset still alive (see `stop_streaming`).
+_OPEN_DATASETS: weakref.WeakSet = weakref.WeakSet()
+
+
+def stop_streaming() -> None:
+    """Stop the background threads of every open TokenDataset. A run that ends mid-epoch
+    leaves streaming's prepare/ready threads waiting, and they keep the dataset (and its
+    shared-memory files) alive for the life of the process: notebooks and test sessions that
+    train many times ran out of file descriptors."""
+    from multiprocessing.shared_memory import SharedMemory
+
+    for dataset in list(_OPEN_DATASETS):
+        event = getattr(dataset, "_event", None)
+        if event is not None:
+            event.set()
+        # and close (not unlink) its shared-memory handles: what the threads still hold
+        for holder in list(vars(dataset).values()):
+            for inner in (holder, getattr(holder, "shm", None), getattr(holder, "_shm", None)):
+                handle = getattr(inner, "shm", inner)
+                if isinstance(handle, SharedMemory):
+                    with contextlib.suppress(BufferError, OSError):  # still viewed: GC's
+                        handle.close()
+        _OPEN_DATASETS.discard(dataset)
+
+
 class TokenDataset(StreamingDataset):
     """StreamingDataset of `{"input_ids": np.ndarray, "index": int}` documents.
 
     The global sample index travels with each document so a packer's buffer can be saved as a
     list of indices and rebuilt by random access on resumption.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _OPEN_DATASETS.add(self)
 
     def get_item(self, sample_id: int, retry: int = 7) -> dict[str, Any]:
         try:

@@ -51,10 +51,15 @@ class BatchSizeWarmup(Callback):
 
 
 class LossHistory(Callback):
-    """Keep (batch, tokens, train loss) for every step: the loss curve in summary.json."""
+    """Keep (batch, tokens, train loss) for every step: the loss curve in summary.json; and
+    when the last evaluation ran, so a run evaluates its final weights once."""
 
     def __init__(self) -> None:
         self.steps: list[dict[str, Any]] = []
+        self.last_eval_batch: int | None = None  # the batch count at the latest evaluation
+
+    def eval_end(self, state: State, logger: Logger) -> None:
+        self.last_eval_batch = int(state.timestamp.batch)
 
     def batch_end(self, state: State, logger: Logger) -> None:
         loss = state.total_loss_dict.get("loss/train/total")

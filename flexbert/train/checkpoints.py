@@ -35,8 +35,8 @@ def write_run_files(
 
 def check_run_dir(run_dir: Path, model_cfg: Any, trainer: Any) -> None:
     """Refuse, before any run file is written, to start in a folder that already holds
-    checkpoints, unless resuming them (`trainer.autoresume`) or replacing them
-    (`trainer.save_overwrite`) with the same model: rewriting its model_config.json for
+    checkpoints, unless resuming them (`trainer.autoresume`, or `trainer.load_path` of one of
+    them) or replacing them (`trainer.save_overwrite`) with the same model: rewriting its model_config.json for
     another model would leave those checkpoints unreadable."""
     from flexbert.registry import ConfigError
 
@@ -54,7 +54,9 @@ def check_run_dir(run_dir: Path, model_cfg: Any, trainer: Any) -> None:
                 f"{run_dir} holds checkpoints ({found.name}) of another model ({diff}); "
                 "start this run in a new folder (hydra.run.dir=...)"
             )
-    if not (trainer.get("autoresume") or trainer.get("save_overwrite")):
+    load = trainer.get("load_path")
+    resumes_here = bool(load) and Path(str(run_dir)).resolve() in Path(str(load)).resolve().parents
+    if not (trainer.get("autoresume") or trainer.get("save_overwrite") or resumes_here):
         raise ConfigError(
             f"{run_dir} already holds checkpoints ({found.name}): resume them with "
             "trainer.autoresume=true, replace them with trainer.save_overwrite=true, or start "
@@ -187,14 +189,15 @@ def load_checkpoint_model(
 def check_checkpoint_fits(path: str | Path, model: Any, setting: str) -> None:
     """Refuse, before Composer loads it, a local checkpoint named by `setting` that is missing
     or whose weights do not fit `model` (the Composer model the run built): the names and
-    shapes that differ, instead of a wall of load_state_dict errors. Remote URIs and per-rank
-    name patterns are left to Composer."""
+    shapes that differ, instead of a wall of load_state_dict errors. Remote URIs, per-rank
+    name patterns, sharded directories and compressed files are left to Composer, as is a
+    deliberately partial load (trainer.load_strict_model_weights=false)."""
     from flexbert.hf import CheckpointError
     from flexbert.registry import ConfigError
 
     text = str(path)
-    if "://" in text or "{" in text:
-        return
+    if "://" in text or "{" in text or Path(text).is_dir() or not text.endswith(".pt"):
+        return  # remote, per-rank, FSDP-sharded or compressed: Composer reads those itself
     if not Path(text).is_file():
         raise ConfigError(f"{setting}={text}: no such checkpoint file")
     saved = read_checkpoint_weights(text, f"{setting}={text}", mmap=True)

@@ -27,6 +27,9 @@ from flexbert.registry import ConfigError
 
 # What a new phase leaves behind with reset_time=true (Composer's load_ignore_keys paths).
 RESET_KEYS = ("state/timestamp", "state/dataset_state", "state/schedulers")
+# Param-group entries that are optimizer state, not settings: they come from the checkpoint
+# (torch-optimi keeps its step count in the group and sets it up again when `setup` is off).
+GROUP_STATE_KEYS = ("params", "step", "setup", "initial_lr")
 
 
 def continue_from_path(cfg: DictConfig) -> str | None:
@@ -54,16 +57,21 @@ def trainer_load_kwargs(cfg: DictConfig) -> dict[str, Any]:
             "for a start from the weights alone"
         )
     reset = bool(cfg.continue_from.get("reset_time", True))
+    ignore = list(cfg.trainer.get("load_ignore_keys") or [])  # the user's own, kept
+    if reset:
+        ignore += [k for k in RESET_KEYS if k not in ignore]
     return {
         "load_path": str(path),
         "load_weights_only": False,
-        "load_ignore_keys": list(RESET_KEYS) if reset else None,
+        "load_ignore_keys": ignore or None,
     }
 
 
 def fresh_hyperparameters(optimizer: Any) -> list[dict[str, Any]]:
-    """Each param group's settings as this config built them (all but the parameters)."""
-    return [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    """Each param group's settings as this config built them (not its parameters or state)."""
+    return [
+        {k: v for k, v in g.items() if k not in GROUP_STATE_KEYS} for g in optimizer.param_groups
+    ]
 
 
 def apply(trainer: Any, cfg: DictConfig, fresh: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -77,11 +85,6 @@ def apply(trainer: Any, cfg: DictConfig, fresh: list[dict[str, Any]]) -> dict[st
     if path is None or loaded is None or Path(str(loaded)) != Path(str(path)):
         return None
     optimizer = trainer.state.optimizers[0]
-    if len(optimizer.param_groups) != len(fresh):
-        raise ConfigError(
-            f"{path} has {len(optimizer.param_groups)} optimizer param groups where this "
-            f"config builds {len(fresh)}: continue_from needs the same optimizer.no_decay split"
-        )
     before = [g["lr"] for g in optimizer.param_groups]
     for group, settings in zip(optimizer.param_groups, fresh):
         group.update(settings)

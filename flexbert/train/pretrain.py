@@ -83,6 +83,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> tuple[Any, dict[str, Any]]:
         tokenizer, tokenizer_src = get_tokenizer(cfg.data, cache_dir)
         model_cfg = resolve_model_config(cfg.model, special_token_ids(tokenizer))
         check_tokenizer_matches(tokenizer, **{k: getattr(model_cfg, k) for k in TOKENIZER_FIELDS})
+        check_run_dir(run_dir, model_cfg, cfg.trainer)  # before any data is prepared
         mds_dir, manifest = get_shards(cfg.data, tokenizer, cache_dir)
     check_shard_length(cfg.data, model_cfg.padding, manifest)
     check_splits(manifest, mds_dir)
@@ -90,7 +91,6 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> tuple[Any, dict[str, Any]]:
         cfg.data, model_cfg, tokenizer, mds_dir, cfg.seed, dist.get_world_size()
     )
     # What export and resumption need, written before training so any checkpoint is usable.
-    check_run_dir(run_dir, model_cfg, cfg.trainer)
     if is_main_process():
         write_run_files(run_dir, model_cfg, tokenizer)
 
@@ -109,11 +109,15 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> tuple[Any, dict[str, Any]]:
     prepare_layers(cfg, mlm)
     subset = int(cfg.trainer.get("eval_subset_num_batches", -1))
     model = ComposerFlexBertMLM(mlm, eval_stream_names(cfg.data, subset) or ())
+    autoresumes = cfg.trainer.get("autoresume") and last_checkpoint(run_dir) is not None
     for setting, path in (
         ("trainer.load_path", cfg.trainer.get("load_path")),
         ("continue_from.path", continue_from_path(cfg)),
     ):
-        if path:
+        partial = cfg.trainer.get("load_strict_model_weights") is False or cfg.trainer.get(
+            "load_ignore_keys"
+        )
+        if path and not autoresumes and not partial:  # autoresume loads the run's own instead
             check_checkpoint_fits(path, model, setting)
     history = LossHistory()
     world = dist.get_world_size()
@@ -177,9 +181,9 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     eval_only = bool(cfg.get("eval_only"))
     t0 = time.perf_counter()
     if not eval_only:
-        trainer.fit()  # Composer evaluates at its end (eval_interval or not)
+        trainer.fit()  # Composer usually evaluates at its end (not with eval_interval=0)
     seconds = time.perf_counter() - t0
-    if eval_only or int(state.timestamp.batch) == start_batch:  # nothing trained this run
+    if facts["history"].last_eval_batch != int(state.timestamp.batch):  # final weights unscored
         trainer.eval()
     metrics = _metrics(trainer)
     model = final_model(trainer)
@@ -230,6 +234,9 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         },
     }
     finish_run(trainer, run_dir, summary, main)
+    from flexbert.data.loader import stop_streaming
+
+    stop_streaming()  # the loaders' background threads, left waiting mid-epoch
     return summary
 
 

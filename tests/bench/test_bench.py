@@ -107,6 +107,8 @@ def test_max_batch_search_finds_the_oom_threshold_and_isolates_failures():
         (None, "time limit", 1.5, False),  # theirs is at least that: a miss is certain
         (None, "cap", 2.5, None),
         ("cap", "cap", 1.0, None),
+        ("resolution", None, 2.0625, None),  # within 1/16 either way of the target
+        ("resolution", "resolution", 3.0, True),
     ],
 )
 def test_a_max_batch_search_stopped_early_decides_only_what_it_can(ours, theirs, ratio, met):

@@ -51,7 +51,6 @@ def test_overrides_accept_names_mappings_and_round_trip():
         ({"pad_token_id": True}, "pad_token_id must be an integer, got True"),
         ({"qkv_bias": "false"}, "qkv_bias must be true or false, got 'false'"),
         ({"position": {"name": "rope", "fp32": "false"}}, "fp32 must be true or false"),
-        ({"embedding_norm": False}, "set skip_first_prenorm=false"),
         ({"backend": "cudnn"}, "unknown attention backend 'cudnn'"),
     ],
 )

@@ -100,6 +100,31 @@ def test_flexbert_export_turns_a_checkpoint_into_an_hf_directory(first_run, tmp_
     )  # ba6, not ba3
 
 
+def test_a_run_resumes_in_its_own_folder_by_load_path_or_autoresume(first_run, tmp_path):
+    """Resuming a run where it is stays allowed: trainer.load_path of one of its checkpoints,
+    or autoresume, which also ignores a continue_from file that is gone by then."""
+    from tests.train.conftest import TINY_RUN, compose_config
+
+    root, _, _ = first_run
+    run = tmp_path / "copy"
+    shutil.copytree(root / "run", run)
+    base = [*TINY_RUN, f"paths.cache_dir={root / 'cache'}", "export_hf=false"]
+    ckpt = run / "checkpoints" / "ep0-ba6-rank0.pt"
+    resume = [f"trainer.load_path={ckpt}", "trainer.max_duration=7ba", "trainer.eval_interval=0"]
+    resumed = train(compose_config([*base, *resume]), run)
+    assert resumed["train"]["batches"] == 7 and resumed["train"]["batches_this_run"] == 1
+    # without periodic evaluation the final weights are still scored (not NaN)
+    assert resumed["eval"]["LanguageCrossEntropy"] > 0
+    gone = tmp_path / "phase1-deleted.pt"
+    again = [
+        *base,
+        "trainer.autoresume=true",
+        f"continue_from.path={gone}",
+        "trainer.max_duration=8ba",
+    ]
+    assert train(compose_config(again), run)["train"]["batches"] == 8
+
+
 def test_a_run_folder_with_checkpoints_is_not_rewritten_by_another_run(first_run, tmp_path):
     """Starting a run in a folder that holds checkpoints used to rewrite its model_config.json
     before Composer refused, leaving those checkpoints unreadable."""
@@ -348,6 +373,7 @@ def test_context_extension_continues_phase_one_with_its_moments_and_new_settings
     assert (decayed["lr"], decayed["initial_lr"], decayed["max_lr"]) == (2e-3, 2e-3, 2e-3)
     assert (decayed["weight_decay"], plain["weight_decay"]) == (0.5, 0.0)  # no_decay kept
     assert trainer.state.schedulers[0].base_lrs == [2e-3, 2e-3]
+    assert int(decayed["step"]) == int(old_groups[0]["step"]) > 0  # the moments' step count
     moments = [optimizer.state[p]["exp_avg"] for p in decayed["params"]]
     saved = [v["exp_avg"] for v in old_state.values()]
     assert any(m.abs().sum() > 0 for m in moments)
@@ -362,6 +388,7 @@ def test_context_extension_continues_phase_one_with_its_moments_and_new_settings
     assert summary["train"]["tokens"] == 2 * 4 * 128
     groups, _ = _optimizer_state(summary["paths"]["last_checkpoint"])
     assert groups[0]["lr"] == pytest.approx(2e-3) and groups[0]["weight_decay"] == 0.5
+    assert int(groups[0]["step"]) == int(old_groups[0]["step"]) + 2  # counted on, not reset
     before = load_checkpoint_model(ckpt, read_model_config(root / "run" / "model_config.json"))
     after = load_checkpoint_model(
         summary["paths"]["last_checkpoint"],
