@@ -26,11 +26,9 @@ Resuming on a different number of ranks restarts the buffers (with a warning).
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import logging
-import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +43,7 @@ from flexbert.data.distributed import all_ranks, any_rank, gather_objects, rank_
 from flexbert.data.errors import DataError, DataFileNotFoundError
 from flexbert.data.masking import IGNORE_INDEX, MLMMasker, batch_generator, label_positions
 from flexbert.data.packing import PackedBatch, Prefetcher, SequencePacker
+from flexbert.data.streaming_lifecycle import track
 
 log = logging.getLogger(__name__)
 
@@ -79,31 +78,6 @@ def token_streams(seq_streams: Sequence[int], cu_seqlens: torch.Tensor) -> torch
     return torch.repeat_interleave(streams, lengths)
 
 
-# Every TokenDataset still alive (see `stop_streaming`).
-_OPEN_DATASETS: weakref.WeakSet = weakref.WeakSet()
-
-
-def stop_streaming() -> None:
-    """Stop the background threads of every open TokenDataset. A run that ends mid-epoch
-    leaves streaming's prepare/ready threads waiting, and they keep the dataset (and its
-    shared-memory files) alive for the life of the process: notebooks and test sessions that
-    train many times ran out of file descriptors."""
-    from multiprocessing.shared_memory import SharedMemory
-
-    for dataset in list(_OPEN_DATASETS):
-        event = getattr(dataset, "_event", None)
-        if event is not None:
-            event.set()
-        # and close (not unlink) its shared-memory handles: what the threads still hold
-        for holder in list(vars(dataset).values()):
-            for inner in (holder, getattr(holder, "shm", None), getattr(holder, "_shm", None)):
-                handle = getattr(inner, "shm", inner)
-                if isinstance(handle, SharedMemory):
-                    with contextlib.suppress(BufferError, OSError):  # still viewed: GC's
-                        handle.close()
-        _OPEN_DATASETS.discard(dataset)
-
-
 class TokenDataset(StreamingDataset):
     """StreamingDataset of `{"input_ids": np.ndarray, "index": int}` documents.
 
@@ -113,7 +87,7 @@ class TokenDataset(StreamingDataset):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        _OPEN_DATASETS.add(self)
+        track(self)  # for stop_streaming: its threads and shared memory end with the run
 
     def get_item(self, sample_id: int, retry: int = 7) -> dict[str, Any]:
         try:

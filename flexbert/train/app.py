@@ -188,12 +188,31 @@ def composer_trainer(
 
 
 def finish_run(trainer: Any, run_dir: Path, summary: dict[str, Any], main: bool) -> None:
-    """Write summary.json (rank 0 only) and close the trainer."""
+    """Write summary.json (rank 0 only), close the trainer and release what the run held
+    (the trainer's state, the streaming datasets' threads and shared memory)."""
     import json
+
+    from flexbert.data.streaming_lifecycle import stop_streaming
 
     if main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     trainer.close()
+    release_closed_trainers()
+    stop_streaming()  # the loaders stopped mid-epoch, their threads waiting
+
+
+def release_closed_trainers() -> None:
+    """Let closed trainers be garbage collected. Composer registers each engine's close with
+    `atexit`, holding its state (model, optimizer, dataloaders) until the process exits, and
+    `close()` does not take it back: a notebook or test session that trains many times kept
+    every model. `atexit` unregisters by function, so this drops the exit-time close of every
+    engine in the process, as Composer's own `Engine.__del__` does; FlexBERT closes each of
+    its trainers itself."""
+    import atexit
+
+    from composer.core.engine import Engine
+
+    atexit.unregister(Engine._close)
 
 
 def eval_metrics(trainer: Any) -> dict[str, float]:

@@ -234,9 +234,6 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         },
     }
     finish_run(trainer, run_dir, summary, main)
-    from flexbert.data.loader import stop_streaming
-
-    stop_streaming()  # the loaders' background threads, left waiting mid-epoch
     return summary
 
 

@@ -48,7 +48,7 @@ def _clean_streaming_shm():
     yield
     from streaming.base.util import clean_stale_shared_memory
 
-    from flexbert.data.loader import stop_streaming
+    from flexbert.data.streaming_lifecycle import stop_streaming
 
     stop_streaming()  # datasets a test opened outside flexbert-train's own clean-up
     clean_stale_shared_memory()

@@ -246,3 +246,19 @@ def test_per_stream_metrics_split_the_combined_ones(sparse):
     assert a.total_items + b.total_items == both.total_items
     torch.testing.assert_close(a.sum_loss + b.sum_loss, both.sum_loss)
     assert not torch.isclose(a.compute(), b.compute())  # different tokens, different losses
+
+
+def test_a_finished_run_lets_its_model_be_collected(tmp_path):
+    """Composer's atexit hook held every closed trainer's state (model, optimizer, loaders)
+    until the process exited; finish_run releases it."""
+    import gc
+    import weakref
+
+    from flexbert.train.app import finish_run
+
+    model, _, trainer = _train(packed=True, sparse=False, tmp_path=tmp_path)
+    alive = weakref.ref(model)
+    finish_run(trainer, tmp_path, {}, main=False)
+    del model, trainer
+    gc.collect()
+    assert alive() is None
