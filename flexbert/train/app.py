@@ -79,6 +79,18 @@ INTEGER_KEYS = (
 NUMBER_KEYS = ("optimizer.lr", "optimizer.weight_decay", "data.mlm_probability")
 
 
+def check_per_task(cfg: DictConfig) -> None:
+    """A recipe's `per_task` table (conf/recipe/) must have a row for the chosen task."""
+    table = cfg.get("per_task")
+    name = OmegaConf.select(cfg, "task.name", default=None)
+    if table is not None and name not in table:
+        raise ConfigError(
+            f"the recipe has settings for the tasks {sorted(table)}, not for task {name!r}: "
+            "pick one of those, or drop the recipe and set optimizer.lr, "
+            "optimizer.weight_decay and trainer.max_duration yourself"
+        )
+
+
 def check_number_keys(cfg: DictConfig) -> None:
     """Refuse `data.batch_size=abc`, `optimizer.lr=fast` and the like, naming the key."""
     for key in (*INTEGER_KEYS, *NUMBER_KEYS):
@@ -232,6 +244,7 @@ def run_app(prog: str, config_name: str, task: Callable[[DictConfig, Path], Any]
         from flexbert.hf import CheckpointError
 
         try:
+            check_per_task(cfg)
             check_trainer_node(cfg.trainer)
             check_number_keys(cfg)
             return task(cfg, Path(HydraConfig.get().runtime.output_dir))
