@@ -79,6 +79,12 @@ INTEGER_KEYS = (
 NUMBER_KEYS = ("optimizer.lr", "optimizer.weight_decay", "data.mlm_probability")
 
 
+def absolute_if_local(path: str | Path) -> str:
+    """A path for summary.json that still holds from another directory: absolute when it
+    exists here, as given otherwise (a Hub id, a remote URL)."""
+    return str(Path(path).resolve()) if Path(path).exists() else str(path)
+
+
 def check_per_task(cfg: DictConfig) -> None:
     """A recipe's `per_task` table (conf/recipe/) must have a row for the chosen task."""
     table = cfg.get("per_task")

@@ -21,6 +21,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from flexbert.train.app import (
+    absolute_if_local,
     composer_trainer,
     eval_metrics,
     finish_run,
@@ -133,11 +134,11 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> tuple[Any, dict[str, Any]]:
     )
     facts = {
         "pretrained": {
-            "path": str(cfg.model.path),
+            "path": absolute_if_local(cfg.model.path),
             "checkpoint": str(source.checkpoint) if source else None,
         },
         "tokenizer": tokenizer,
-        "tokenizer_source": str(tok_path),
+        "tokenizer_source": absolute_if_local(tok_path),
         "task": task,
         "history": history,
         "evals": evals,

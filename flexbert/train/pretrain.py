@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from flexbert.registry import ConfigError
 from flexbert.train.app import (
+    absolute_if_local,
     composer_trainer,
     eval_metrics,
     finish_run,
@@ -138,8 +139,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> tuple[Any, dict[str, Any]]:
     facts = {
         "model_config": model_cfg,
         "tokenizer": tokenizer,
-        "tokenizer_source": str(tokenizer_src),
-        "mds_dir": str(mds_dir) if mds_dir else None,
+        "tokenizer_source": absolute_if_local(tokenizer_src),
+        "mds_dir": absolute_if_local(mds_dir) if mds_dir else None,
         "manifest": manifest,
         "history": history,
         "train_loader": train_loader,

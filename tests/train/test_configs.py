@@ -441,3 +441,14 @@ def test_numbers_given_as_words_are_refused_by_name(override, needle):
     with pytest.raises(ConfigError, match=needle):
         check_number_keys(compose_config([override]))
     check_number_keys(compose_config())  # the defaults pass
+
+
+def test_summary_paths_hold_from_another_directory(tmp_path, monkeypatch):
+    """summary.json records local paths absolute (the quickstart's cache is relative to the
+    launch directory); a Hub id or URL stays as given."""
+    from flexbert.train.app import absolute_if_local
+
+    (tmp_path / "runs" / "tok").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert absolute_if_local("runs/tok") == str(tmp_path / "runs" / "tok")
+    assert absolute_if_local("answerdotai/ModernBERT-base") == "answerdotai/ModernBERT-base"
