@@ -11,9 +11,11 @@ A test session or notebook that trains many times ran out of file descriptors.
 Each epoch's iterator is likewise kept, with the epoch's sample ids, by a
 `threading._register_atexit` entry.
 
-`stop_streaming()` ends all of that for the datasets FlexBERT opened (`track`): it stops their
-threads, closes every streaming shared-memory handle no other live dataset holds, unlinks the
-files those datasets created, and drops the matching exit entries.
+`streaming_scope()` ends all of that for the datasets FlexBERT opened (`track`) inside it, as
+a run ends (`flexbert.train.pretrain.train`): it stops their threads, closes every streaming
+shared-memory handle that no other live dataset holds, unlinks the files those datasets
+created, and drops the matching exit entries. Datasets opened before the scope (a notebook's
+own, another run's) and datasets FlexBERT did not open keep working.
 """
 
 from __future__ import annotations
@@ -21,31 +23,52 @@ from __future__ import annotations
 import atexit
 import contextlib
 import gc
+import itertools
 import weakref
+from collections.abc import Iterator
 from typing import Any
 
-# Every dataset FlexBERT opened that is not stopped yet.
-_OPEN: weakref.WeakSet = weakref.WeakSet()
+# Every dataset FlexBERT opened that is not stopped yet, with its opening number.
+_OPEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_numbers = itertools.count()
+_opened = 0  # datasets opened so far
+_scanned_at = -1  # `_opened` at the last heap scan: none since means no new handles
 
 
 def track(dataset: Any) -> None:
     """Register a freshly opened StreamingDataset for `stop_streaming`."""
-    _OPEN.add(dataset)
+    global _opened
+    _OPEN[dataset] = next(_numbers)
+    _opened += 1
 
 
-def stop_streaming() -> int:
-    """Stop every tracked dataset and release the streaming shared memory that no other
-    dataset still holds. Returns the number of shared-memory handles released."""
+@contextlib.contextmanager
+def streaming_scope() -> Iterator[None]:
+    """Stop, when the block ends (normally or by an error), every dataset FlexBERT opened
+    inside it, and release their shared memory."""
+    first = _opened
+    try:
+        yield
+    finally:
+        stop_streaming(opened_from=first)
+
+
+def stop_streaming(opened_from: int = 0) -> int:
+    """Stop the tracked datasets opened as number `opened_from` or later (all by default) and
+    release the streaming shared memory that no other live dataset holds. Returns the number
+    of shared-memory handles released."""
+    global _scanned_at
     from streaming import StreamingDataset
 
-    stopped = list(_OPEN)
-    if not stopped:  # every handle below comes from opening a tracked dataset
-        return 0
+    stopped = [d for d, number in list(_OPEN.items()) if number >= opened_from]
     for dataset in stopped:
         event = getattr(dataset, "_event", None)
         if event is not None:
             event.set()  # the prepare/ready threads exit at their next check
-        _OPEN.discard(dataset)
+        _OPEN.pop(dataset, None)
+    if not stopped and _scanned_at == _opened:  # no handle opened or freed since the last scan
+        return 0
+    _scanned_at = _opened
     stopped_ids = {id(d) for d in stopped}
     # one pass over the heap; type() rather than isinstance, which dead weak proxies refuse
     kind = _wrapper_type()

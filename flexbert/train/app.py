@@ -82,7 +82,8 @@ NUMBER_KEYS = ("optimizer.lr", "optimizer.weight_decay", "data.mlm_probability")
 def absolute_if_local(path: str | Path) -> str:
     """A path for summary.json that still holds from another directory: absolute when it
     exists here, as given otherwise (a Hub id, a remote URL)."""
-    return str(Path(path).resolve()) if Path(path).exists() else str(path)
+    local = Path(path).expanduser()
+    return str(local.resolve()) if local.exists() else str(path)
 
 
 def check_per_task(cfg: DictConfig) -> None:
@@ -206,31 +207,30 @@ def composer_trainer(
 
 
 def finish_run(trainer: Any, run_dir: Path, summary: dict[str, Any], main: bool) -> None:
-    """Write summary.json (rank 0 only), close the trainer and release what the run held
-    (the trainer's state, the streaming datasets' threads and shared memory)."""
+    """Write summary.json (rank 0 only), close the trainer and let its state be collected."""
     import json
-
-    from flexbert.data.streaming_lifecycle import stop_streaming
 
     if main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     trainer.close()
     release_closed_trainers()
-    stop_streaming()  # the loaders stopped mid-epoch, their threads waiting
 
 
 def release_closed_trainers() -> None:
     """Let closed trainers be garbage collected. Composer registers each engine's close with
     `atexit`, holding its state (model, optimizer, dataloaders) until the process exits, and
     `close()` does not take it back: a notebook or test session that trains many times kept
-    every model. `atexit` unregisters by function, so this drops the exit-time close of every
-    engine in the process, as Composer's own `Engine.__del__` does; FlexBERT closes each of
-    its trainers itself."""
+    every model. `atexit` unregisters by function (every engine's at once, as Composer's own
+    `Engine.__del__` does), so the engines still open are registered again."""
     import atexit
+    import gc
 
     from composer.core.engine import Engine
 
     atexit.unregister(Engine._close)
+    for engine in gc.get_objects():
+        if issubclass(type(engine), Engine) and not engine._is_closed:
+            atexit.register(Engine._close, engine.state, engine.logger)
 
 
 def eval_metrics(trainer: Any) -> dict[str, float]:

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from flexbert.train.app import (
     absolute_if_local,
+    check_per_task,
     composer_trainer,
     eval_metrics,
     finish_run,
@@ -135,7 +136,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> tuple[Any, dict[str, Any]]:
     facts = {
         "pretrained": {
             "path": absolute_if_local(cfg.model.path),
-            "checkpoint": str(source.checkpoint) if source else None,
+            "checkpoint": absolute_if_local(source.checkpoint) if source else None,
         },
         "tokenizer": tokenizer,
         "tokenizer_source": absolute_if_local(tok_path),
@@ -151,6 +152,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     """Fine-tune as `cfg` says; write checkpoints, `hf/` and summary.json into run_dir."""
     from flexbert.train.finetune_model import save_task_model
 
+    check_per_task(cfg)  # a recipe's row for this task, before anything reads it
     run_dir = start_distributed(cfg, Path(run_dir).resolve())
     trainer, facts = build_trainer(cfg, run_dir)
     state = trainer.state

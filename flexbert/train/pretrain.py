@@ -174,7 +174,15 @@ def _export(model: Any, tokenizer: Any, out: Path) -> str | None:
 
 
 def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
-    """Pretrain as `cfg` says, write checkpoints, the HF export and summary.json into run_dir."""
+    """Pretrain as `cfg` says, write checkpoints, the HF export and summary.json into run_dir.
+    The run's streaming datasets are stopped when it ends, their shared memory released."""
+    from flexbert.data.streaming_lifecycle import streaming_scope
+
+    with streaming_scope():
+        return _train(cfg, run_dir)
+
+
+def _train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     run_dir = start_distributed(cfg, Path(run_dir).resolve())
     trainer, facts = build_trainer(cfg, run_dir)
     state = trainer.state

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import shutil
+import threading
 
 from streaming import StreamingDataset
 
 from flexbert.data.loader import streaming_dataset
-from flexbert.data.streaming_lifecycle import stop_streaming
+from flexbert.data.streaming_lifecycle import stop_streaming, streaming_scope
 
 
 def shm_fds() -> int:
@@ -61,3 +63,48 @@ def test_a_dataset_flexbert_did_not_open_keeps_working(mds_dir, tmp_path):
     # its shared memory (shard states, barrier, epoch counter) is still open and usable
     assert len(read_some(theirs, 2)) == 2 and len(first) == 2
     assert theirs.size > 0
+
+
+def in_time(fn, seconds: float = 60.0):
+    """fn() in a thread; fails instead of hanging when it does not return in time."""
+    out: list = []
+    worker = threading.Thread(target=lambda: out.append(fn()), daemon=True)
+    worker.start()
+    worker.join(seconds)
+    assert out, f"did not return within {seconds} s"
+    return out[0]
+
+
+def test_a_scope_stops_only_the_datasets_opened_inside_it(mds_dir, tmp_path):
+    """A run's end (streaming_scope) leaves the datasets opened before it working: one
+    mid-epoch, one never iterated (a closed barrier would hang its first epoch)."""
+    stop_streaming()
+
+    def opened(name):
+        local = shutil.copytree(mds_dir, tmp_path / name)
+        return streaming_dataset(local, split="train", batch_size=4, shuffle=False)
+
+    reading, waiting = opened("reading"), opened("waiting")
+    total = reading.size
+    samples = iter(reading)
+    head = [next(samples)["index"] for _ in range(2)]
+    fds = shm_fds()
+    with streaming_scope():
+        assert len(read_some(opened("run"))) == 3
+    assert shm_fds() <= fds  # the run's dataset released its handles
+    rest = in_time(lambda: [s["index"] for s in samples])
+    assert sorted(head + rest) == list(range(total))  # the whole epoch, nothing cut short
+    assert len(in_time(lambda: read_some(waiting))) == 3
+
+
+def test_a_dataset_dropped_before_the_stop_is_released_too(mds_dir, tmp_path):
+    stop_streaming()
+    fds, files = shm_fds(), shm_files()
+    dataset = streaming_dataset(
+        shutil.copytree(mds_dir, tmp_path / "a"), split="train", batch_size=4
+    )
+    assert len([s for s in dataset]) == dataset.size  # a whole epoch: its threads end
+    del dataset
+    gc.collect()
+    stop_streaming()
+    assert shm_fds() <= fds and shm_files() <= files

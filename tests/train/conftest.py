@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import random
+from pathlib import Path
+
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from flexbert.train.paths import conf_dir, register_overlays
+from tests.train.finetune_helpers import KEY, random_sentences
 
 # ModernBERT's tokenizer: what `from_tokenizer` resolves to for a config-only check.
 MODERNBERT_IDS = dict(
@@ -117,3 +122,37 @@ def assert_every_rank_took_this_step(results: list, loss, model) -> None:
     for rank in results:
         torch.testing.assert_close(rank["loss"], loss.detach())
         torch.testing.assert_close(rank["grad"], model.model.layers[1].mlp.Wi.weight.grad)
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory) -> Path:
+    """A tiny randomly initialised encoder + its tokenizer, saved like a pretraining export."""
+    from flexbert import FlexBertForMaskedLM, ModelConfig
+    from flexbert.data.tokenizer import save_tokenizer, special_token_ids, train_tokenizer
+
+    rng = random.Random(0)
+    texts = [" ".join(s) for s in random_sentences(rng, 300)]
+    tok = train_tokenizer(texts, vocab_size=384, num_unused=4, min_frequency=1)
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset("tiny", **special_token_ids(tok))
+    out = tmp_path_factory.mktemp("pretrained") / "hf"
+    FlexBertForMaskedLM(cfg).save_hf(out)
+    save_tokenizer(tok, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def contains_word(tmp_path_factory) -> dict[str, Path]:
+    """CSV train/dev sets: label 1 when the text contains KEY (learnable, 50/50)."""
+    import csv
+
+    rng, root = random.Random(1), tmp_path_factory.mktemp("cls")
+    files = {}
+    for split, n in (("train", 320), ("validation", 128)):
+        files[split] = root / f"{split}.csv"
+        with files[split].open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["text", "label"])
+            for s in random_sentences(rng, n):
+                w.writerow([" ".join(s), int(KEY in s)])
+    return files

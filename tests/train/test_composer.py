@@ -262,3 +262,23 @@ def test_a_finished_run_lets_its_model_be_collected(tmp_path):
     del model, trainer
     gc.collect()
     assert alive() is None
+
+
+def test_releasing_closed_trainers_keeps_the_exit_close_of_open_ones(tmp_path, monkeypatch):
+    """atexit drops every engine's close at once; the ones still open get theirs back."""
+    import atexit
+
+    from composer.core.engine import Engine
+
+    from flexbert.train.app import release_closed_trainers
+
+    _, _, still_open = _train(packed=True, sparse=False, tmp_path=tmp_path)
+    _, _, closed = _train(packed=True, sparse=False, tmp_path=tmp_path)
+    closed.close()
+    registered = []
+    monkeypatch.setattr(atexit, "register", lambda fn, *args: registered.append((fn, args)))
+    release_closed_trainers()
+    states = [args[0] for fn, args in registered if fn is Engine._close]
+    assert any(s is still_open.state for s in states)
+    assert not any(s is closed.state for s in states)
+    still_open.close()

@@ -284,7 +284,7 @@ def test_flex_training_on_the_cpu_is_refused_when_the_model_is_prepared():
     model = FlexBertForMaskedLM(ModelConfig.preset("tiny", backend="flex"))
     with pytest.raises(ConfigError, match="flex cannot train on the CPU.*model/backend=sdpa"):
         prepare_layers(compose_config(["trainer.device=cpu"]), model)
-    from tests.train.test_finetune import _compose as compose_finetune
+    from tests.train.finetune_helpers import compose_finetune
 
     finetune = compose_finetune(["trainer.device=cpu"])  # no model/backend group there
     with pytest.raises(ConfigError, match=r"set \+model.overrides.backend=sdpa"):

@@ -5,104 +5,33 @@ Hugging Face export gives the same logits in transformers."""
 from __future__ import annotations
 
 import json
-import random
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 from flexbert.train.finetune import report, train
 from flexbert.train.paths import conf_dir
+from tests.train.finetune_helpers import (
+    FAST,
+    KEY,
+    compose_finetune,
+    file_overrides,
+    finetune_error_line,
+)
 
-WORDS = [
-    "apple",
-    "river",
-    "stone",
-    "cloud",
-    "green",
-    "quick",
-    "table",
-    "music",
-    "paper",
-    "light",
-    "house",
-    "dream",
-]
-KEY = "banana"
 TASKS = sorted(p.stem for p in (conf_dir() / "task").glob("*.yaml"))
-FAST = [
-    "data.batch_size=16",
-    "data.eval_batch_size=64",
-    "data.max_seq_len=32",
-    "optimizer.lr=2e-3",
-    "trainer.progress_bar=false",
-]
-
-
-def _sentences(rng: random.Random, n: int) -> list[list[str]]:
-    return [
-        [
-            rng.choice([*WORDS, KEY] if rng.random() < 0.5 else WORDS)
-            for _ in range(rng.randint(3, 7))
-        ]
-        for _ in range(n)
-    ]
-
-
-def _compose(overrides: list[str]):
-    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
-        return compose("finetune", overrides=overrides)
-
-
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory) -> Path:
-    """A tiny randomly initialised encoder + its tokenizer, saved like a pretraining export."""
-    from flexbert import FlexBertForMaskedLM, ModelConfig
-    from flexbert.data.tokenizer import save_tokenizer, special_token_ids, train_tokenizer
-
-    rng = random.Random(0)
-    texts = [" ".join(s) for s in _sentences(rng, 300)]
-    tok = train_tokenizer(texts, vocab_size=384, num_unused=4, min_frequency=1)
-    torch.manual_seed(0)
-    cfg = ModelConfig.preset("tiny", **special_token_ids(tok))
-    out = tmp_path_factory.mktemp("pretrained") / "hf"
-    FlexBertForMaskedLM(cfg).save_hf(out)
-    save_tokenizer(tok, out)
-    return out
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-@pytest.fixture(scope="module")
-def contains_word(tmp_path_factory) -> dict[str, Path]:
-    """CSV train/dev sets: label 1 when the text contains KEY (learnable, 50/50)."""
-    import csv
-
-    rng, root = random.Random(1), tmp_path_factory.mktemp("cls")
-    files = {}
-    for split, n in (("train", 320), ("validation", 128)):
-        files[split] = root / f"{split}.csv"
-        with files[split].open("w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["text", "label"])
-            for s in _sentences(rng, n):
-                w.writerow([" ".join(s), int(KEY in s)])
-    return files
-
-
-def _files(files: dict[str, Path]) -> list[str]:
-    return [f"task.dataset.files.{k}={v}" for k, v in files.items()]
 
 
 @pytest.fixture(scope="module")
 def classification_run(pretrained, contains_word, tmp_path_factory):
-    cfg = _compose(
-        [f"model.path={pretrained}", *_files(contains_word), *FAST, "trainer.max_duration=4ep"]
+    cfg = compose_finetune(
+        [
+            f"model.path={pretrained}",
+            *file_overrides(contains_word),
+            *FAST,
+            "trainer.max_duration=4ep",
+        ]
     )
     run = tmp_path_factory.mktemp("ft") / "run"
     return run, train(cfg, run)
@@ -265,8 +194,8 @@ def test_model_path_may_be_a_hub_id(pretrained, contains_word, monkeypatch, tmp_
     from tests.conftest import cache_hub_repo, offline_hub
 
     cache_hub_repo(offline_hub(monkeypatch, tmp_path), "flexbert-tests/tiny", pretrained)
-    cfg = _compose(
-        ["model.path=flexbert-tests/tiny", *_files(contains_word), *FAST]
+    cfg = compose_finetune(
+        ["model.path=flexbert-tests/tiny", *file_overrides(contains_word), *FAST]
         + ["trainer.max_duration=1ep", "export_hf=false"]
     )
     summary = train(cfg, tmp_path / "run")
@@ -276,7 +205,7 @@ def test_model_path_may_be_a_hub_id(pretrained, contains_word, monkeypatch, tmp_
 
 @pytest.mark.parametrize("name", TASKS)
 def test_every_task_preset_composes(name):
-    cfg = _compose([f"task={name}"])
+    cfg = compose_finetune([f"task={name}"])
     assert cfg.task.name == name and cfg.task.text_fields and cfg.task.metrics
     from flexbert.train.tasks import TASK_TYPES
 
@@ -287,17 +216,13 @@ def test_every_task_preset_composes(name):
 def test_missing_text_field_is_one_clear_error(
     pretrained, contains_word, tmp_path, monkeypatch, capsys
 ):
-    from flexbert.train.finetune import main
-
-    args = [f"model.path={pretrained}", *_files(contains_word), "task.text_fields=[sentence]"]
-    monkeypatch.setattr(sys, "argv", ["flexbert-finetune", *args, f"hydra.run.dir={tmp_path}"])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    last = err.strip().splitlines()[-1]
-    assert last.startswith("flexbert-finetune: error:") and "'sentence'" in last
-    assert "Traceback" not in err
+    args = [
+        f"model.path={pretrained}",
+        *file_overrides(contains_word),
+        "task.text_fields=[sentence]",
+        f"hydra.run.dir={tmp_path}",
+    ]
+    assert "'sentence'" in finetune_error_line(args, monkeypatch, capsys)
 
 
 @pytest.mark.parametrize(
@@ -313,22 +238,14 @@ def test_bad_input_raises_a_clear_error(pretrained, contains_word, tmp_path, bad
     from flexbert import ConfigError
     from flexbert.data.errors import DataError
 
-    cfg = _compose([f"model.path={pretrained}", *_files(contains_word), *FAST, bad])
+    cfg = compose_finetune([f"model.path={pretrained}", *file_overrides(contains_word), *FAST, bad])
     with pytest.raises((DataError, ConfigError, FileNotFoundError), match=expected):
         train(cfg, tmp_path / "run")
 
 
 def test_an_unknown_task_type_is_one_clear_line(pretrained, tmp_path, monkeypatch, capsys):
-    from flexbert.train.finetune import main
-
     args = [f"model.path={pretrained}", "task.type=bogus", f"hydra.run.dir={tmp_path}"]
-    monkeypatch.setattr(sys, "argv", ["flexbert-finetune", *args])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    last = err.strip().splitlines()[-1]
+    last = finetune_error_line(args, monkeypatch, capsys)
     assert last.startswith("flexbert-finetune: error: task.type: unknown task type 'bogus'")
     assert "sequence_classification" in last
 

@@ -11,13 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.train.test_finetune import (
+from tests.train.finetune_helpers import (
     FAST,
-    _compose,
-    _files,
-    _sentences,
-    _write_jsonl,
-    pretrained,  # noqa: F401 - the module fixture
+    compose_finetune,
+    file_overrides,
+    random_sentences,
+    write_jsonl,
 )
 
 COLBERT = ["task=local_colbert", "task.colbert_dim=32", "task.query_length=12"]
@@ -28,17 +27,25 @@ def pairs(tmp_path_factory) -> dict[str, Path]:
     rng, root = random.Random(4), tmp_path_factory.mktemp("colbert_data")
     files = {}
     for split, n in (("train", 96), ("validation", 32)):
-        rows = [{"query": " ".join(s), "positive": " ".join(s[::-1])} for s in _sentences(rng, n)]
-        files[split] = _write_jsonl(root / f"{split}.jsonl", rows)
+        rows = [
+            {"query": " ".join(s), "positive": " ".join(s[::-1])} for s in random_sentences(rng, n)
+        ]
+        files[split] = write_jsonl(root / f"{split}.jsonl", rows)
     return files
 
 
 @pytest.fixture(scope="module")
-def colbert_run(pretrained, pairs, tmp_path_factory):  # noqa: F811
+def colbert_run(pretrained, pairs, tmp_path_factory):
     from flexbert.train.finetune import train
 
-    cfg = _compose(
-        [f"model.path={pretrained}", *COLBERT, *_files(pairs), *FAST, "trainer.max_duration=3ep"]
+    cfg = compose_finetune(
+        [
+            f"model.path={pretrained}",
+            *COLBERT,
+            *file_overrides(pairs),
+            *FAST,
+            "trainer.max_duration=3ep",
+        ]
     )
     run = tmp_path_factory.mktemp("colbert") / "run"
     return run, train(cfg, run)
@@ -48,7 +55,7 @@ def _texts(hf_dir: Path):
     from flexbert.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(hf_dir)
-    sentences = _sentences(random.Random(9), 4)
+    sentences = random_sentences(random.Random(9), 4)
     q = tok([" ".join(s) for s in sentences], padding=True, return_tensors="pt")
     d = tok([" ".join(s[::-1]) for s in sentences], padding=True, return_tensors="pt")
     return (q["input_ids"], q["attention_mask"]), (d["input_ids"], d["attention_mask"])
@@ -144,7 +151,7 @@ def _punctuated_texts() -> tuple[list[str], list[str]]:
     """Queries and documents with punctuation (the skiplist), some longer than the run's
     query_length (12) and document length (32) allow."""
     rng = random.Random(11)
-    sentences = _sentences(rng, 10)
+    sentences = random_sentences(rng, 10)
     queries = [" ".join(s) + "?" for s in sentences[:4]] + [" ".join(sentences[4] * 4)]
     docs = [", ".join(s) + "." for s in sentences[5:]] + [" ! ".join(sentences[0] * 6)]
     return queries, docs
@@ -248,8 +255,8 @@ def test_a_colbert_run_can_start_from_a_colbert_run_folder(colbert_run, pairs, t
     from flexbert.train.finetune import train
 
     run, _ = colbert_run
-    cfg = _compose(
-        [f"model.path={run}", *COLBERT, *_files(pairs), *FAST]
+    cfg = compose_finetune(
+        [f"model.path={run}", *COLBERT, *file_overrides(pairs), *FAST]
         + ["trainer.max_duration=1ep", "export_hf=false"]
     )
     summary = train(cfg, tmp_path / "again")
@@ -274,12 +281,14 @@ def test_a_colbert_run_can_start_from_a_colbert_run_folder(colbert_run, pairs, t
         ),
     ],
 )
-def test_bad_colbert_settings_are_clear_errors(pretrained, pairs, tmp_path, bad, expected):  # noqa: F811
+def test_bad_colbert_settings_are_clear_errors(pretrained, pairs, tmp_path, bad, expected):
     from flexbert import ConfigError
     from flexbert.data.errors import DataError
     from flexbert.train.finetune import train
 
-    cfg = _compose([f"model.path={pretrained}", *COLBERT, *_files(pairs), *FAST, bad])
+    cfg = compose_finetune(
+        [f"model.path={pretrained}", *COLBERT, *file_overrides(pairs), *FAST, bad]
+    )
     with pytest.raises((ConfigError, DataError), match=expected):
         train(cfg, tmp_path / "run")
 
@@ -384,7 +393,7 @@ def test_a_colbert_run_seeds_other_tasks_with_its_encoder(colbert_run):
         assert all(torch.equal(v, encoder[k]) for k, v in model.model.state_dict().items())
 
 
-def test_markers_take_one_token_of_each_length_and_eval_documents_get_theirs(pretrained):  # noqa: F811
+def test_markers_take_one_token_of_each_length_and_eval_documents_get_theirs(pretrained):
     """With markers a query is cut to query_length - 1 tokens and a document to its length
     - 1 (the model adds [Q] / [D]); evaluation encodes documents with their marker too."""
     from datasets import Dataset
@@ -397,7 +406,9 @@ def test_markers_take_one_token_of_each_length_and_eval_documents_get_theirs(pre
     )
 
     tok = load_tokenizer(pretrained)
-    words = " ".join(_sentences(random.Random(2), 8)[i][j] for i in range(8) for j in range(3))
+    words = " ".join(
+        random_sentences(random.Random(2), 8)[i][j] for i in range(8) for j in range(3)
+    )
     ds = Dataset.from_dict({"query": [words], "positive": [words]})
     task = {"text_fields": ["query", "positive"], "query_length": 12, "colbert_dim": 16}
     marked = {**task, "query_marker": "[unused0]", "document_marker": "[unused1]"}
@@ -418,7 +429,7 @@ def test_markers_take_one_token_of_each_length_and_eval_documents_get_theirs(pre
     assert not torch.allclose(docs[:, :19], unmarked, atol=1e-4)
 
 
-def test_an_older_colbert_without_markers_takes_the_tasks_markers(pretrained, tmp_path):  # noqa: F811
+def test_an_older_colbert_without_markers_takes_the_tasks_markers(pretrained, tmp_path):
     from flexbert import FlexBertForColBERT
     from flexbert.data.tokenizer import load_tokenizer
     from flexbert.train.finetune_colbert import load_colbert_model

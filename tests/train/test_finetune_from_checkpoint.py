@@ -5,14 +5,13 @@ checkpoint and the run's tokenizer instead, and saves what it can."""
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 import torch
 
 from flexbert.train.finetune import report, train
 from tests.train.conftest import SHORT_RUN, TINY_RUN, compose_config
-from tests.train.test_finetune import FAST, _compose, _files, contains_word  # noqa: F401
+from tests.train.finetune_helpers import FAST, compose_finetune, file_overrides, finetune_error_line
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +32,7 @@ def ablated_run(tmp_path_factory):
 @pytest.mark.parametrize("source", ["run folder", "checkpoint file"])
 def test_an_ablated_model_fine_tunes_from_its_run(
     ablated_run,
-    contains_word,  # noqa: F811
+    contains_word,
     tmp_path,
     source,
 ):
@@ -43,8 +42,8 @@ def test_an_ablated_model_fine_tunes_from_its_run(
     run, pretrain_summary = ablated_run
     checkpoint = pretrain_summary["paths"]["last_checkpoint"]
     path = run if source == "run folder" else checkpoint
-    cfg = _compose(
-        [f"model.path={path}", *_files(contains_word), *FAST, "trainer.max_duration=1ep"]
+    cfg = compose_finetune(
+        [f"model.path={path}", *file_overrides(contains_word), *FAST, "trainer.max_duration=1ep"]
     )
     summary = train(cfg, tmp_path / "ft")
 
@@ -99,21 +98,13 @@ def test_the_task_model_starts_from_the_checkpoints_encoder(ablated_run):
 def test_a_wrong_model_path_is_one_clear_error(
     ablated_run, tmp_path, monkeypatch, capsys, bad, expected
 ):
-    from flexbert.train.finetune import main
-
     run, _ = ablated_run
     (tmp_path / "empty_dir").mkdir()
     (tmp_path / "notes.txt").write_text("not a model\n")
     path = run.parent / bad if bad.startswith("run/") else tmp_path / bad
-    argv = ["flexbert-finetune", f"model.path={path}", f"hydra.run.dir={tmp_path / 'out'}"]
-    monkeypatch.setattr(sys, "argv", argv)
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    last = err.strip().splitlines()[-1]
-    assert last.startswith("flexbert-finetune: error:") and expected in last
-    assert "Traceback" not in err
+    args = [f"model.path={path}", f"hydra.run.dir={tmp_path / 'out'}"]
+    last = finetune_error_line(args, monkeypatch, capsys)
+    assert expected in last
     if bad == "run/hf":  # points at what to give instead
         assert f"give the run folder {run}" in last
     else:
@@ -154,4 +145,4 @@ def test_a_corrupt_or_foreign_checkpoint_is_a_checkpoint_error(ablated_run, tmp_
     shutil.copytree(run, other, ignore=shutil.ignore_patterns("*.pt"))
     (other / "checkpoints" / good.name).write_bytes(good.read_bytes()[:5000])
     with pytest.raises(CheckpointError, match="could not be read"):
-        train(_compose([f"model.path={other}", *FAST]), tmp_path / "ft")
+        train(compose_finetune([f"model.path={other}", *FAST]), tmp_path / "ft")

@@ -19,7 +19,7 @@ from flexbert.train.finetune_qa import (
     normalize_answer,
     token_f1,
 )
-from tests.train.test_finetune import FAST, WORDS, _compose, _write_jsonl, pretrained  # noqa: F401
+from tests.train.finetune_helpers import FAST, WORDS, compose_finetune, write_jsonl
 
 TASK = {"text_fields": ["question", "context"], "label_field": "answers"}
 
@@ -53,7 +53,7 @@ class _Split(dict):  # what encode_questions reads of a datasets.Dataset
 
 
 @pytest.fixture(scope="module")
-def tokenizer(pretrained):  # noqa: F811
+def tokenizer(pretrained):
     from flexbert.data.tokenizer import load_tokenizer
 
     return load_tokenizer(pretrained)
@@ -301,7 +301,7 @@ def test_squad_scores_match_the_official_definitions():
         build_qa_metrics(["accuracy"])
 
 
-def test_question_answering_trains_evaluates_and_exports(pretrained, tmp_path):  # noqa: F811
+def test_question_answering_trains_evaluates_and_exports(pretrained, tmp_path):
     from transformers import AutoModelForQuestionAnswering
 
     from flexbert import FlexBertForQuestionAnswering
@@ -309,14 +309,14 @@ def test_question_answering_trains_evaluates_and_exports(pretrained, tmp_path): 
 
     validation = [{"id": f"q{i}", **r} for i, r in enumerate(_long_rows(16, 4, 30))]
     files = {  # validation contexts outgrow data.max_seq_len=32: read in windows
-        "train": _write_jsonl(
+        "train": write_jsonl(
             tmp_path / "train.jsonl", [{"id": f"t{i}", **r} for i, r in enumerate(_rows(64, 3))]
         ),
-        "validation": _write_jsonl(tmp_path / "validation.jsonl", validation),
+        "validation": write_jsonl(tmp_path / "validation.jsonl", validation),
     }
     overrides = [f"task.dataset.files.{k}={v}" for k, v in files.items()]
     overrides.append("task.doc_stride=8")
-    cfg = _compose(
+    cfg = compose_finetune(
         [f"model.path={pretrained}", "task=local_question_answering", *overrides, *FAST]
         + ["trainer.max_duration=2ep"]
     )

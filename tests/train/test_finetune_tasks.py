@@ -10,30 +10,28 @@ import pytest
 import torch
 
 from flexbert.train.finetune import train
-from tests.train.test_finetune import (  # noqa: F401 - module fixtures
+from tests.train.finetune_helpers import (
     FAST,
     KEY,
     WORDS,
-    _compose,
-    _files,
-    _sentences,
-    _write_jsonl,
-    contains_word,
-    pretrained,
+    compose_finetune,
+    file_overrides,
+    random_sentences,
+    write_jsonl,
 )
 
 
-def test_regression_reports_pearson(pretrained, tmp_path):  # noqa: F811
+def test_regression_reports_pearson(pretrained, tmp_path):
     rng = random.Random(2)
     files = {}
     for split, n in (("train", 96), ("validation", 48)):
         rows = [
             {"a": " ".join(s[:2]), "b": " ".join(s[2:]), "label": s.count(KEY) / len(s)}
-            for s in _sentences(rng, n)
+            for s in random_sentences(rng, n)
         ]
-        files[split] = _write_jsonl(tmp_path / f"{split}.jsonl", rows)
-    cfg = _compose(
-        [f"model.path={pretrained}", "task=local_regression", *_files(files), *FAST]
+        files[split] = write_jsonl(tmp_path / f"{split}.jsonl", rows)
+    cfg = compose_finetune(
+        [f"model.path={pretrained}", "task=local_regression", *file_overrides(files), *FAST]
         + ["trainer.max_duration=1ep", "task.text_fields=[a,b]"]  # sentence pairs
     )
     summary = train(cfg, tmp_path / "run")
@@ -45,14 +43,19 @@ def test_regression_reports_pearson(pretrained, tmp_path):  # noqa: F811
     assert (tmp_path / "run" / "hf" / "config.json").exists()
 
 
-def test_token_classification_runs_on_word_labels(pretrained, tmp_path):  # noqa: F811
+def test_token_classification_runs_on_word_labels(pretrained, tmp_path):
     rng = random.Random(3)
     files = {}
     for split, n in (("train", 96), ("validation", 32)):
-        rows = [{"tokens": s, "tags": [int(w == KEY) for w in s]} for s in _sentences(rng, n)]
-        files[split] = _write_jsonl(tmp_path / f"{split}.jsonl", rows)
-    cfg = _compose(
-        [f"model.path={pretrained}", "task=local_token_classification", *_files(files), *FAST]
+        rows = [{"tokens": s, "tags": [int(w == KEY) for w in s]} for s in random_sentences(rng, n)]
+        files[split] = write_jsonl(tmp_path / f"{split}.jsonl", rows)
+    cfg = compose_finetune(
+        [
+            f"model.path={pretrained}",
+            "task=local_token_classification",
+            *file_overrides(files),
+            *FAST,
+        ]
         + ["trainer.max_duration=1ep"]
     )
     summary = train(cfg, tmp_path / "run")
@@ -62,16 +65,18 @@ def test_token_classification_runs_on_word_labels(pretrained, tmp_path):  # noqa
     assert hf_cfg["architectures"] == ["ModernBertForTokenClassification"]
 
 
-def test_retrieval_trains_on_pairs_and_exports_the_encoder(pretrained, tmp_path):  # noqa: F811
+def test_retrieval_trains_on_pairs_and_exports_the_encoder(pretrained, tmp_path):
     from transformers import AutoModel
 
     rng = random.Random(4)
     files = {}
     for split, n in (("train", 64), ("validation", 32)):
-        rows = [{"query": " ".join(s), "positive": " ".join(s[::-1])} for s in _sentences(rng, n)]
-        files[split] = _write_jsonl(tmp_path / f"{split}.jsonl", rows)
-    cfg = _compose(
-        [f"model.path={pretrained}", "task=local_retrieval", *_files(files), *FAST]
+        rows = [
+            {"query": " ".join(s), "positive": " ".join(s[::-1])} for s in random_sentences(rng, n)
+        ]
+        files[split] = write_jsonl(tmp_path / f"{split}.jsonl", rows)
+    cfg = compose_finetune(
+        [f"model.path={pretrained}", "task=local_retrieval", *file_overrides(files), *FAST]
         + ["trainer.max_duration=1ep"]
     )
     summary = train(cfg, tmp_path / "run")
@@ -86,7 +91,7 @@ def test_retrieval_trains_on_pairs_and_exports_the_encoder(pretrained, tmp_path)
     from flexbert import FlexBertForSentenceEmbedding
     from flexbert.data.tokenizer import load_tokenizer
 
-    texts = [" ".join(s) for s in _sentences(random.Random(9), 3)]
+    texts = [" ".join(s) for s in random_sentences(random.Random(9), 3)]
     vectors = st.SentenceTransformer(str(tmp_path / "run" / "hf"), device="cpu").encode(
         texts, convert_to_tensor=True
     )
@@ -97,7 +102,7 @@ def test_retrieval_trains_on_pairs_and_exports_the_encoder(pretrained, tmp_path)
     torch.testing.assert_close(vectors, expected, rtol=1e-4, atol=1e-4)
 
 
-def test_word_labels_sit_on_the_first_sub_token(pretrained):  # noqa: F811
+def test_word_labels_sit_on_the_first_sub_token(pretrained):
     from flexbert.data.tokenizer import load_tokenizer
     from flexbert.train.tasks import encode_tokens
 
@@ -119,13 +124,18 @@ class _Rows(dict):
         return list(self)
 
 
-def test_one_label_per_row_for_token_classification_is_a_clear_error(pretrained, tmp_path):  # noqa: F811
+def test_one_label_per_row_for_token_classification_is_a_clear_error(pretrained, tmp_path):
     from flexbert.data.errors import DataError
 
     rows = [{"tokens": ["apple", KEY], "tags": 1}, {"tokens": ["river"], "tags": 0}]
-    files = {s: _write_jsonl(tmp_path / f"{s}.jsonl", rows) for s in ("train", "validation")}
-    cfg = _compose(
-        [f"model.path={pretrained}", "task=local_token_classification", *_files(files), *FAST]
+    files = {s: write_jsonl(tmp_path / f"{s}.jsonl", rows) for s in ("train", "validation")}
+    cfg = compose_finetune(
+        [
+            f"model.path={pretrained}",
+            "task=local_token_classification",
+            *file_overrides(files),
+            *FAST,
+        ]
     )
     with pytest.raises(DataError, match=r"field 'tags' holds 1 \(int\).*a list of labels"):
         train(cfg, tmp_path / "run")
@@ -147,7 +157,7 @@ def test_gathered_negatives_on_two_ranks_equal_one_process_with_the_whole_batch(
     assert not torch.allclose(local, out.loss.detach())
 
 
-def test_multiple_choice_trains_evaluates_and_exports(pretrained, tmp_path):  # noqa: F811
+def test_multiple_choice_trains_evaluates_and_exports(pretrained, tmp_path):
     """Pick the choice that repeats the context's KEY word; the export scores like ours."""
     from transformers import AutoModelForMultipleChoice
 
@@ -158,7 +168,7 @@ def test_multiple_choice_trains_evaluates_and_exports(pretrained, tmp_path):  # 
     files = {}
     for split, n in (("train", 96), ("validation", 32)):
         rows = []
-        for words in _sentences(rng, n):
+        for words in random_sentences(rng, n):
             answer = rng.randrange(3)
             choices = [" ".join(rng.sample(WORDS, 3)) for _ in range(3)]
             choices[answer] += f" {KEY}"
@@ -166,9 +176,9 @@ def test_multiple_choice_trains_evaluates_and_exports(pretrained, tmp_path):  # 
                 {"context": " ".join([*words, KEY]), "lead": "it is", "label": answer}
                 | {f"c{i}": c for i, c in enumerate(choices)}
             )
-        files[split] = _write_jsonl(tmp_path / f"{split}.jsonl", rows)
-    cfg = _compose(
-        [f"model.path={pretrained}", "task=local_multiple_choice", *_files(files), *FAST]
+        files[split] = write_jsonl(tmp_path / f"{split}.jsonl", rows)
+    cfg = compose_finetune(
+        [f"model.path={pretrained}", "task=local_multiple_choice", *file_overrides(files), *FAST]
         + ["task.text_fields=[context,c0,c1,c2]", "task.num_labels=3", "task.choice_prefix=lead"]
         + ["trainer.max_duration=1ep"]
     )
@@ -187,7 +197,7 @@ def test_multiple_choice_trains_evaluates_and_exports(pretrained, tmp_path):  # 
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
-def test_multiple_choice_needs_one_label_per_choice_field(pretrained, tmp_path):  # noqa: F811
+def test_multiple_choice_needs_one_label_per_choice_field(pretrained, tmp_path):
     from flexbert.data.errors import DataError
     from flexbert.train.tasks import encode_choices
 
@@ -246,7 +256,7 @@ def test_na_nan_and_null_in_a_cell_stay_text(tmp_path, suffix):
     ],
 )
 def test_an_empty_or_null_text_is_refused_naming_split_row_and_field(
-    pretrained,  # noqa: F811
+    pretrained,
     tmp_path,
     name,
     content,
@@ -308,7 +318,7 @@ def test_a_null_choice_or_context_is_refused_not_read_as_none():
     ],
 )
 def test_a_missing_label_is_refused_naming_split_row_and_field(
-    pretrained,  # noqa: F811
+    pretrained,
     tmp_path,
     kind,
     train,
@@ -327,7 +337,7 @@ def test_a_missing_label_is_refused_naming_split_row_and_field(
         build_examples(task, load_tokenizer(pretrained), 32)
 
 
-def test_a_missing_word_label_names_its_row_and_word(pretrained):  # noqa: F811
+def test_a_missing_word_label_names_its_row_and_word(pretrained):
     from flexbert.data.errors import DataError
     from flexbert.data.tokenizer import load_tokenizer
     from flexbert.train.tasks import encode_tokens, label_mapper
@@ -343,7 +353,7 @@ def test_a_missing_word_label_names_its_row_and_word(pretrained):  # noqa: F811
         encode_tokens(rows, {**task, "text_fields": ["tokens"]}, tok, 16, "train", to_id)
 
 
-def test_a_fractional_class_label_is_refused_and_whole_floats_are_ids(pretrained, tmp_path):  # noqa: F811
+def test_a_fractional_class_label_is_refused_and_whole_floats_are_ids(pretrained, tmp_path):
     from flexbert.data.errors import DataError
     from flexbert.data.tokenizer import load_tokenizer
     from flexbert.train.tasks import build_examples
@@ -357,7 +367,7 @@ def test_a_fractional_class_label_is_refused_and_whole_floats_are_ids(pretrained
         build_examples(_task(_both(path)), tok, 32)
 
 
-def test_fewer_label_names_than_labels_export_a_loadable_model(pretrained, tmp_path):  # noqa: F811
+def test_fewer_label_names_than_labels_export_a_loadable_model(pretrained, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
     from flexbert import FlexBertForSequenceClassification

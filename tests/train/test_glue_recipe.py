@@ -3,8 +3,6 @@ task, overridable from the command line, refused by name for a task without a ro
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -12,13 +10,7 @@ from omegaconf import OmegaConf
 from flexbert.registry import ConfigError
 from flexbert.train.app import check_per_task
 from flexbert.train.optim import build_optimizer
-from tests.train.test_finetune import (  # noqa: F401 - module fixtures
-    FAST,
-    _compose,
-    _files,
-    contains_word,
-    pretrained,
-)
+from tests.train.finetune_helpers import FAST, compose_finetune, file_overrides, finetune_error_line
 
 # (recipe, task): (lr, weight decay, epochs) as printed in the paper's Table 6
 PAPER = {
@@ -34,7 +26,7 @@ GLUE = ["cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte"]
 
 @pytest.mark.parametrize(("recipe", "task"), sorted(PAPER))
 def test_the_task_picks_its_row_of_the_paper(recipe, task):
-    cfg = _compose([f"recipe={recipe}", f"task={task}"])
+    cfg = compose_finetune([f"recipe={recipe}", f"task={task}"])
     lr, wd, epochs = PAPER[(recipe, task)]
     assert cfg.optimizer.lr == pytest.approx(lr)
     assert cfg.optimizer.weight_decay == pytest.approx(wd)
@@ -46,13 +38,13 @@ def test_the_task_picks_its_row_of_the_paper(recipe, task):
 @pytest.mark.parametrize("recipe", ["glue_base", "glue_large"])
 def test_every_glue_task_has_a_row_and_wnli_none(recipe):
     for task in GLUE:
-        check_per_task(_compose([f"recipe={recipe}", f"task={task}"]))
+        check_per_task(compose_finetune([f"recipe={recipe}", f"task={task}"]))
     with pytest.raises(ConfigError, match=r"not for task 'wnli'.*optimizer\.lr"):
-        check_per_task(_compose([f"recipe={recipe}", "task=wnli"]))
+        check_per_task(compose_finetune([f"recipe={recipe}", "task=wnli"]))
 
 
 def test_the_command_line_overrides_the_row():
-    cfg = _compose(
+    cfg = compose_finetune(
         ["recipe=glue_base", "task=rte", "optimizer.lr=1e-5", "trainer.max_duration=2ep"]
     )
     assert cfg.optimizer.lr == 1e-5 and cfg.trainer.max_duration == "2ep"
@@ -74,40 +66,30 @@ def test_decoupled_weight_decay_does_not_scale_with_the_learning_rate():
     torch.testing.assert_close(layer.weight.detach(), start * (1 - 1e-3))
 
 
-def test_a_task_without_a_row_is_one_clear_line(pretrained, tmp_path, monkeypatch, capsys):  # noqa: F811
-    from flexbert.train.finetune import main
-
+def test_a_task_without_a_row_is_one_clear_line(pretrained, tmp_path, monkeypatch, capsys):
     args = [
         f"model.path={pretrained}",
         "recipe=glue_base",
         "task=wnli",
         f"hydra.run.dir={tmp_path}",
     ]
-    monkeypatch.setattr(sys, "argv", ["flexbert-finetune", *args])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    assert (
-        err.strip()
-        .splitlines()[-1]
-        .startswith("flexbert-finetune: error: the recipe has settings for the tasks ['cola', ")
+    assert finetune_error_line(args, monkeypatch, capsys).startswith(
+        "flexbert-finetune: error: the recipe has settings for the tasks ['cola', "
     )
 
 
-def test_a_recipe_run_trains_with_its_row(pretrained, contains_word, tmp_path):  # noqa: F811
+def test_a_recipe_run_trains_with_its_row(pretrained, contains_word, tmp_path):
     """A local two-class task named rte takes glue_base's RTE row and trains with it."""
     from flexbert.train.finetune import train
 
     fast = [o for o in FAST if not o.startswith("optimizer.lr")]
-    cfg = _compose(
+    cfg = compose_finetune(
         [
             f"model.path={pretrained}",
             "recipe=glue_base",
             "task=local_classification",
             "task.name=rte",
-            *_files(contains_word),
+            *file_overrides(contains_word),
             *fast,
             "trainer.max_duration=1ep",  # the row's 3 epochs, cut for the test
         ]

@@ -15,20 +15,19 @@ from flexbert.data.errors import DataError
 from flexbert.registry import ConfigError
 from flexbert.train.finetune_retrieval import ComposerFlexBertRetrieval
 from flexbert.train.retrieval_data import PairCollator, candidate_inputs, encode_pairs
-from tests.train.test_finetune import (  # noqa: F401 - module fixtures
+from tests.train.finetune_helpers import (
     FAST,
-    _compose,
-    _files,
-    _sentences,
-    _write_jsonl,
-    pretrained,
+    compose_finetune,
+    file_overrides,
+    random_sentences,
+    write_jsonl,
 )
 
 TASK = {"text_fields": ["query", "positive"], "negative_fields": ["negative", "more"]}
 
 
 @pytest.fixture(scope="module")
-def tokenizer(pretrained):  # noqa: F811
+def tokenizer(pretrained):
     from flexbert.data.tokenizer import load_tokenizer
 
     return load_tokenizer(pretrained)
@@ -110,7 +109,7 @@ def test_only_the_training_split_gets_negatives_and_teacher_scores(tokenizer, tm
     rows = [
         {"query": "apple", "positive": "river", "negatives": ["bank", "shore"], "scores": [3, 1, 0]}
     ] * 4
-    files = {s: _write_jsonl(tmp_path / f"{s}.jsonl", rows) for s in ("train", "validation")}
+    files = {s: write_jsonl(tmp_path / f"{s}.jsonl", rows) for s in ("train", "validation")}
     task = {
         "type": "retrieval",
         "dataset": {"files": {k: str(v) for k, v in files.items()}},
@@ -130,7 +129,7 @@ def test_only_the_training_split_gets_negatives_and_teacher_scores(tokenizer, tm
 
 def _batch(tokenizer) -> dict[str, torch.Tensor]:
     rng = random.Random(3)
-    sentences = [" ".join(s) for s in _sentences(rng, 12)]
+    sentences = [" ".join(s) for s in random_sentences(rng, 12)]
     ds = Dataset.from_dict(
         {
             "query": sentences[:4],
@@ -142,7 +141,7 @@ def _batch(tokenizer) -> dict[str, torch.Tensor]:
     return PairCollator(tokenizer.pad_token_id)(encode_pairs(ds, TASK, tokenizer, 24, "train"))
 
 
-def test_retrieval_loss_scores_positives_then_hard_negatives(tokenizer, pretrained):  # noqa: F811
+def test_retrieval_loss_scores_positives_then_hard_negatives(tokenizer, pretrained):
     from flexbert.train.data_spec import token_counts
     from flexbert.train.finetune_retrieval import load_embedding_model
 
@@ -166,7 +165,7 @@ def test_retrieval_loss_scores_positives_then_hard_negatives(tokenizer, pretrain
     assert counts["total"] > token_counts(without)["total"]
 
 
-def test_colbert_loss_scores_positives_then_hard_negatives(tokenizer, pretrained):  # noqa: F811
+def test_colbert_loss_scores_positives_then_hard_negatives(tokenizer, pretrained):
     from flexbert.colbert import maxsim
     from flexbert.train.finetune_colbert import ComposerFlexBertColBERT, load_colbert_model
 
@@ -200,7 +199,7 @@ def test_hard_negatives_on_two_ranks_equal_one_process_with_the_whole_batch(two_
     [["task=local_retrieval"], ["task=local_colbert", "task.teacher_scores_field=scores"]],
     ids=["retrieval", "colbert distillation"],
 )
-def test_fine_tuning_with_a_list_of_hard_negatives_per_query(pretrained, tmp_path, task):  # noqa: F811
+def test_fine_tuning_with_a_list_of_hard_negatives_per_query(pretrained, tmp_path, task):
     """End to end from JSONL with a `negatives` list column (and a teacher's `scores`): the
     run's token count includes every query, positive and hard negative it encoded (one
     epoch)."""
@@ -211,17 +210,23 @@ def test_fine_tuning_with_a_list_of_hard_negatives_per_query(pretrained, tmp_pat
     files, train_rows = {}, []
     for split, n in (("train", 32), ("validation", 16)):
         rows = []
-        for s in _sentences(rng, n):
+        for s in random_sentences(rng, n):
             others = [" ".join(rng.sample(s, len(s))) for _ in range(3)]
             scores = [rng.uniform(-2, 5) for _ in range(4)]
             rows.append(
                 {"query": " ".join(s), "positive": " ".join(s[::-1])}
                 | {"negatives": others, "scores": scores}
             )
-        files[split] = _write_jsonl(tmp_path / f"{split}.jsonl", rows)
+        files[split] = write_jsonl(tmp_path / f"{split}.jsonl", rows)
         train_rows = train_rows or rows
-    cfg = _compose(
-        [f"model.path={pretrained}", *task, *_files(files), *FAST, "trainer.max_duration=1ep"]
+    cfg = compose_finetune(
+        [
+            f"model.path={pretrained}",
+            *task,
+            *file_overrides(files),
+            *FAST,
+            "trainer.max_duration=1ep",
+        ]
         + ["task.negative_fields=[negatives]", "task.num_negatives=2"]
     )
     summary = train(cfg, tmp_path / "run")
@@ -302,7 +307,7 @@ def _own_docs(batch: dict[str, torch.Tensor], i: int) -> tuple[torch.Tensor, tor
     return ids, torch.cat([batch["cand_mask"][i : i + 1], batch["neg_mask"][i]])
 
 
-def test_retrieval_distils_each_querys_own_candidates(tokenizer, pretrained):  # noqa: F811
+def test_retrieval_distils_each_querys_own_candidates(tokenizer, pretrained):
     from flexbert.train.finetune_retrieval import distillation_loss, load_embedding_model
 
     batch = _distil_batch(tokenizer)
@@ -324,7 +329,7 @@ def test_retrieval_distils_each_querys_own_candidates(tokenizer, pretrained):  #
     assert model.model.layers[0].mlp.Wi.weight.grad.abs().sum() > 0
 
 
-def test_colbert_distils_min_max_scaled_maxsim_of_own_candidates(tokenizer, pretrained):  # noqa: F811
+def test_colbert_distils_min_max_scaled_maxsim_of_own_candidates(tokenizer, pretrained):
     from flexbert.colbert import maxsim
     from flexbert.train.finetune_colbert import ComposerFlexBertColBERT, load_colbert_model
     from flexbert.train.finetune_retrieval import distillation_loss

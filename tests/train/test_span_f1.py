@@ -16,14 +16,7 @@ from flexbert.train.finetune_model import (
     check_bio_names,
     entity_spans,
 )
-from tests.train.test_finetune import (  # noqa: F401
-    FAST,
-    KEY,
-    _compose,
-    _sentences,
-    _write_jsonl,
-    pretrained,
-)
+from tests.train.finetune_helpers import FAST, KEY, compose_finetune, random_sentences, write_jsonl
 
 NAMES = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
 
@@ -96,7 +89,7 @@ def test_class_label_columns_name_the_labels():
     assert names == NAMES and to_id(2) == 2
 
 
-def test_a_saved_class_label_dataset_names_its_tags(pretrained, tmp_path):  # noqa: F811
+def test_a_saved_class_label_dataset_names_its_tags(pretrained, tmp_path):
     """Through build_examples, as a run reads it: a datasets directory whose tags column is a
     sequence of ClassLabel gives the names (for span_f1 and the export's id2label)."""
     import datasets
@@ -135,19 +128,19 @@ def test_string_tags_put_the_outside_tag_first():
     assert names == ["O", "B-KEY", "I-KEY"] and to_id("O") == 0  # what entity_f1 assumes
 
 
-def test_ner_with_bio_tags_reports_span_f1(pretrained, tmp_path):  # noqa: F811
+def test_ner_with_bio_tags_reports_span_f1(pretrained, tmp_path):
     from flexbert.train.finetune import train
 
     rng = random.Random(7)
     files = {}
     for split, n in (("train", 96), ("validation", 32)):
         rows = []
-        for words in _sentences(rng, n):
+        for words in random_sentences(rng, n):
             tags = ["B-KEY" if w == KEY else "O" for w in words]
             rows.append({"tokens": words, "tags": tags})
-        files[split] = _write_jsonl(tmp_path / f"{split}.jsonl", rows)
+        files[split] = write_jsonl(tmp_path / f"{split}.jsonl", rows)
     overrides = [f"task.dataset.files.{k}={v}" for k, v in files.items()]
-    cfg = _compose(
+    cfg = compose_finetune(
         [f"model.path={pretrained}", "task=local_token_classification", *overrides, *FAST]
         + ["task.metrics=[accuracy,span_f1]", "trainer.max_duration=1ep"]
     )
