@@ -9,7 +9,12 @@ top-level folders.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # flexbert/
 REPO_DIR = PACKAGE_DIR.parent
@@ -67,3 +72,19 @@ def register_overlays() -> dict[str, list[str]]:
             store.store(group=group, name=f.stem, node=OmegaConf.load(f), package=_package_of(f))
         names[group] = [f.stem for f in files]
     return names
+
+
+APPS = ("pretrain", "finetune")
+
+
+def compose_config(app: str, overrides: Sequence[str] = ()) -> DictConfig:
+    """conf/<app>.yaml ("pretrain" for flexbert-train, "finetune" for flexbert-finetune) with
+    command-line style `overrides`, composed as the command would compose it: for notebooks
+    and scripts that call `flexbert.train.pretrain.train(cfg, run_dir)` and the like."""
+    from hydra import compose, initialize_config_dir
+
+    if app not in APPS:
+        raise ValueError(f"compose_config: app must be one of {APPS}, got {app!r}")
+    register_overlays()
+    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
+        return compose(app, overrides=list(overrides))

@@ -10,9 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
-from flexbert.train.paths import conf_dir
+from flexbert.train.paths import compose_config
 
 WORDS = [
     "apple",
@@ -49,8 +48,7 @@ def random_sentences(rng: random.Random, n: int) -> list[list[str]]:
 
 
 def compose_finetune(overrides: list[str]):
-    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
-        return compose("finetune", overrides=overrides)
+    return compose_config("finetune", overrides)
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

@@ -452,3 +452,15 @@ def test_summary_paths_hold_from_another_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert absolute_if_local("runs/tok") == str(tmp_path / "runs" / "tok")
     assert absolute_if_local("answerdotai/ModernBERT-base") == "answerdotai/ModernBERT-base"
+
+
+def test_compose_config_composes_as_the_commands_do():
+    """The Python entry to the configs: experiments and recipes compose as on the command line."""
+    from flexbert.train.paths import compose_config
+
+    cfg = compose_config("pretrain", ["experiment=modernbert_base_pretrain"])
+    assert cfg.trainer.max_duration == "1719000000000tok"
+    finetune = compose_config("finetune", ["recipe=glue_base", "task=rte"])
+    assert finetune.optimizer.lr == pytest.approx(5e-5)
+    with pytest.raises(ValueError, match=r"one of \('pretrain', 'finetune'\), got 'train'"):
+        compose_config("train")
