@@ -10,7 +10,13 @@ from omegaconf import OmegaConf
 from flexbert.registry import ConfigError
 from flexbert.train.app import check_per_task
 from flexbert.train.optim import build_optimizer
-from tests.train.finetune_helpers import FAST, compose_finetune, file_overrides, finetune_error_line
+from tests.train.finetune_helpers import (
+    FAST,
+    KEY,
+    compose_finetune,
+    finetune_error_line,
+    random_sentences,
+)
 
 # (recipe, task): (lr, weight decay, epochs) as printed in the paper's Table 6
 PAPER = {
@@ -78,18 +84,39 @@ def test_a_task_without_a_row_is_one_clear_line(pretrained, tmp_path, monkeypatc
     )
 
 
-def test_a_recipe_run_trains_with_its_row(pretrained, contains_word, tmp_path):
-    """A local two-class task named rte takes glue_base's RTE row and trains with it."""
+def test_the_rte_preset_trains_offline_with_its_row(pretrained, tmp_path):
+    """GLUE RTE as the paper runs it, offline: the preset reads a `save_to_disk` copy of the
+    dataset (its splits and columns) and trains with glue_base's RTE row."""
+    import random
+
+    import datasets
+
     from flexbert.train.finetune import train
 
+    rng = random.Random(3)
+
+    def split(n):
+        pairs = [random_sentences(rng, 2) for _ in range(n)]
+        return datasets.Dataset.from_dict(
+            {
+                "sentence1": [" ".join(a) for a, _ in pairs],
+                "sentence2": [" ".join(b) for _, b in pairs],
+                "label": [int(KEY in a) for a, _ in pairs],
+                "idx": list(range(n)),
+            }
+        )
+
+    datasets.DatasetDict({"train": split(96), "validation": split(32)}).save_to_disk(
+        tmp_path / "rte"
+    )
     fast = [o for o in FAST if not o.startswith("optimizer.lr")]
     cfg = compose_finetune(
         [
             f"model.path={pretrained}",
             "recipe=glue_base",
-            "task=local_classification",
-            "task.name=rte",
-            *file_overrides(contains_word),
+            "task=rte",
+            "task.dataset.name=null",
+            f"task.dataset.path={tmp_path / 'rte'}",
             *fast,
             "trainer.max_duration=1ep",  # the row's 3 epochs, cut for the test
         ]
@@ -97,4 +124,5 @@ def test_a_recipe_run_trains_with_its_row(pretrained, contains_word, tmp_path):
     summary = train(cfg, tmp_path / "run")
     assert summary["config"]["optimizer"]["lr"] == pytest.approx(5e-5)
     assert summary["config"]["optimizer"]["weight_decay"] == pytest.approx(1e-5)
+    assert summary["data"]["examples"] == {"train": 96, "eval": 32}
     assert summary["train"]["epochs"] == 1 and 0.0 <= summary["eval"]["accuracy"] <= 1.0
