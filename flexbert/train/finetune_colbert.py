@@ -110,8 +110,9 @@ def load_colbert_model(
     """FlexBertForColBERT over the encoder of any ModernBERT checkpoint: a Hugging Face
     directory or Hub id, a run folder or Composer checkpoint. A ColBERT model (a saved `hf/`,
     or a ColBERT fine-tuning run's checkpoint) keeps its projection and continues under the
-    task's settings (`with_task_settings`); any other starts a fresh projection. `tokenizer`
-    resolves the marker and skiplist tokens."""
+    task's settings (`with_task_settings`); any other starts a fresh projection, as every
+    model does with `task.fresh_projection`. `tokenizer` resolves the marker and skiplist
+    tokens."""
     from flexbert import FlexBertModel
     from flexbert.train.checkpoints import (
         find_run_checkpoint,
@@ -121,6 +122,10 @@ def load_colbert_model(
     )
 
     settings = colbert_settings(task, tokenizer)
+    if task.get("fresh_projection"):  # the encoder alone, even of a ColBERT
+        return FlexBertForColBERT.from_encoder(
+            load_pretrained(path, FlexBertModel, **overrides), **settings
+        )
     run = find_run_checkpoint(path)
     if run is None:
         from flexbert.colbert import read_colbert_settings
@@ -155,7 +160,7 @@ def with_task_settings(
         raise ConfigError(
             f"task.colbert_dim={settings['colbert_dim']}, but {where} holds a ColBERT "
             f"projection of {saved['colbert_dim']}: set task.colbert_dim={saved['colbert_dim']} "
-            "to continue it (or start from a checkpoint that is not a ColBERT run)"
+            "to continue it, or task.fresh_projection=true to start a new one on its encoder"
         )
     changed = {k: (saved[k], v) for k, v in settings.items() if saved[k] != v}
     if not changed:

@@ -239,7 +239,9 @@ def test_a_colbert_run_folder_continues_with_its_projection(colbert_run, caplog)
     queries, docs = _texts(run / "hf")
     with torch.no_grad():
         torch.testing.assert_close(continued.score(queries, docs), exported.score(queries, docs))
-    with pytest.raises(ConfigError, match=r"task.colbert_dim=64, but .* projection of 32: set"):
+    with pytest.raises(
+        ConfigError, match=r"task.colbert_dim=64, but .* projection of 32: set.*fresh_projection"
+    ):
         load_colbert_model(run, {**task, "colbert_dim": 64}, tok)
     other = {**task, "query_marker": None, "skiplist": [","]}
     for source in (run, run / "hf"):
@@ -249,6 +251,27 @@ def test_a_colbert_run_folder_continues_with_its_projection(colbert_run, caplog)
         assert changed.document_marker_id == exported.document_marker_id
         torch.testing.assert_close(changed.projection.weight, exported.projection.weight)
         assert "task.query_marker: " in caplog.text and "task.skiplist: " in caplog.text
+
+
+def test_a_fresh_projection_keeps_only_the_encoder_of_a_colbert(colbert_run):
+    """task.fresh_projection: another colbert_dim on a ColBERT's encoder, from its run folder
+    or its hf/ export (without it, that colbert_dim is refused above)."""
+    from flexbert import FlexBertForColBERT
+    from flexbert.data.tokenizer import load_tokenizer
+    from flexbert.train.finetune_colbert import load_colbert_model
+
+    run, _ = colbert_run
+    tok = load_tokenizer(run / "hf")
+    task = {"colbert_dim": 16, "query_length": 12, "fresh_projection": True}
+    task |= {"query_marker": "[unused0]", "document_marker": "[unused1]", "skiplist": None}
+    exported = FlexBertForColBERT.from_pretrained(run / "hf")
+    for source in (run, run / "hf"):
+        fresh = load_colbert_model(source, task, tok)
+        assert fresh.projection.weight.shape == (16, exported.config.hidden_size)
+        encoder, trained = fresh.model.state_dict(), exported.model.state_dict()
+        assert encoder.keys() == trained.keys()
+        for name, weight in trained.items():
+            torch.testing.assert_close(encoder[name], weight, msg=name)
 
 
 def test_a_colbert_run_can_start_from_a_colbert_run_folder(colbert_run, pairs, tmp_path):
