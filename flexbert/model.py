@@ -138,8 +138,10 @@ class FlexBertModel(FlexBertPreTrainedModel):
         attention_mask: torch.Tensor | None,
         cu_seqlens: torch.Tensor | None,
         max_seqlen: int | None,
+        keep_padding: bool = False,
     ) -> tuple[torch.Tensor, Layout]:
-        """Return the ids in the model's internal layout and the Layout describing them."""
+        """Return the ids in the model's internal layout and the Layout describing them
+        (`keep_padding`: the padded layout whatever config.padding says, see `encode`)."""
         limit = self.config.max_seq_len
         if cu_seqlens is not None:  # packed batch: already unpadded
             if input_ids.dim() != 1:
@@ -184,7 +186,7 @@ class FlexBertModel(FlexBertPreTrainedModel):
         attention_mask = check_attention_mask(attention_mask)
         # (1, L): RoPE's cos/sin are computed once and broadcast over the rows
         positions = torch.arange(seqlen, device=input_ids.device)[None]
-        if self.config.padding == "padded":
+        if self.config.padding == "padded" or keep_padding:
             has_padding = not bool(attention_mask.all())  # one host sync per forward
             return input_ids, Layout(
                 True, positions, attention_mask=attention_mask, has_padding=has_padding
@@ -207,9 +209,24 @@ class FlexBertModel(FlexBertPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
         max_seqlen: int | None = None,
+        keep_padding: bool = False,
     ) -> tuple[torch.Tensor, Layout]:
-        """Hidden states in the internal layout ((T, D) or (B, L, D)) and their Layout."""
-        ids, layout = self.make_layout(input_ids, attention_mask, cu_seqlens, max_seqlen)
+        """Hidden states in the internal layout ((T, D) or (B, L, D)) and their Layout.
+
+        `keep_padding=True` computes padded (B, L) inputs in the padded layout, every position
+        included: a masked position is no key for any query, but its own output is what it
+        attends to (the real tokens in its window), as Hugging Face's padded attention gives
+        it; ColBERT's unattended [MASK] expansion tokens are such positions. It needs a
+        backend that runs padded batches (auto, sdpa, eager, flex)."""
+        backend = getattr(self.config.backend, "name", self.config.backend)  # a ComponentConfig
+        if keep_padding and backend in ("varlen", "flash_attn"):
+            raise ValueError(
+                f"keep_padding needs the padded layout, which backend {backend!r} cannot run: "
+                "use backend 'auto', 'sdpa', 'eager' or 'flex'"
+            )
+        ids, layout = self.make_layout(
+            input_ids, attention_mask, cu_seqlens, max_seqlen, keep_padding
+        )
         check_token_ids(ids, self.config.vocab_size)
         hidden = self.embeddings(ids, self.position, layout.positions)
         rotary = self.position.rotary(layout.positions, hidden.dtype)

@@ -1,7 +1,9 @@
 """Dense boolean attention masks (True = may attend) for the eager and sdpa backends.
 
 `half` is half the local window: a key j is visible from query i when |i - j| <= half.
-Rows of padding queries are left fully open so softmax never sees an all-masked row.
+Padding queries see what a real query at their place would (real keys, within the window), as
+Hugging Face's masks give them: their outputs are what ColBERT's unattended [MASK] expansion
+tokens score. A row with no key to see is left open so softmax never sees an all-masked row.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ def padded_mask(layout: Layout, half: int | None) -> torch.Tensor | None:
     band = ones.triu(-half).tril(half)[None, None]  # (1, 1, L, L): |i - j| <= half
     if not layout.has_padding:
         return band
-    return (band & mask[:, None, None, :]) | ~mask[:, None, :, None]
+    allowed = band & mask[:, None, None, :]  # (B, 1, L, L)
+    return allowed | ~allowed.any(dim=-1, keepdim=True)
 
 
 def block_diagonal_mask(layout: Layout, half: int | None) -> torch.Tensor:

@@ -41,7 +41,8 @@ def chunked_window_mask(attention_mask: torch.Tensor, half: int) -> torch.Tensor
 
     Query a of chunk i sits at i*c + a; key j of its span at i*c - half + j, so the window
     |query - key| <= half is 0 <= j - a <= 2 * half. Keys outside the sequence or padding are
-    masked; rows of padding queries are left open so softmax never sees an all-masked row."""
+    masked, for padding queries too (as `padded_mask`); a row with no key to see is left open
+    so softmax never sees an all-masked row."""
     batch, seqlen = attention_mask.shape
     c, n, span, extra = _geometry(seqlen, half)
     device = attention_mask.device
@@ -50,8 +51,8 @@ def chunked_window_mask(attention_mask: torch.Tensor, half: int) -> torch.Tensor
     keys = F.pad(attention_mask, (half, extra + half), value=False).unfold(
         1, span, c
     )  # (B, n, span)
-    queries = F.pad(attention_mask, (0, extra), value=False).view(batch, n, c)  # (B, n, c)
-    mask = (band & keys[:, :, None, :]) | ~queries[..., None]  # (B, n, c, span)
+    allowed = band & keys[:, :, None, :]  # (B, n, c, span)
+    mask = allowed | ~allowed.any(dim=-1, keepdim=True)
     return mask.view(batch * n, 1, c, span)
 
 

@@ -15,6 +15,7 @@ from transformers import (
     ModernBertConfig,
     ModernBertForMaskedLM,
     ModernBertForSequenceClassification,
+    ModernBertModel,
 )
 
 from flexbert import (
@@ -394,3 +395,24 @@ def test_missing_paths_and_uncached_hub_ids_say_what_was_tried(monkeypatch, tmp_
         FlexBertForMaskedLM.from_hf(tmp_path / "not" / "there")
     with pytest.raises(FileNotFoundError, match="'flexbert-tests/absent' is not a local directory"):
         FlexBertForMaskedLM.from_hf("flexbert-tests/absent")
+
+
+@pytest.mark.parametrize("padding", ["unpadded", "padded"])
+def test_keep_padding_gives_masked_positions_the_outputs_transformers_gives_them(tmp_path, padding):
+    """A masked position is no key, but its own output attends to the real tokens in its
+    window: transformers' padded attention, which ColBERT's unattended [MASK] tokens score."""
+    hf = ModernBertModel(_hf_config(2, window=64)).eval()
+    _perturb(hf)
+    hf.save_pretrained(tmp_path)
+    ours = FlexBertModel.from_hf(tmp_path, mask_token_id=3, padding=padding).eval()
+    ids, mask = ragged_batch([40, 23, 9, 40])
+    with torch.no_grad():
+        expected = hf(ids, attention_mask=mask).last_hidden_state
+        got, layout = ours.encode(ids, mask, keep_padding=True)
+        plain = ours(ids, attention_mask=mask).last_hidden_state
+    assert layout.padded and got.shape == expected.shape
+    assert _rel_err(expected, got) < 1e-4  # every position, the masked ones too
+    assert _rel_err(expected[mask], plain[mask]) < 1e-4
+    ours.config = ours.config.replace(backend="varlen")  # (a GPU-only backend: not built here)
+    with pytest.raises(ValueError, match="keep_padding needs the padded layout.*'varlen'"):
+        ours.encode(ids, mask, keep_padding=True)
