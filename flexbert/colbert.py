@@ -25,6 +25,8 @@ COLBERT_SETTINGS_FILE = "colbert_config.json"  # beside the encoder that save_hf
 COLBERT_WEIGHTS_FILE = "colbert_projection.safetensors"
 MARKER_KEYS = ("query_marker_id", "document_marker_id")
 OPTIONAL_KEYS = (*MARKER_KEYS, "skiplist_ids")  # None when unset (and in older saves)
+# Older saves lack these settings: no markers, no skiplist, queries attending their [MASK]s.
+SAVED_BEFORE = {**dict.fromkeys(OPTIONAL_KEYS), "attend_to_expansion_tokens": True}
 
 
 @dataclass
@@ -109,10 +111,11 @@ class FlexBertForColBERT(FlexBertPreTrainedModel):
     document's tokens, summed over the query tokens. Document padding never scores.
 
     Queries are augmented as ColBERT does: cut or padded to `query_length` tokens with
-    [MASK] (`mask_token_id`), and every [MASK] vector scores. Here the query also attends to
-    its [MASK] tokens (PyLate's `attend_to_expansion_tokens=True`; ColBERT's and PyLate's
-    default hides them from the other tokens): a token that is not attended would not exist
-    in FlexBERT's unpadded layout. With `query_marker_id` / `document_marker_id`, that token
+    [MASK] (`mask_token_id`), and every [MASK] vector scores. By default the query also
+    attends to its [MASK] tokens (PyLate's `attend_to_expansion_tokens=True`, the unpadded
+    layout's fast path); `attend_to_expansion_tokens=False`, ColBERT's and PyLate's default,
+    hides them from every token while each is still computed, attending the real ones (the
+    queries then run in the padded layout: `FlexBertModel.encode(keep_padding=True)`). With `query_marker_id` / `document_marker_id`, that token
     follows [CLS] in every query / document (`insert_marker`), as ColBERT's and PyLate's [Q]
     and [D] markers do (the marker counts in query_length). Document tokens whose ids are in
     `skiplist_ids` (PyLate: punctuation) are left out of MaxSim, as PyLate does.
@@ -131,9 +134,14 @@ class FlexBertForColBERT(FlexBertPreTrainedModel):
         query_marker_id: int | None = None,
         document_marker_id: int | None = None,
         skiplist_ids: Sequence[int] | None = None,
+        attend_to_expansion_tokens: bool = True,
     ) -> None:
         super().__init__(cfg)
         check_colbert_settings(colbert_dim, query_length)
+        if not isinstance(attend_to_expansion_tokens, bool):
+            raise ConfigError(
+                f"attend_to_expansion_tokens: true or false, got {attend_to_expansion_tokens!r}"
+            )
         for name, value in zip(MARKER_KEYS, (query_marker_id, document_marker_id)):
             if value is not None and (
                 isinstance(value, bool)
@@ -153,6 +161,7 @@ class FlexBertForColBERT(FlexBertPreTrainedModel):
                 raise ConfigError(f"skiplist_ids: token ids in [0, {cfg.vocab_size}), got {bad}")
             skiplist_ids = sorted(set(skiplist_ids))
         self.skiplist_ids: list[int] | None = skiplist_ids
+        self.attend_to_expansion_tokens = attend_to_expansion_tokens
         self.model = FlexBertModel(cfg, initialize=False)
         self.projection = nn.Linear(cfg.hidden_size, colbert_dim, bias=False)
         self.init_weights()
@@ -165,10 +174,11 @@ class FlexBertForColBERT(FlexBertPreTrainedModel):
             "query_marker_id": self.query_marker_id,
             "document_marker_id": self.document_marker_id,
             "skiplist_ids": self.skiplist_ids,
+            "attend_to_expansion_tokens": self.attend_to_expansion_tokens,
         }
 
     def set_extra_state(self, state: dict[str, int | None]) -> None:
-        state = {**dict.fromkeys(OPTIONAL_KEYS), **state}  # saved before they existed: none
+        state = {**SAVED_BEFORE, **state}  # what saves from before a setting existed mean
         if dict(state) != self.get_extra_state():
             raise ConfigError(
                 f"these weights were trained with ColBERT settings {dict(state)}, this model "
@@ -188,8 +198,9 @@ class FlexBertForColBERT(FlexBertPreTrainedModel):
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, L) query ids -> (B, query_length) ids (the query marker after [CLS], when
-        set) where padding and the positions up to query_length are [MASK], and an all-ones
-        mask (every token attended and scored)."""
+        set) where padding and the positions up to query_length are [MASK], and the mask of
+        what is attended: all ones, or without attend_to_expansion_tokens only the real
+        tokens (every position scores either way)."""
         if input_ids.dim() != 2:
             raise ValueError(
                 f"query input_ids must be (batch, seq_len), got {tuple(input_ids.shape)}"
@@ -214,7 +225,10 @@ class FlexBertForColBERT(FlexBertPreTrainedModel):
             )
         ids = torch.where(keep[:, :limit], input_ids[:, :limit], self.config.mask_token_id)
         ids = F.pad(ids, (0, limit - ids.shape[1]), value=self.config.mask_token_id)
-        return ids, torch.ones_like(ids)  # (B, query_length) each
+        if self.attend_to_expansion_tokens:
+            return ids, torch.ones_like(ids)  # (B, query_length) each
+        real = keep[:, :limit]
+        return ids, F.pad(real, (0, limit - real.shape[1]), value=False)
 
     def token_vectors(
         self,
@@ -235,7 +249,12 @@ class FlexBertForColBERT(FlexBertPreTrainedModel):
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         """(B, query_length, colbert_dim) query token vectors (augmented with [MASK])."""
-        return self.token_vectors(*self.augment_queries(input_ids, attention_mask))[0]
+        ids, mask = self.augment_queries(input_ids, attention_mask)
+        if self.attend_to_expansion_tokens:
+            return self.token_vectors(ids, mask)[0]
+        # [MASK]s no token attends to, each still computed (attending the real tokens)
+        hidden, _ = self.model.encode(ids, mask, keep_padding=True)  # (B, query_length, D)
+        return F.normalize(self.projection(hidden).float(), dim=-1)
 
     def encode_documents(
         self,
@@ -336,7 +355,6 @@ class FlexBertForColBERT(FlexBertPreTrainedModel):
             "mask_token_id": self.config.mask_token_id,
             "score": "maxsim",
             "query_augmentation": "mask",
-            "attend_to_expansion_tokens": True,
         }
         (out / COLBERT_SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
         return out
@@ -360,6 +378,7 @@ class FlexBertForColBERT(FlexBertPreTrainedModel):
         query_marker_id: int | None = None,
         document_marker_id: int | None = None,
         skiplist_ids: Sequence[int] | None = None,
+        attend_to_expansion_tokens: bool | None = None,
         **overrides: Any,
     ) -> FlexBertForColBERT:
         """The encoder of a Hugging Face ModernBERT directory or Hub id (any head: MLM,
@@ -376,6 +395,7 @@ class FlexBertForColBERT(FlexBertPreTrainedModel):
             "query_marker_id": query_marker_id,
             "document_marker_id": document_marker_id,
             "skiplist_ids": skiplist_ids,
+            "attend_to_expansion_tokens": attend_to_expansion_tokens,
         }
         if skiplist_ids is not None:  # a set: compared in the order it is saved
             given["skiplist_ids"] = sorted(set(skiplist_ids))
@@ -420,6 +440,7 @@ def settings_of(saved: dict[str, Any]) -> dict[str, Any]:
         settings[key] = None if saved.get(key) is None else int(saved[key])
     listed = saved.get("skiplist_ids")
     settings["skiplist_ids"] = None if listed is None else sorted(int(i) for i in listed)
+    settings["attend_to_expansion_tokens"] = bool(saved.get("attend_to_expansion_tokens", True))
     return settings
 
 

@@ -7,8 +7,8 @@ config_sentence_transformers.json).
 
 The settings map one to one: the marker ids become PyLate's `query_prefix` /
 `document_prefix` tokens (inserted after [CLS], as FlexBERT does), the skiplist ids its
-`skiplist_words`, `query_length` its query length (queries padded with [MASK] and attended:
-`attend_to_expansion_tokens`), and the length documents were cut to in training its
+`skiplist_words`, `query_length` its query length (queries padded with [MASK], attended or
+not: `attend_to_expansion_tokens`), and the length documents were cut to in training its
 `document_length` (the marker counted in both)."""
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def pylate_settings(model: FlexBertForColBERT, tokenizer: Any, document_length: 
         "document_prefix": token(model.document_marker_id),
         "query_length": model.query_length,
         "document_length": document_length,
-        "attend_to_expansion_tokens": True,  # FlexBERT's queries attend to their [MASK]s
+        "attend_to_expansion_tokens": model.attend_to_expansion_tokens,
         "skiplist_words": words,
         "do_query_expansion": True,
     }

@@ -54,6 +54,7 @@ def colbert_settings(task: Mapping[str, Any], tokenizer: Any = None) -> dict[str
     task.query_marker / task.document_marker and of task.skiplist (None when unset) from the
     task node; `tokenizer` turns the tokens into ids."""
     settings: dict[str, Any] = {k: task.get(k, v) for k, v in DEFAULTS.items()}
+    settings["attend_to_expansion_tokens"] = task.get("attend_to_expansion_tokens", True)
     wanted = [o for o in (*MARKER_OPTIONS.values(), "skiplist") if task.get(o) is not None]
     if wanted and tokenizer is None:
         raise ConfigError(f"task.{wanted[0]}: a tokenizer is needed to read its tokens")
@@ -166,6 +167,7 @@ def with_task_settings(
     if not changed:
         return model
     options = {"query_length": "query_length", "skiplist_ids": "skiplist", **MARKER_OPTIONS}
+    options["attend_to_expansion_tokens"] = "attend_to_expansion_tokens"
     logging.getLogger(__name__).warning(
         "%s: continuing with the task's ColBERT settings, not the saved ones: %s",
         where,

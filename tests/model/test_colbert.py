@@ -101,6 +101,36 @@ def test_queries_are_padded_with_mask_tokens_that_are_attended_and_score():
     assert not torch.allclose(wide[:, :3], no_mask, atol=1e-4)
 
 
+def test_unattended_mask_tokens_are_computed_as_transformers_computes_them(tmp_path):
+    """attend_to_expansion_tokens=False: no token attends to the [MASK]s, each still gets the
+    vector transformers' padded attention gives it (the real tokens in its window), every
+    layout of the model alike; the setting is saved and read back."""
+    from transformers import AutoModel
+
+    ids = torch.tensor([[7, 8, 9, 0, 0], [7, 8, 9, 10, 11]])
+    attn = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    attended = _model(colbert_dim=16, query_length=8)
+    for padding in ("unpadded", "padded"):
+        model = FlexBertForColBERT(
+            attended.config.replace(padding=padding), 16, 8, attend_to_expansion_tokens=False
+        ).eval()
+        model.load_state_dict({**attended.state_dict(), "_extra_state": model.get_extra_state()})
+        aug, aug_mask = model.augment_queries(ids, attn)
+        assert aug_mask.tolist() == [[1, 1, 1] + [0] * 5, [1] * 5 + [0] * 3]
+        model.save_hf(tmp_path / padding)
+        hf = AutoModel.from_pretrained(tmp_path / padding, attn_implementation="sdpa").eval()
+        with torch.no_grad():
+            got = model.encode_queries(ids, attn)
+            hidden = hf(aug, attention_mask=aug_mask).last_hidden_state
+            expected = torch.nn.functional.normalize(model.projection(hidden), dim=-1)
+            assert not torch.allclose(got, attended.eval().encode_queries(ids, attn), atol=1e-4)
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+        again = FlexBertForColBERT.from_pretrained(tmp_path / padding)
+        assert again.attend_to_expansion_tokens is False
+    with pytest.raises(ConfigError, match="attend_to_expansion_tokens: true or false"):
+        FlexBertForColBERT(ModelConfig.preset("tiny"), attend_to_expansion_tokens="no")
+
+
 def test_a_query_longer_than_query_length_is_a_clear_error():
     model = _model(query_length=4)
     with pytest.raises(ValueError, match="more than query_length=4"):
@@ -171,6 +201,7 @@ def test_settings_travel_in_the_state_dict():
         "query_marker_id": None,
         "document_marker_id": None,
         "skiplist_ids": None,
+        "attend_to_expansion_tokens": True,
     }
     other = FlexBertForColBERT(ModelConfig.preset("tiny"), colbert_dim=8, query_length=7)
     with pytest.raises(ConfigError, match="ColBERT settings"):
@@ -184,6 +215,7 @@ def test_settings_travel_in_the_state_dict():
         old
     )
     assert FlexBertForColBERT.settings_from_state_dict(old)["query_marker_id"] is None
+    assert FlexBertForColBERT.settings_from_state_dict(old)["attend_to_expansion_tokens"]
 
 
 MARKERS = {"query_marker_id": 3, "document_marker_id": 4}

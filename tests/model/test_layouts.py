@@ -107,3 +107,23 @@ def test_an_all_padding_row_keeps_outputs_and_gradients_finite(backend):
     out.loss.backward()
     assert torch.isfinite(out.logits).all()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_kept_padding_positions_agree_across_backends():
+    """encode(keep_padding=True): a masked position's output (what ColBERT's unattended
+    [MASK]s score) is the same on every backend, wherever its window holds a real key."""
+    ids, mask = ragged_batch([30, 7, 19])
+    pattern = {"name": "local_global", "window": 8, "global_every": 2}
+    outs = []
+    for backend in ("eager", "sdpa", "flex"):
+        torch.manual_seed(0)
+        model = FlexBertModel(
+            ModelConfig.preset("tiny", backend=backend, attention_pattern=pattern)
+        )
+        with torch.no_grad():
+            outs.append(model.eval().encode(ids, mask, keep_padding=True)[0])
+    dist = (torch.arange(30)[:, None] - torch.arange(30)[None, :]).abs()
+    sees = ((dist <= 4)[None] & mask[:, None, :]).any(-1)  # (B, L): a real key in the window
+    assert (sees & ~mask).any()
+    for other in outs[1:]:
+        torch.testing.assert_close(other[sees], outs[0][sees], rtol=1e-4, atol=1e-5)

@@ -195,6 +195,35 @@ def test_the_export_is_a_pylate_colbert_that_scores_like_flexbert(colbert_run, t
         torch.testing.assert_close(torch.as_tensor(got), expected, rtol=1e-4, atol=1e-4)
 
 
+def test_unattended_expansion_tokens_score_as_in_sentence_transformers(colbert_run, tmp_path):
+    """attend_to_expansion_tokens=False (ColBERT's and PyLate's default): the same trained
+    weights, exported so, score in sentence-transformers exactly as FlexBERT scores them, and
+    not as the attended queries do."""
+    from sentence_transformers import MultiVectorEncoder
+
+    from flexbert import FlexBertForColBERT
+    from flexbert.colbert_pylate import write_pylate_modules
+    from flexbert.data.tokenizer import load_tokenizer, save_tokenizer
+
+    run, _ = colbert_run
+    attended = FlexBertForColBERT.from_pretrained(run / "hf")
+    settings = {**attended.get_extra_state(), "attend_to_expansion_tokens": False}
+    model = FlexBertForColBERT(attended.config, **settings)
+    model.load_state_dict({**attended.state_dict(), "_extra_state": model.get_extra_state()})
+    out, tok = tmp_path / "unattended", load_tokenizer(run / "hf")
+    model.save_hf(out)
+    save_tokenizer(tok, out)
+    write_pylate_modules(out, model, tok, 32)
+    settings = json.loads((out / "config_sentence_transformers.json").read_text())
+    assert settings["attend_to_expansion_tokens"] is False
+    queries, docs = _punctuated_texts()
+    expected = _flexbert_scores(out, queries, docs, 32)
+    assert not torch.allclose(expected, _flexbert_scores(run / "hf", queries, docs, 32))
+    st = MultiVectorEncoder(str(out), device="cpu")
+    got = st.similarity(st.encode_query(queries), st.encode_document(docs))
+    torch.testing.assert_close(torch.as_tensor(got), expected, rtol=1e-4, atol=1e-4)
+
+
 def test_a_pylate_export_refuses_what_pylate_could_not_read(colbert_run, tmp_path):
     from flexbert import ConfigError, FlexBertForColBERT
     from flexbert.colbert_pylate import write_pylate_modules
@@ -251,6 +280,10 @@ def test_a_colbert_run_folder_continues_with_its_projection(colbert_run, caplog)
         assert changed.document_marker_id == exported.document_marker_id
         torch.testing.assert_close(changed.projection.weight, exported.projection.weight)
         assert "task.query_marker: " in caplog.text and "task.skiplist: " in caplog.text
+    caplog.clear()
+    unattended = load_colbert_model(run, {**task, "attend_to_expansion_tokens": False}, tok)
+    assert unattended.attend_to_expansion_tokens is False
+    assert "task.attend_to_expansion_tokens: True -> False" in caplog.text
 
 
 def test_a_fresh_projection_keeps_only_the_encoder_of_a_colbert(colbert_run):
