@@ -17,7 +17,7 @@ from torch import nn
 
 from flexbert.config import ModelConfig
 from flexbert.layout import positions_from_cu_seqlens, seq_ids_from_cu_seqlens, to_rows
-from flexbert.model import FlexBertModel, FlexBertPreTrainedModel
+from flexbert.model import UNPADDED_ONLY, FlexBertModel, FlexBertPreTrainedModel
 from flexbert.outputs import FlexBertOutput
 from flexbert.registry import ConfigError
 
@@ -141,6 +141,13 @@ class FlexBertForColBERT(FlexBertPreTrainedModel):
         if not isinstance(attend_to_expansion_tokens, bool):
             raise ConfigError(
                 f"attend_to_expansion_tokens: true or false, got {attend_to_expansion_tokens!r}"
+            )
+        backend = getattr(cfg.backend, "name", cfg.backend)  # a ComponentConfig or a name
+        if not attend_to_expansion_tokens and backend in UNPADDED_ONLY:
+            raise ConfigError(
+                f"attend_to_expansion_tokens=false runs queries in the padded layout, which "
+                f"backend {backend!r} cannot: use backend 'auto' (sdpa for them on a GPU), "
+                "'sdpa', 'eager' or 'flex'"
             )
         for name, value in zip(MARKER_KEYS, (query_marker_id, document_marker_id)):
             if value is not None and (
@@ -440,7 +447,10 @@ def settings_of(saved: dict[str, Any]) -> dict[str, Any]:
         settings[key] = None if saved.get(key) is None else int(saved[key])
     listed = saved.get("skiplist_ids")
     settings["skiplist_ids"] = None if listed is None else sorted(int(i) for i in listed)
-    settings["attend_to_expansion_tokens"] = bool(saved.get("attend_to_expansion_tokens", True))
+    attend = saved.get("attend_to_expansion_tokens")
+    if attend is not None and not isinstance(attend, bool):
+        raise ConfigError(f"attend_to_expansion_tokens: true or false, got {attend!r}")
+    settings["attend_to_expansion_tokens"] = True if attend is None else attend  # older: True
     return settings
 
 

@@ -33,6 +33,10 @@ from flexbert.registry import ConfigError
 COMPILED_LAYER_VARIANTS = 32
 
 
+# Backends that run only unpadded tokens (the padded layout is refused for them).
+UNPADDED_ONLY = ("varlen", "flash_attn")
+
+
 class Embeddings(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -219,11 +223,13 @@ class FlexBertModel(FlexBertPreTrainedModel):
         it; ColBERT's unattended [MASK] expansion tokens are such positions. It needs a
         backend that runs padded batches (auto, sdpa, eager, flex)."""
         backend = getattr(self.config.backend, "name", self.config.backend)  # a ComponentConfig
-        if keep_padding and backend in ("varlen", "flash_attn"):
+        if keep_padding and backend in UNPADDED_ONLY:
             raise ValueError(
                 f"keep_padding needs the padded layout, which backend {backend!r} cannot run: "
                 "use backend 'auto', 'sdpa', 'eager' or 'flex'"
             )
+        if keep_padding and cu_seqlens is not None:
+            raise ValueError("keep_padding is for padded (B, L) inputs; a packed batch has none")
         ids, layout = self.make_layout(
             input_ids, attention_mask, cu_seqlens, max_seqlen, keep_padding
         )

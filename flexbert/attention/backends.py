@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from flexbert.attention.block_masks import packed_block_mask, padded_block_mask
-from flexbert.attention.masks import block_diagonal_mask, padded_mask
+from flexbert.attention.masks import block_diagonal_mask, padded_mask, zero_rows_without_keys
 from flexbert.attention.sliding_window import (
     chunked_window_mask,
     chunked_window_sdpa,
@@ -92,7 +92,9 @@ def eager_attention(q, k, v, layout: Layout, half, dropout_p: float, scale: floa
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     probs = F.dropout(probs, p=dropout_p, training=dropout_p > 0)
     out = torch.matmul(probs, v)  # (B, H, L, D)
-    return out.transpose(1, 2) if layout.padded else out[0].transpose(0, 1)
+    if layout.padded:
+        return zero_rows_without_keys(out.transpose(1, 2), layout, half)
+    return out[0].transpose(0, 1)
 
 
 # ---------------------------------------------------------------- sdpa
@@ -110,7 +112,8 @@ def _sdpa_padded(q, k, v, layout: Layout, half, dropout_p, scale):
 
 def sdpa_attention(q, k, v, layout: Layout, half, dropout_p: float, scale: float):
     if layout.padded:
-        return _sdpa_padded(q, k, v, layout, half, dropout_p, scale)
+        out = _sdpa_padded(q, k, v, layout, half, dropout_p, scale)
+        return zero_rows_without_keys(out, layout, half)
     # Unpadded: attend row by row in a (B, max_seqlen) view, O(B L^2) rather than O(T^2).
     rows = layout.cached("rows_layout", lambda: _rows_layout(layout))
     if not layout.has_padding:  # equal lengths: the rows are a plain reshape

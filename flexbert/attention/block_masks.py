@@ -20,20 +20,14 @@ BLOCK_SIZE = 128  # FlexAttention's default sparse block size
 
 def padded_block_mask(layout: Layout, half: int | None):
     """(B, L) batches: keys must be real tokens within the window, for padding queries too
-    (as `padded_mask`); a query with no such key is left open."""
+    (as `padded_mask`); FlexAttention gives a query with no such key a zero output."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     valid = layout.attention_mask.bool()
     batch, seqlen = valid.shape
-    if half is None:
-        sees = valid.any(dim=-1, keepdim=True).expand(batch, seqlen)  # (B, L)
-    else:  # a real key within |i - j| <= half: counted by prefix sums
-        counts = torch.nn.functional.pad(valid.int().cumsum(-1), (1, 0))  # (B, L + 1)
-        idx = torch.arange(seqlen, device=valid.device)
-        sees = counts[:, (idx + half + 1).clamp(max=seqlen)] > counts[:, (idx - half).clamp(min=0)]
 
     def mask_mod(b, h, q_idx, kv_idx):
-        keep = valid[b, kv_idx] | ~sees[b, q_idx]
+        keep = valid[b, kv_idx]
         if half is not None:
             keep = keep & ((q_idx - kv_idx).abs() <= half)
         return keep

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from flexbert import ConfigError, FlexBertForColBERT, ModelConfig
-from flexbert.colbert import maxsim
+from flexbert.colbert import maxsim, settings_of
 
 
 def _model(padding: str = "unpadded", **kwargs) -> FlexBertForColBERT:
@@ -129,6 +129,14 @@ def test_unattended_mask_tokens_are_computed_as_transformers_computes_them(tmp_p
         assert again.attend_to_expansion_tokens is False
     with pytest.raises(ConfigError, match="attend_to_expansion_tokens: true or false"):
         FlexBertForColBERT(ModelConfig.preset("tiny"), attend_to_expansion_tokens="no")
+    varlen = ModelConfig.preset("tiny", backend="varlen")  # refused before any GPU is needed
+    with pytest.raises(ConfigError, match="padded layout, which backend 'varlen' cannot"):
+        FlexBertForColBERT(varlen, attend_to_expansion_tokens=False)
+    with pytest.raises(ConfigError, match="true or false, got 'false'"):
+        settings_of({"colbert_dim": 8, "query_length": 5, "attend_to_expansion_tokens": "false"})
+    with pytest.raises(ValueError, match="keep_padding is for padded"):
+        cu = torch.tensor([0, 3], dtype=torch.int32)
+        attended.model.encode(ids[0, :3], cu_seqlens=cu, max_seqlen=3, keep_padding=True)
 
 
 def test_a_query_longer_than_query_length_is_a_clear_error():

@@ -398,10 +398,14 @@ def test_missing_paths_and_uncached_hub_ids_say_what_was_tried(monkeypatch, tmp_
 
 
 @pytest.mark.parametrize("padding", ["unpadded", "padded"])
-def test_keep_padding_gives_masked_positions_the_outputs_transformers_gives_them(tmp_path, padding):
+@pytest.mark.parametrize("window", [64, 8], ids=["keys-in-reach", "some-rows-without-keys"])
+def test_keep_padding_gives_masked_positions_the_outputs_transformers_gives_them(
+    tmp_path, padding, window
+):
     """A masked position is no key, but its own output attends to the real tokens in its
-    window: transformers' padded attention, which ColBERT's unattended [MASK] tokens score."""
-    hf = ModernBertModel(_hf_config(2, window=64)).eval()
+    window (none: a zero attention output), as transformers' sdpa attention gives it: what
+    ColBERT's unattended [MASK] tokens score."""
+    hf = ModernBertModel(_hf_config(2, window=window)).eval()
     _perturb(hf)
     hf.save_pretrained(tmp_path)
     ours = FlexBertModel.from_hf(tmp_path, mask_token_id=3, padding=padding).eval()

@@ -111,7 +111,8 @@ def test_an_all_padding_row_keeps_outputs_and_gradients_finite(backend):
 
 def test_kept_padding_positions_agree_across_backends():
     """encode(keep_padding=True): a masked position's output (what ColBERT's unattended
-    [MASK]s score) is the same on every backend, wherever its window holds a real key."""
+    [MASK]s score) is the same on every backend, whether its window holds a real key or not
+    (then its attention output is zero)."""
     ids, mask = ragged_batch([30, 7, 19])
     pattern = {"name": "local_global", "window": 8, "global_every": 2}
     outs = []
@@ -122,8 +123,5 @@ def test_kept_padding_positions_agree_across_backends():
         )
         with torch.no_grad():
             outs.append(model.eval().encode(ids, mask, keep_padding=True)[0])
-    dist = (torch.arange(30)[:, None] - torch.arange(30)[None, :]).abs()
-    sees = ((dist <= 4)[None] & mask[:, None, :]).any(-1)  # (B, L): a real key in the window
-    assert (sees & ~mask).any()
     for other in outs[1:]:
-        torch.testing.assert_close(other[sees], outs[0][sees], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(other, outs[0], rtol=1e-4, atol=1e-5)

@@ -33,13 +33,9 @@ def test_chunked_window_equals_the_dense_band(half, lengths):
     got = backends.sdpa_attention(q, k, v, layout, half, 0.0, 0.3)
     assert ("chunked", half) in layout.cache  # the chunked path ran, not the dense mask
     expected = backends.eager_attention(q, k, v, layout, half, 0.0, 0.3)
-    # every query with a real key in its window, padding queries too (ColBERT's unattended
-    # [MASK] expansion tokens score those rows)
-    real = layout.attention_mask
-    dist = (torch.arange(q.shape[1])[:, None] - torch.arange(q.shape[1])[None, :]).abs()
-    sees = ((dist <= half)[None] & real[:, None, :]).any(-1)  # (B, L)
-    assert (sees & ~real).any() or not layout.has_padding
-    torch.testing.assert_close(got[sees], expected[sees], rtol=1e-5, atol=1e-5)
+    # every query, padding queries too (ColBERT's unattended [MASK] expansion tokens score
+    # those rows): the real keys in the window, zero where there is none
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert torch.isfinite(got).all()  # rows with no key: no all-masked softmax
 
 
