@@ -15,18 +15,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flexbert.colbert_settings import (
+    COLBERT_SETTINGS_FILE,
+    COLBERT_WEIGHTS_FILE,
+    MARKER_KEYS,
+    SAVED_BEFORE,
+    check_colbert_settings,
+    read_colbert_settings,
+    settings_of,
+)
 from flexbert.config import ModelConfig
 from flexbert.layout import positions_from_cu_seqlens, seq_ids_from_cu_seqlens, to_rows
 from flexbert.model import UNPADDED_ONLY, FlexBertModel, FlexBertPreTrainedModel
 from flexbert.outputs import FlexBertOutput
 from flexbert.registry import ConfigError
-
-COLBERT_SETTINGS_FILE = "colbert_config.json"  # beside the encoder that save_hf writes
-COLBERT_WEIGHTS_FILE = "colbert_projection.safetensors"
-MARKER_KEYS = ("query_marker_id", "document_marker_id")
-OPTIONAL_KEYS = (*MARKER_KEYS, "skiplist_ids")  # None when unset (and in older saves)
-# Older saves lack these settings: no markers, no skiplist, queries attending their [MASK]s.
-SAVED_BEFORE = {**dict.fromkeys(OPTIONAL_KEYS), "attend_to_expansion_tokens": True}
 
 
 @dataclass
@@ -36,17 +38,6 @@ class ColBERTOutput(FlexBertOutput):
     past each document's end, where `candidate_mask` (B, L) is False."""
 
     candidate_mask: torch.Tensor | None = None
-
-
-def check_positive_int(name: str, value: Any) -> None:
-    """A ColBERT length or size: a positive integer, else a ConfigError naming `name`."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name}: a positive integer, got {value!r}")
-
-
-def check_colbert_settings(colbert_dim: Any, query_length: Any) -> None:
-    check_positive_int("colbert_dim", colbert_dim)
-    check_positive_int("query_length", query_length)
 
 
 def insert_marker(
@@ -437,37 +428,3 @@ class FlexBertForColBERT(FlexBertPreTrainedModel):
                 "projection on any ModernBERT encoder"
             )
         return cls.from_hf(folder, **overrides)
-
-
-def settings_of(saved: dict[str, Any]) -> dict[str, Any]:
-    """The ColBERT settings in saved ones (a colbert_config.json or a state's extra state);
-    the marker ids and skiplist are None where they were saved before those existed."""
-    settings: dict[str, Any] = {k: int(saved[k]) for k in ("colbert_dim", "query_length")}
-    for key in MARKER_KEYS:
-        settings[key] = None if saved.get(key) is None else int(saved[key])
-    listed = saved.get("skiplist_ids")
-    settings["skiplist_ids"] = None if listed is None else sorted(int(i) for i in listed)
-    attend = saved.get("attend_to_expansion_tokens")
-    if attend is not None and not isinstance(attend, bool):
-        raise ConfigError(f"attend_to_expansion_tokens: true or false, got {attend!r}")
-    settings["attend_to_expansion_tokens"] = True if attend is None else attend  # older: True
-    return settings
-
-
-def read_colbert_settings(folder: Path) -> dict[str, Any] | None:
-    """colbert_dim, query_length, the marker ids and the skiplist that
-    `FlexBertForColBERT.save_hf` wrote into `folder`, or None when it holds no ColBERT head."""
-    settings_file = Path(folder) / COLBERT_SETTINGS_FILE
-    if not settings_file.exists():
-        if (Path(folder) / COLBERT_WEIGHTS_FILE).exists():  # half a head: not a fresh one
-            raise FileNotFoundError(
-                f"{folder} has the projection weights {COLBERT_WEIGHTS_FILE} but not "
-                f"{COLBERT_SETTINGS_FILE}: copy the whole directory that save_hf wrote"
-            )
-        return None
-    if not (Path(folder) / COLBERT_WEIGHTS_FILE).exists():
-        raise FileNotFoundError(
-            f"{folder} has {COLBERT_SETTINGS_FILE} but not the projection weights "
-            f"{COLBERT_WEIGHTS_FILE}: copy the whole directory that save_hf wrote"
-        )
-    return settings_of(json.loads(settings_file.read_text()))

@@ -17,7 +17,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from flexbert.colbert import FlexBertForColBERT, check_positive_int
+from flexbert.colbert import FlexBertForColBERT
+from flexbert.colbert_settings import check_positive_int
 from flexbert.registry import ConfigError
 
 PYLATE_DENSE_DIR = "1_Dense"

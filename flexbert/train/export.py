@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def auto_class(hf_dir: str | Path) -> str:
     """The transformers Auto class that loads this saved model, from its architecture."""
-    from flexbert.colbert import COLBERT_SETTINGS_FILE
+    from flexbert.colbert_settings import COLBERT_SETTINGS_FILE
 
     if (Path(hf_dir) / COLBERT_SETTINGS_FILE).exists():  # the encoder + a ColBERT projection
         return "flexbert.FlexBertForColBERT"

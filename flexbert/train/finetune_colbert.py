@@ -24,13 +24,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from flexbert.colbert import (
-    ColBERTOutput,
-    FlexBertForColBERT,
-    check_positive_int,
-    maxsim,
-    maxsim_per_query,
-)
+from flexbert.colbert import ColBERTOutput, FlexBertForColBERT, maxsim, maxsim_per_query
+from flexbert.colbert_settings import check_positive_int
 from flexbert.registry import ConfigError
 from flexbert.train.finetune_retrieval import (
     ComposerFlexBertRetrieval,
@@ -129,7 +124,7 @@ def load_colbert_model(
         )
     run = find_run_checkpoint(path)
     if run is None:
-        from flexbert.colbert import read_colbert_settings
+        from flexbert.colbert_settings import read_colbert_settings
         from flexbert.hf import resolve_model_dir
 
         saved = read_colbert_settings(resolve_model_dir(path))  # compared below, by name

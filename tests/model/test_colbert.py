@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from flexbert import ConfigError, FlexBertForColBERT, ModelConfig
-from flexbert.colbert import maxsim, settings_of
+from flexbert.colbert import maxsim
+from flexbert.colbert_settings import settings_of
 
 
 def _model(padding: str = "unpadded", **kwargs) -> FlexBertForColBERT:
