@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flexbert.attention.backends import runs_padded
 from flexbert.colbert_settings import (
     COLBERT_SETTINGS_FILE,
     COLBERT_WEIGHTS_FILE,
@@ -26,7 +27,7 @@ from flexbert.colbert_settings import (
 )
 from flexbert.config import ModelConfig
 from flexbert.layout import positions_from_cu_seqlens, seq_ids_from_cu_seqlens, to_rows
-from flexbert.model import UNPADDED_ONLY, FlexBertModel, FlexBertPreTrainedModel
+from flexbert.model import FlexBertModel, FlexBertPreTrainedModel
 from flexbert.outputs import FlexBertOutput
 from flexbert.registry import ConfigError
 
@@ -133,11 +134,10 @@ class FlexBertForColBERT(FlexBertPreTrainedModel):
             raise ConfigError(
                 f"attend_to_expansion_tokens: true or false, got {attend_to_expansion_tokens!r}"
             )
-        backend = getattr(cfg.backend, "name", cfg.backend)  # a ComponentConfig or a name
-        if not attend_to_expansion_tokens and backend in UNPADDED_ONLY:
+        if not attend_to_expansion_tokens and not runs_padded(cfg):
             raise ConfigError(
                 f"attend_to_expansion_tokens=false runs queries in the padded layout, which "
-                f"backend {backend!r} cannot: use backend 'auto' (sdpa for them on a GPU), "
+                f"backend {cfg.backend.name!r} cannot: use backend 'auto' (sdpa for them on a GPU), "
                 "'sdpa', 'eager' or 'flex'"
             )
         for name, value in zip(MARKER_KEYS, (query_marker_id, document_marker_id)):

@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from flexbert.attention import Attention
+from flexbert.attention.backends import runs_padded
 from flexbert.components import INITS, MLPS, POSITIONS
 from flexbert.config import ModelConfig
 from flexbert.hf_interop import HFInteropMixin
@@ -31,10 +32,6 @@ from flexbert.registry import ConfigError
 
 # Dynamo's recompile limit while layers are compiled: see FlexBertPreTrainedModel.compile_layers.
 COMPILED_LAYER_VARIANTS = 32
-
-
-# Backends that run only unpadded tokens (the padded layout is refused for them).
-UNPADDED_ONLY = ("varlen", "flash_attn")
 
 
 class Embeddings(nn.Module):
@@ -222,10 +219,10 @@ class FlexBertModel(FlexBertPreTrainedModel):
         attends to (the real tokens in its window), as Hugging Face's padded attention gives
         it; ColBERT's unattended [MASK] expansion tokens are such positions. It needs a
         backend that runs padded batches (auto, sdpa, eager, flex)."""
-        backend = getattr(self.config.backend, "name", self.config.backend)  # a ComponentConfig
-        if keep_padding and backend in UNPADDED_ONLY:
+        if keep_padding and not runs_padded(self.config):
             raise ValueError(
-                f"keep_padding needs the padded layout, which backend {backend!r} cannot run: "
+                f"keep_padding needs the padded layout, which backend "
+                f"{self.config.backend.name!r} cannot run: "
                 "use backend 'auto', 'sdpa', 'eager' or 'flex'"
             )
         if keep_padding and cu_seqlens is not None:

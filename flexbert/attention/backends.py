@@ -59,6 +59,16 @@ def _no_dropout(name: str) -> Callable[[ModelConfig], None]:
     return check
 
 
+# Backends that run unpadded tokens only: the padded layout (`padding='padded'`,
+# `encode(keep_padding=True)`) is not theirs.
+UNPADDED_ONLY = ("varlen", "flash_attn")
+
+
+def runs_padded(cfg: ModelConfig) -> bool:
+    """Whether the model's backend can run the padded (B, L) layout."""
+    return cfg.backend.name not in UNPADDED_ONLY
+
+
 def _unpadded_only(name: str) -> Callable[[ModelConfig], None]:
     def check(cfg: ModelConfig) -> None:
         if cfg.padding != "unpadded":

@@ -30,8 +30,8 @@ def padded_mask(layout: Layout, half: int | None) -> torch.Tensor | None:
     band = ones.triu(-half).tril(half)[None, None]  # (1, 1, L, L): |i - j| <= half
     if not layout.has_padding:
         return band
-    allowed = band & mask[:, None, None, :]  # (B, 1, L, L)
-    return allowed | ~allowed.any(dim=-1, keepdim=True)
+    sees = layout.cached(("sees", half), lambda: rows_with_keys(layout, half))  # (B, L)
+    return (band & mask[:, None, None, :]) | ~sees[:, None, :, None]
 
 
 def block_diagonal_mask(layout: Layout, half: int | None) -> torch.Tensor:

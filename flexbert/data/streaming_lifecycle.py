@@ -23,22 +23,20 @@ from __future__ import annotations
 import atexit
 import contextlib
 import gc
-import itertools
 import weakref
 from collections.abc import Iterator
 from typing import Any
 
 # Every dataset FlexBERT opened that is not stopped yet, with its opening number.
 _OPEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_numbers = itertools.count()
-_opened = 0  # datasets opened so far
+_opened = 0  # datasets opened so far; the next one's number
 _scanned_at = -1  # `_opened` at the last heap scan: none since means no new handles
 
 
 def track(dataset: Any) -> None:
     """Register a freshly opened StreamingDataset for `stop_streaming`."""
     global _opened
-    _OPEN[dataset] = next(_numbers)
+    _OPEN[dataset] = _opened
     _opened += 1
 
 

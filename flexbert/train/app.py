@@ -144,7 +144,7 @@ def check_backend_trains_here(cfg: DictConfig, model: Any) -> None:
     'flex' now, not at its first backward."""
     import torch
 
-    name = getattr(model.config.backend, "name", None)  # a ComponentConfig
+    name = model.config.backend.name
     device = cfg.trainer.get("device") or ("gpu" if torch.cuda.is_available() else "cpu")
     if name == "flex" and device == "cpu" and not cfg.get("eval_only"):
         # flexbert-finetune takes the model's settings from model.path, changed by overrides

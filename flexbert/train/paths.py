@@ -77,7 +77,9 @@ def register_overlays() -> dict[str, list[str]]:
 APPS = ("pretrain", "finetune")
 
 
-def compose_config(app: str, overrides: Sequence[str] = ()) -> DictConfig:
+def compose_config(
+    app: str, overrides: Sequence[str] = (), return_hydra_config: bool = False
+) -> DictConfig:
     """conf/<app>.yaml ("pretrain" for flexbert-train, "finetune" for flexbert-finetune) with
     command-line style `overrides`, composed as the command would compose it: for notebooks
     and scripts that call `flexbert.train.pretrain.train(cfg, run_dir)` and the like."""
@@ -87,4 +89,4 @@ def compose_config(app: str, overrides: Sequence[str] = ()) -> DictConfig:
         raise ValueError(f"compose_config: app must be one of {APPS}, got {app!r}")
     register_overlays()
     with initialize_config_dir(str(conf_dir()), version_base="1.3"):
-        return compose(app, overrides=list(overrides))
+        return compose(app, overrides=list(overrides), return_hydra_config=return_hydra_config)

@@ -7,10 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from flexbert.train.paths import conf_dir, register_overlays
+from flexbert.train import paths
 from tests.train.finetune_helpers import KEY, random_sentences
 
 # ModernBERT's tokenizer: what `from_tokenizer` resolves to for a config-only check.
@@ -58,9 +57,7 @@ SHORT_RUN = [
 
 def compose_config(overrides: list[str] | None = None, return_hydra: bool = False) -> DictConfig:
     """Compose conf/pretrain.yaml (plus experiments/ablations) the way flexbert-train does."""
-    register_overlays()
-    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
-        return compose("pretrain", overrides=overrides or [], return_hydra_config=return_hydra)
+    return paths.compose_config("pretrain", overrides or [], return_hydra_config=return_hydra)
 
 
 @pytest.fixture
