@@ -22,7 +22,7 @@ from flexbert.colbert_settings import (
     MARKER_KEYS,
     SAVED_BEFORE,
     check_colbert_settings,
-    read_colbert_settings,
+    read_saved_head,
     settings_of,
 )
 from flexbert.config import ModelConfig
@@ -380,13 +380,15 @@ class FlexBertForColBERT(FlexBertPreTrainedModel):
         **overrides: Any,
     ) -> FlexBertForColBERT:
         """The encoder of a Hugging Face ModernBERT directory or Hub id (any head: MLM,
-        sentence embedding...) with a fresh projection; a directory that `save_hf` wrote
-        also gives back its projection and settings (the settings given may then only
-        repeat them). `overrides` are ModelConfig fields."""
+        sentence embedding...) with a fresh projection; a ColBERT model's directory (one that
+        `save_hf` wrote, or a PyLate / sentence-transformers MultiVectorEncoder model) also
+        gives back its projection and settings (the settings given may then only repeat
+        them). `overrides` are ModelConfig fields."""
         from flexbert.hf import resolve_model_dir
 
         folder = resolve_model_dir(path)
-        saved = read_colbert_settings(folder)
+        head = read_saved_head(folder)
+        saved = None if head is None else head["settings"]
         given = {
             "colbert_dim": colbert_dim,
             "query_length": query_length,
@@ -407,24 +409,23 @@ class FlexBertForColBERT(FlexBertPreTrainedModel):
             given = {k: saved[k] for k in given}
         settings = {k: v for k, v in given.items() if v is not None}
         model = cls.from_encoder(FlexBertModel.from_hf(folder, **overrides), **settings)
-        if saved is not None:
-            from safetensors.torch import load_file
-
-            weight = load_file(str(folder / COLBERT_WEIGHTS_FILE))["weight"]
-            model.projection.weight.data.copy_(weight)
+        if head is not None:
+            model.projection.weight.data.copy_(head["weight"])
         return model
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **overrides: Any) -> FlexBertForColBERT:
-        """A directory that `save_hf` wrote (a colbert fine-tuning run's `hf/`): encoder,
+        """A directory that `save_hf` wrote (a colbert fine-tuning run's `hf/`), or a PyLate
+        or sentence-transformers MultiVectorEncoder model on a ModernBERT encoder: encoder,
         projection and settings, scoring exactly as the saved model did; or its Hub id."""
         from flexbert.hf import resolve_model_dir
 
         folder = resolve_model_dir(path)
-        if read_colbert_settings(folder) is None:
+        if read_saved_head(folder) is None:
             raise FileNotFoundError(
-                f"{folder} is not a saved FlexBertForColBERT: no {COLBERT_SETTINGS_FILE} "
-                f"and {COLBERT_WEIGHTS_FILE}; FlexBertForColBERT.from_hf(path) puts a new "
-                "projection on any ModernBERT encoder"
+                f"{folder} is not a saved ColBERT model: no {COLBERT_SETTINGS_FILE} and "
+                f"{COLBERT_WEIGHTS_FILE} (FlexBERT's), nor a PyLate / sentence-transformers "
+                "multi-vector model's modules.json and 1_Dense; FlexBertForColBERT.from_hf(path) "
+                "puts a new projection on any ModernBERT encoder"
             )
         return cls.from_hf(folder, **overrides)

@@ -9,20 +9,38 @@ The settings map one to one: the marker ids become PyLate's `query_prefix` /
 `document_prefix` tokens (inserted after [CLS], as FlexBERT does), the skiplist ids its
 `skiplist_words`, `query_length` its query length (queries padded with [MASK], attended or
 not: `attend_to_expansion_tokens`), and the length documents were cut to in training its
-`document_length` (the marker counted in both)."""
+`document_length` (the marker counted in both).
+
+`read_pylate_head` reads them back from a PyLate model (its 3.x layout, as PyLate trains and
+the Hub holds them) or a sentence-transformers `MultiVectorEncoder` save (its own layout:
+prompts for the markers, `query_expansion`, a `MultiVectorMask` with the skiplist, a
+`Normalize`), so `FlexBertForColBERT.from_pretrained` scores as they do. What FlexBERT's head
+cannot compute (a projection with a bias or an activation, more modules, text prompts, no
+query expansion) is refused by name."""
 
 from __future__ import annotations
 
 import json
+import logging
+import string
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from flexbert.colbert import FlexBertForColBERT
+import torch
+
 from flexbert.colbert_settings import check_positive_int
 from flexbert.registry import ConfigError
 
+if TYPE_CHECKING:
+    from flexbert.colbert import FlexBertForColBERT
+
+log = logging.getLogger(__name__)
+
 PYLATE_DENSE_DIR = "1_Dense"
 PYLATE_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
+# config_sentence_transformers.json's model_type of a PyLate 3.x save / a MultiVectorEncoder's
+MULTI_VECTOR_MODEL_TYPES = ("ColBERT", "MultiVectorEncoder")
+IDENTITY = "torch.nn.modules.linear.Identity"
 
 
 def pylate_settings(model: FlexBertForColBERT, tokenizer: Any, document_length: int) -> dict:
@@ -102,3 +120,187 @@ def write_pylate_modules(
     for name, content in files.items():
         (path / name).write_text(json.dumps(content, indent=2) + "\n")
     return path
+
+
+# ------------------------------------------------------------------ reading one back
+def read_pylate_head(folder: Path) -> dict[str, Any] | None:
+    """The ColBERT head of a PyLate (3.x layout) or sentence-transformers MultiVectorEncoder
+    directory: {"settings": FlexBertForColBERT's settings, "weight": the (colbert_dim, hidden)
+    projection}, scoring as PyLate / sentence-transformers do; None for any other directory.
+    The marker and skiplist tokens become ids through the directory's tokenizer."""
+    modules_file = folder / "modules.json"
+    st_file = folder / "config_sentence_transformers.json"
+    if not (modules_file.exists() and st_file.exists()):
+        return None
+    st_config = json.loads(st_file.read_text())
+    model_type = st_config.get("model_type")
+    if model_type not in MULTI_VECTOR_MODEL_TYPES:
+        return None  # a single-vector sentence-transformers model: its encoder alone
+    modules = {kind: folder / sub for kind, sub in module_kinds(folder, modules_file).items()}
+    tokenizer = load_head_tokenizer(modules["Transformer"])
+    if model_type == "ColBERT":
+        settings = pylate_v3_settings(folder, st_config, tokenizer)
+    else:
+        settings = multi_vector_encoder_settings(folder, st_config, modules, tokenizer)
+    weight = read_dense(modules["Dense"])
+    settings["colbert_dim"] = int(weight.shape[0])
+    return {"settings": settings, "weight": weight}
+
+
+# The modules after the encoder that FlexBertForColBERT computes, in this order; the mask
+# and normalisation are a MultiVectorEncoder's (PyLate 3.x applies both inline).
+HEAD_MODULES = ("Transformer", "Dense", "MultiVectorMask", "Normalize")
+
+
+def module_kinds(folder: Path, modules_file: Path) -> dict[str, str]:
+    """{kind: subfolder} of the modules listed in modules.json, which must be the encoder,
+    one Dense, and (a MultiVectorEncoder's) a MultiVectorMask and a Normalize, in that order."""
+    listed = [
+        (m.get("type", "").rsplit(".", 1)[-1], m.get("path", ""))
+        for m in json.loads(modules_file.read_text())
+    ]
+    kinds = [kind for kind, _ in listed]
+    if (
+        kinds[:2] != ["Transformer", "Dense"]
+        or any(kinds.count(k) > 1 or k not in HEAD_MODULES for k in kinds)
+        or kinds != sorted(kinds, key=HEAD_MODULES.index)
+    ):
+        raise ConfigError(
+            f"{folder}: modules {kinds} have no FlexBERT counterpart; FlexBertForColBERT "
+            "computes Transformer -> one Dense projection (-> MultiVectorMask -> Normalize)"
+        )
+    return dict(listed)
+
+
+def load_head_tokenizer(encoder_dir: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(encoder_dir), local_files_only=True)
+    except Exception as err:  # noqa: BLE001 - many causes, one clear message
+        raise FileNotFoundError(
+            f"{encoder_dir}: the tokenizer of this ColBERT model could not be loaded (it names "
+            f"the marker and skiplist tokens): {type(err).__name__}: {err}"
+        ) from None
+
+
+def read_dense(dense_dir: Path) -> torch.Tensor:
+    """The weight of a bias-free, activation-free Dense (PyLate's or sentence-transformers')."""
+    config = json.loads((dense_dir / "config.json").read_text())
+    activation = config.get("activation_function") or IDENTITY
+    if config.get("bias") or activation != IDENTITY or config.get("use_residual"):
+        raise ConfigError(
+            f"{dense_dir}: a Dense with bias={config.get('bias')}, activation {activation}, "
+            f"use_residual={config.get('use_residual')}; FlexBERT's ColBERT projection is "
+            "one bias-free linear map (bias false, Identity, no residual)"
+        )
+    if (dense_dir / "model.safetensors").exists():
+        from safetensors.torch import load_file
+
+        state = load_file(str(dense_dir / "model.safetensors"))
+    elif (dense_dir / "pytorch_model.bin").exists():  # older saves
+        state = torch.load(dense_dir / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    else:
+        raise FileNotFoundError(
+            f"{dense_dir}: neither model.safetensors nor pytorch_model.bin (the projection's "
+            "weights); copy the whole model directory"
+        )
+    if "linear.weight" not in state:
+        raise ConfigError(f"{dense_dir}: no 'linear.weight' among {sorted(state)}")
+    return state["linear.weight"].float()
+
+
+def pylate_v3_settings(folder: Path, config: dict[str, Any], tokenizer: Any) -> dict[str, Any]:
+    """PyLate 3.x's top-level settings (with PyLate's defaults where a key is missing)."""
+    if config.get("do_query_expansion") is False:
+        raise ConfigError(
+            f"{folder}: do_query_expansion is false; FlexBERT's ColBERT always pads queries "
+            "to query_length with [MASK]"
+        )
+    prompts = {k: v for k, v in (config.get("prompts") or {}).items() if v}
+    if prompts:
+        raise ConfigError(
+            f"{folder}: text prompts {prompts} have no FlexBERT counterpart (its markers are "
+            "the single tokens query_prefix / document_prefix)"
+        )
+    words = config.get("skiplist_words")
+    return {
+        "query_length": config.get("query_length") or 32,  # as PyLate
+        "query_marker_id": marker_id(folder, "query_prefix", config.get("query_prefix"), tokenizer),
+        "document_marker_id": marker_id(
+            folder, "document_prefix", config.get("document_prefix"), tokenizer
+        ),
+        "attend_to_expansion_tokens": bool(config.get("attend_to_expansion_tokens", False)),
+        "skiplist_ids": word_ids(list(string.punctuation) if words is None else words, tokenizer),
+    }
+
+
+def multi_vector_encoder_settings(
+    folder: Path, config: dict[str, Any], modules: dict[str, Path], tokenizer: Any
+) -> dict[str, Any]:
+    """A MultiVectorEncoder's settings: the prompts (single tokens) as markers, the
+    Transformer's fixed [MASK] query expansion, the MultiVectorMask's document skiplist."""
+    if "Normalize" not in modules:
+        raise ConfigError(
+            f"{folder}: no Normalize module; FlexBERT's ColBERT vectors are L2-normalised"
+        )
+    transformer = json.loads((modules["Transformer"] / "sentence_bert_config.json").read_text())
+    expansion = transformer.get("query_expansion")
+    if (
+        not isinstance(expansion, dict)
+        or expansion.get("strategy") != "fixed"
+        or (expansion.get("token") not in (None, tokenizer.mask_token))
+    ):
+        raise ConfigError(
+            f"{folder}: query_expansion {expansion}; FlexBERT's ColBERT pads queries to a fixed "
+            "length with [MASK] (strategy 'fixed', token null)"
+        )
+    prompts = config.get("prompts") or {}
+    settings = {
+        "query_length": expansion.get("length") or 32,
+        "query_marker_id": marker_id(folder, "prompts.query", prompts.get("query"), tokenizer),
+        "document_marker_id": marker_id(
+            folder, "prompts.document", prompts.get("document"), tokenizer
+        ),
+        "attend_to_expansion_tokens": bool(expansion.get("attend", False)),
+        "skiplist_ids": None,
+    }
+    if "MultiVectorMask" in modules:
+        mask = json.loads((modules["MultiVectorMask"] / "config.json").read_text())
+        tasks = mask.get("skiplist_tasks") or ["document"]
+        tasks = [tasks] if isinstance(tasks, str) else list(tasks)
+        if tasks != ["document"] or mask.get("keep_only_token_ids"):
+            raise ConfigError(
+                f"{folder}: MultiVectorMask {mask}; FlexBERT's skiplist applies to documents "
+                "alone (skiplist_tasks ['document'], keep_only_token_ids null)"
+            )
+        settings["skiplist_ids"] = word_ids(mask.get("skiplist_words") or [], tokenizer)
+    return settings
+
+
+def marker_id(folder: Path, key: str, token: str | None, tokenizer: Any) -> int | None:
+    """The id of a marker token ([Q] / [D]); None for no marker ("" or null)."""
+    if not token:
+        return None
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    if token_id is None or (token_id == tokenizer.unk_token_id and token != tokenizer.unk_token):
+        raise ConfigError(
+            f"{folder}: {key} {token!r} is not one token of its tokenizer; FlexBERT's ColBERT "
+            "markers are single tokens inserted after [CLS]"
+        )
+    return int(token_id)
+
+
+def word_ids(words: list[str], tokenizer: Any) -> list[int] | None:
+    """Skiplist words -> token ids; words that are no token of the tokenizer are dropped,
+    as sentence-transformers drops them (a warning names them)."""
+    ids, unknown = [], []
+    for word in words:
+        token_id = tokenizer.convert_tokens_to_ids(word)
+        if token_id is None or (token_id == tokenizer.unk_token_id and word != tokenizer.unk_token):
+            unknown.append(word)
+        else:
+            ids.append(int(token_id))
+    if unknown:
+        log.warning("skiplist words %s are not tokens of the tokenizer: dropped", unknown)
+    return sorted(set(ids)) or None

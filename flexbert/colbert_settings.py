@@ -1,6 +1,6 @@
 """The settings of a ColBERT head (FlexBertForColBERT): their checks, their meaning in saves
-from before a setting existed, and reading the colbert_config.json that `save_hf` writes
-beside the projection weights."""
+from before a setting existed, and reading a saved head back: the colbert_config.json and
+projection that `save_hf` writes, or a PyLate / sentence-transformers multi-vector model's."""
 
 from __future__ import annotations
 
@@ -61,3 +61,18 @@ def read_colbert_settings(folder: Path) -> dict[str, Any] | None:
             f"{COLBERT_WEIGHTS_FILE}: copy the whole directory that save_hf wrote"
         )
     return settings_of(json.loads(settings_file.read_text()))
+
+
+def read_saved_head(folder: Path) -> dict[str, Any] | None:
+    """{"settings", "weight"} of the ColBERT head saved in `folder`: FlexBERT's own (save_hf's
+    colbert_config.json and projection), else a PyLate or sentence-transformers
+    MultiVectorEncoder model's (`colbert_pylate.read_pylate_head`); None when it holds none."""
+    settings = read_colbert_settings(folder)
+    if settings is None:
+        from flexbert.colbert_pylate import read_pylate_head
+
+        return read_pylate_head(Path(folder))
+    from safetensors.torch import load_file
+
+    weight = load_file(str(Path(folder) / COLBERT_WEIGHTS_FILE))["weight"]
+    return {"settings": settings, "weight": weight}

@@ -308,6 +308,7 @@ HUB_FILES = [
     "*_Normalize/*",
     "0_Transformer/*",
     "*_Dense/*",  # a ColBERT's projection in PyLate's layout
+    "*_MultiVectorMask/*",  # a sentence-transformers MultiVectorEncoder's skiplist
     # FlexBertForColBERT.save_hf: the projection's settings (its weights are *.safetensors)
     "colbert_config.json",
 ]

@@ -124,10 +124,10 @@ def load_colbert_model(
         )
     run = find_run_checkpoint(path)
     if run is None:
-        from flexbert.colbert_settings import read_colbert_settings
+        from flexbert.colbert_settings import read_saved_head
         from flexbert.hf import resolve_model_dir
 
-        saved = read_colbert_settings(resolve_model_dir(path))  # compared below, by name
+        saved = read_saved_head(resolve_model_dir(path))  # compared below, by name
         given = settings if saved is None else {}
         model = FlexBertForColBERT.from_hf(path, **given, **overrides)
         where = str(path)

@@ -195,7 +195,7 @@ def test_from_pretrained_refuses_a_plain_encoder_and_from_hf_starts_a_projection
     from flexbert import FlexBertForMaskedLM
 
     FlexBertForMaskedLM(ModelConfig.preset("tiny")).save_hf(tmp_path / "mlm")
-    with pytest.raises(FileNotFoundError, match="not a saved FlexBertForColBERT"):
+    with pytest.raises(FileNotFoundError, match="not a saved ColBERT model"):
         FlexBertForColBERT.from_pretrained(tmp_path / "mlm")
     model = FlexBertForColBERT.from_hf(tmp_path / "mlm", colbert_dim=8)
     assert model.projection.weight.shape == (8, model.config.hidden_size)

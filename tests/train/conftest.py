@@ -10,7 +10,15 @@ import torch
 from omegaconf import DictConfig
 
 from flexbert.train import paths
-from tests.train.finetune_helpers import KEY, random_sentences
+from tests.train.finetune_helpers import (
+    COLBERT,
+    FAST,
+    KEY,
+    compose_finetune,
+    file_overrides,
+    random_sentences,
+    write_jsonl,
+)
 
 # ModernBERT's tokenizer: what `from_tokenizer` resolves to for a config-only check.
 MODERNBERT_IDS = dict(
@@ -121,7 +129,7 @@ def assert_every_rank_took_this_step(results: list, loss, model) -> None:
         torch.testing.assert_close(rank["grad"], model.model.layers[1].mlp.Wi.weight.grad)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def pretrained(tmp_path_factory) -> Path:
     """A tiny randomly initialised encoder + its tokenizer, saved like a pretraining export."""
     from flexbert import FlexBertForMaskedLM, ModelConfig
@@ -153,3 +161,34 @@ def contains_word(tmp_path_factory) -> dict[str, Path]:
             for s in random_sentences(rng, n):
                 w.writerow([" ".join(s), int(KEY in s)])
     return files
+
+
+@pytest.fixture(scope="session")
+def colbert_pairs(tmp_path_factory) -> dict[str, Path]:
+    """JSONL query/positive pairs: each positive is its query's words reversed."""
+    rng, root = random.Random(4), tmp_path_factory.mktemp("colbert_data")
+    files = {}
+    for split, n in (("train", 96), ("validation", 32)):
+        rows = [
+            {"query": " ".join(s), "positive": " ".join(s[::-1])} for s in random_sentences(rng, n)
+        ]
+        files[split] = write_jsonl(root / f"{split}.jsonl", rows)
+    return files
+
+
+@pytest.fixture(scope="session")
+def colbert_run(pretrained, colbert_pairs, tmp_path_factory):
+    """A tiny ColBERT fine-tuned from `pretrained` for 3 epochs: (run folder, summary)."""
+    from flexbert.train.finetune import train
+
+    cfg = compose_finetune(
+        [
+            f"model.path={pretrained}",
+            *COLBERT,
+            *file_overrides(colbert_pairs),
+            *FAST,
+            "trainer.max_duration=3ep",
+        ]
+    )
+    run = tmp_path_factory.mktemp("colbert") / "run"
+    return run, train(cfg, run)

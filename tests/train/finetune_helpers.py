@@ -1,6 +1,6 @@
 """Helpers shared by the fine-tuning tests: tiny word-list texts, fast settings, composing
 conf/finetune.yaml, and writing task files. The fixtures built from them (`pretrained`,
-`contains_word`) are in conftest.py."""
+`contains_word`, `colbert_pairs`, `colbert_run`) are in conftest.py."""
 
 from __future__ import annotations
 
@@ -28,6 +28,8 @@ WORDS = [
     "dream",
 ]
 KEY = "banana"
+# a ColBERT fine-tuning on the local query/positive files (`colbert_pairs`)
+COLBERT = ["task=local_colbert", "task.colbert_dim=32", "task.query_length=12"]
 FAST = [
     "data.batch_size=16",
     "data.eval_batch_size=64",

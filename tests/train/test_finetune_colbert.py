@@ -12,43 +12,12 @@ import pytest
 import torch
 
 from tests.train.finetune_helpers import (
+    COLBERT,
     FAST,
     compose_finetune,
     file_overrides,
     random_sentences,
-    write_jsonl,
 )
-
-COLBERT = ["task=local_colbert", "task.colbert_dim=32", "task.query_length=12"]
-
-
-@pytest.fixture(scope="module")
-def pairs(tmp_path_factory) -> dict[str, Path]:
-    rng, root = random.Random(4), tmp_path_factory.mktemp("colbert_data")
-    files = {}
-    for split, n in (("train", 96), ("validation", 32)):
-        rows = [
-            {"query": " ".join(s), "positive": " ".join(s[::-1])} for s in random_sentences(rng, n)
-        ]
-        files[split] = write_jsonl(root / f"{split}.jsonl", rows)
-    return files
-
-
-@pytest.fixture(scope="module")
-def colbert_run(pretrained, pairs, tmp_path_factory):
-    from flexbert.train.finetune import train
-
-    cfg = compose_finetune(
-        [
-            f"model.path={pretrained}",
-            *COLBERT,
-            *file_overrides(pairs),
-            *FAST,
-            "trainer.max_duration=3ep",
-        ]
-    )
-    run = tmp_path_factory.mktemp("colbert") / "run"
-    return run, train(cfg, run)
 
 
 def _texts(hf_dir: Path):
@@ -89,7 +58,7 @@ def test_colbert_trains_evaluates_and_writes_summary(colbert_run):
     assert len(punctuation) >= 3 and set(punctuation) <= set(saved["skiplist_ids"])
 
 
-def test_eval_metric_equals_ranking_by_the_saved_model(colbert_run, pairs):
+def test_eval_metric_equals_ranking_by_the_saved_model(colbert_run, colbert_pairs):
     """Recompute recall@1 over the eval split with the saved model's MaxSim scores."""
     from flexbert import FlexBertForColBERT
     from flexbert.data.tokenizer import load_tokenizer
@@ -97,7 +66,7 @@ def test_eval_metric_equals_ranking_by_the_saved_model(colbert_run, pairs):
     run, summary = colbert_run
     model = FlexBertForColBERT.from_pretrained(run / "hf").eval()
     assert (model.colbert_dim, model.query_length) == (32, 12)
-    rows = [json.loads(line) for line in Path(pairs["validation"]).read_text().splitlines()]
+    rows = [json.loads(line) for line in Path(colbert_pairs["validation"]).read_text().splitlines()]
     tok = load_tokenizer(run / "hf")
     q = tok(
         [r["query"] for r in rows], padding=True, truncation=True, max_length=11
@@ -145,110 +114,6 @@ def test_transformers_loads_the_encoder_of_the_export(colbert_run):
     run, _ = colbert_run
     encoder = AutoModel.from_pretrained(run / "hf")
     assert type(encoder).__name__ == "ModernBertModel"
-
-
-def _punctuated_texts() -> tuple[list[str], list[str]]:
-    """Queries and documents with punctuation (the skiplist), some longer than the run's
-    query_length (12) and document length (32) allow."""
-    rng = random.Random(11)
-    sentences = random_sentences(rng, 10)
-    queries = [" ".join(s) + "?" for s in sentences[:4]] + [" ".join(sentences[4] * 4)]
-    docs = [", ".join(s) + "." for s in sentences[5:]] + [" ! ".join(sentences[0] * 6)]
-    return queries, docs
-
-
-def _flexbert_scores(hf_dir: Path, queries: list[str], docs: list[str], doc_len: int):
-    from flexbert import FlexBertForColBERT
-    from flexbert.data.tokenizer import load_tokenizer
-
-    model, tok = FlexBertForColBERT.from_pretrained(hf_dir).eval(), load_tokenizer(hf_dir)
-    # the model adds the markers: one token less each
-    q = tok(queries, padding=True, truncation=True, max_length=11, return_tensors="pt")
-    d = tok(docs, padding=True, truncation=True, max_length=doc_len - 1, return_tensors="pt")
-    with torch.no_grad():
-        return model.score(
-            (q["input_ids"], q["attention_mask"]), (d["input_ids"], d["attention_mask"])
-        )
-
-
-def test_the_export_is_a_pylate_colbert_that_scores_like_flexbert(colbert_run, tmp_path):
-    """hf/ and a flexbert-export of the last checkpoint load in sentence-transformers'
-    MultiVectorEncoder (which reads PyLate's layout) and score texts exactly as FlexBERT
-    does: markers, [MASK] expansion, skiplist, document length and projection carried over."""
-    from sentence_transformers import MultiVectorEncoder
-
-    from flexbert.train.export import main as export_main
-
-    run, summary = colbert_run
-    assert summary["task"]["document_length"] == 32  # data.max_seq_len, no task.doc_max_len
-    checkpoint = Path(summary["paths"]["last_checkpoint"])
-    assert export_main([str(checkpoint), "--out", str(tmp_path / "exported")]) == 0
-    queries, docs = _punctuated_texts()
-    expected = _flexbert_scores(run / "hf", queries, docs, 32)
-    for hf_dir in (run / "hf", tmp_path / "exported"):
-        settings = json.loads((hf_dir / "config_sentence_transformers.json").read_text())
-        assert (settings["query_length"], settings["document_length"]) == (12, 32)
-        assert (settings["query_prefix"], settings["document_prefix"]) == ("[unused0]", "[unused1]")
-        assert "." in settings["skiplist_words"]
-        st = MultiVectorEncoder(str(hf_dir), device="cpu")
-        got = st.similarity(st.encode_query(queries), st.encode_document(docs))
-        torch.testing.assert_close(torch.as_tensor(got), expected, rtol=1e-4, atol=1e-4)
-
-
-def test_unattended_expansion_tokens_score_as_in_sentence_transformers(colbert_run, tmp_path):
-    """attend_to_expansion_tokens=False (ColBERT's and PyLate's default): the same trained
-    weights, exported so, score in sentence-transformers exactly as FlexBERT scores them, and
-    not as the attended queries do."""
-    from sentence_transformers import MultiVectorEncoder
-
-    from flexbert import FlexBertForColBERT
-    from flexbert.colbert_pylate import write_pylate_modules
-    from flexbert.data.tokenizer import load_tokenizer, save_tokenizer
-
-    run, _ = colbert_run
-    attended = FlexBertForColBERT.from_pretrained(run / "hf")
-    settings = {**attended.get_extra_state(), "attend_to_expansion_tokens": False}
-    model = FlexBertForColBERT(attended.config, **settings)
-    model.load_state_dict({**attended.state_dict(), "_extra_state": model.get_extra_state()})
-    out, tok = tmp_path / "unattended", load_tokenizer(run / "hf")
-    model.save_hf(out)
-    save_tokenizer(tok, out)
-    write_pylate_modules(out, model, tok, 32)
-    settings = json.loads((out / "config_sentence_transformers.json").read_text())
-    assert settings["attend_to_expansion_tokens"] is False
-    queries, docs = _punctuated_texts()
-    expected = _flexbert_scores(out, queries, docs, 32)
-    assert not torch.allclose(expected, _flexbert_scores(run / "hf", queries, docs, 32))
-    st = MultiVectorEncoder(str(out), device="cpu")
-    got = st.similarity(st.encode_query(queries), st.encode_document(docs))
-    torch.testing.assert_close(torch.as_tensor(got), expected, rtol=1e-4, atol=1e-4)
-
-
-def test_a_pylate_export_refuses_what_pylate_could_not_read(colbert_run, tmp_path):
-    from flexbert import ConfigError, FlexBertForColBERT
-    from flexbert.colbert_pylate import write_pylate_modules
-    from flexbert.data.tokenizer import load_tokenizer
-
-    run, _ = colbert_run
-    model, tok = FlexBertForColBERT.from_pretrained(run / "hf"), load_tokenizer(run / "hf")
-    longest = model.config.max_seq_len
-    with pytest.raises(ConfigError, match=f"document_length: between 3 and max_seq_len={longest}"):
-        write_pylate_modules(tmp_path, model, tok, longest + 1)
-    with pytest.raises(ConfigError, match="document_length: a positive integer"):
-        write_pylate_modules(tmp_path, model, tok, "32")
-
-    class WithoutTheMarker:  # a tokenizer other than the run's: the marker is no token of it
-        def convert_ids_to_tokens(self, ids):
-            return [
-                None if i == model.query_marker_id else tok.convert_ids_to_tokens(i) for i in ids
-            ]
-
-        def convert_tokens_to_ids(self, token):
-            return tok.convert_tokens_to_ids(token)
-
-    with pytest.raises(ConfigError, match=f"token id {model.query_marker_id} .* not a token"):
-        write_pylate_modules(tmp_path, model, WithoutTheMarker(), 32)
-    assert not (tmp_path / "modules.json").exists()  # refused before writing
 
 
 def test_a_colbert_run_folder_continues_with_its_projection(colbert_run, caplog):
@@ -307,12 +172,12 @@ def test_a_fresh_projection_keeps_only_the_encoder_of_a_colbert(colbert_run):
             torch.testing.assert_close(encoder[name], weight, msg=name)
 
 
-def test_a_colbert_run_can_start_from_a_colbert_run_folder(colbert_run, pairs, tmp_path):
+def test_a_colbert_run_can_start_from_a_colbert_run_folder(colbert_run, colbert_pairs, tmp_path):
     from flexbert.train.finetune import train
 
     run, _ = colbert_run
     cfg = compose_finetune(
-        [f"model.path={run}", *COLBERT, *file_overrides(pairs), *FAST]
+        [f"model.path={run}", *COLBERT, *file_overrides(colbert_pairs), *FAST]
         + ["trainer.max_duration=1ep", "export_hf=false"]
     )
     summary = train(cfg, tmp_path / "again")
@@ -337,13 +202,13 @@ def test_a_colbert_run_can_start_from_a_colbert_run_folder(colbert_run, pairs, t
         ),
     ],
 )
-def test_bad_colbert_settings_are_clear_errors(pretrained, pairs, tmp_path, bad, expected):
+def test_bad_colbert_settings_are_clear_errors(pretrained, colbert_pairs, tmp_path, bad, expected):
     from flexbert import ConfigError
     from flexbert.data.errors import DataError
     from flexbert.train.finetune import train
 
     cfg = compose_finetune(
-        [f"model.path={pretrained}", *COLBERT, *file_overrides(pairs), *FAST, bad]
+        [f"model.path={pretrained}", *COLBERT, *file_overrides(colbert_pairs), *FAST, bad]
     )
     with pytest.raises((ConfigError, DataError), match=expected):
         train(cfg, tmp_path / "run")
