@@ -1,4 +1,6 @@
 """Corpus readers: text, JSONL, Parquet, directories of them, `datasets` on disk, the stdlib.
+Text and JSONL files may be compressed (`.gz`, `.bz2`, `.xz`, `.zst`: `train.jsonl.zst`, as
+pretraining corpora are shipped); they are decompressed while read.
 
 Every reader yields `Document(id, text)`. The id is stable (relative path plus position), so the
 train/validation split can be a hash of it and stays the same whatever order files are read in.
@@ -7,18 +9,93 @@ train/validation split can be a hash of it and stays the same whatever order fil
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import logging
+import lzma
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import IO, NamedTuple
 
 from flexbert.data.errors import DataError, DataFileNotFoundError
+
+log = logging.getLogger(__name__)
 
 TEXT_SUFFIXES = (".txt", ".text", ".md", ".rst")
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 PARQUET_SUFFIXES = (".parquet",)
+COMPRESSED_SUFFIXES = (".gz", ".bz2", ".xz", ".zst")  # of a text or JSONL file
 TEXT_MODES = ("file", "paragraph", "line")
+# What reading a broken file raises: bad bytes, a truncated or corrupt compressed stream.
+READ_ERRORS = (OSError, EOFError, ValueError, lzma.LZMAError)
+
+
+def format_suffix(path: Path) -> str:
+    """The suffix that says how to parse a file: `.jsonl` for both a.jsonl and a.jsonl.gz."""
+    suffix = path.suffix.lower()
+    return Path(path.stem).suffix.lower() if suffix in COMPRESSED_SUFFIXES else suffix
+
+
+def open_text(path: Path) -> IO[str]:
+    """`path` opened as UTF-8 text, decompressed while read when its suffix says so."""
+    suffix = path.suffix.lower()
+    if suffix == ".gz":
+        import gzip
+
+        return gzip.open(path, "rt", encoding="utf-8")
+    if suffix == ".bz2":
+        import bz2
+
+        return bz2.open(path, "rt", encoding="utf-8")
+    if suffix == ".xz":
+        return lzma.open(path, "rt", encoding="utf-8")
+    if suffix == ".zst":
+        return io.TextIOWrapper(io.BufferedReader(ZstdReader(path)), encoding="utf-8")
+    return path.open(encoding="utf-8")
+
+
+class ZstdReader(io.RawIOBase):
+    """A .zst file's bytes, decompressed while read, frame after frame. A file cut short
+    raises EOFError, as gzip, bz2 and lzma do (zstandard's own stream reader ends quietly)."""
+
+    def __init__(self, path: Path) -> None:
+        import zstandard
+
+        self._file = path.open("rb")
+        self._decompressor, self._error = zstandard.ZstdDecompressor(), zstandard.ZstdError
+        self._frame = self._decompressor.decompressobj()
+        self._in_frame = False  # a frame begun and not yet ended
+        self._pending = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self._pending:
+            leftover = b""
+            if self._frame.eof:  # a frame ended: the next one starts with what it left
+                leftover = self._frame.unused_data
+                self._frame = self._decompressor.decompressobj()
+                self._in_frame = False
+            chunk = leftover + self._file.read(1 << 20)
+            if not chunk:
+                if self._in_frame:
+                    raise EOFError("compressed file ended before the end of its zstd frame")
+                return 0
+            self._in_frame = True
+            try:
+                self._pending = self._frame.decompress(chunk)
+            except self._error as e:  # as gzip's BadGzipFile: an OSError
+                raise OSError(f"not zstd data ({e})") from e
+        n = min(len(buffer), len(self._pending))
+        buffer[:n] = self._pending[:n]
+        self._pending = self._pending[n:]
+        return n
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
 
 
 class Document(NamedTuple):
@@ -33,11 +110,12 @@ def read_text_file(path: Path, mode: str = "paragraph") -> Iterator[Document]:
     if mode not in TEXT_MODES:
         raise DataError(f"text_mode must be one of {TEXT_MODES}, got {mode!r}")
     try:
-        text = path.read_text(encoding="utf-8")
+        with open_text(path) as f:
+            text = f.read()
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e})") from e
-    except OSError as e:
-        raise DataError(f"{path}: cannot read ({e})") from e
+    except READ_ERRORS as e:
+        raise DataError(f"{path}: cannot read ({type(e).__name__}: {e})") from e
     if mode == "file":
         yield Document(str(path), text)
         return
@@ -71,7 +149,7 @@ def _text_of(row: dict, field: str, where: str) -> str:
 def read_jsonl(path: Path, text_field: str = "text") -> Iterator[Document]:
     """Yield one document per JSON line; blank lines are ignored."""
     try:
-        with path.open(encoding="utf-8") as f:
+        with open_text(path) as f:
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
                     continue
@@ -85,6 +163,10 @@ def read_jsonl(path: Path, text_field: str = "text") -> Iterator[Document]:
                 yield Document(where, _text_of(row, text_field, where))
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 ({e})") from e
+    except DataError:
+        raise
+    except READ_ERRORS as e:  # a truncated or corrupt compressed file
+        raise DataError(f"{path}: cannot read ({type(e).__name__}: {e})") from e
 
 
 def read_parquet(path: Path, text_field: str = "text") -> Iterator[Document]:
@@ -161,15 +243,29 @@ def _read_any(p: Path, text_field: str, text_mode: str, hf_split: str | None) ->
         if _is_hf_dataset_dir(p):
             yield from read_hf_dataset(p, text_field, hf_split)
             return
-        files = sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
+        found = sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
         known = TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES
-        files = [f for f in files if f.suffix.lower() in known]
+        files = [f for f in found if format_suffix(f) in known]
         if not files:
-            raise DataError(f"{p}: no corpus files (expected suffixes {known})")
+            raise DataError(
+                f"{p}: no corpus files (expected suffixes {known}, text and JSONL also "
+                f"compressed: {COMPRESSED_SUFFIXES})"
+            )
+        skipped = [str(f.relative_to(p)) for f in found if f not in set(files)]
+        if skipped:  # said, so a folder of unreadable files never shrinks to its README
+            log.warning(
+                "%s: %d files are not corpus files and are skipped (suffixes read: %s, "
+                "text and JSONL also %s): %s",
+                p,
+                len(skipped),
+                known,
+                COMPRESSED_SUFFIXES,
+                ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else ""),
+            )
         for f in files:
             yield from _read_any(f, text_field, text_mode, hf_split)
         return
-    suffix = p.suffix.lower()
+    suffix = format_suffix(p)
     if suffix in JSONL_SUFFIXES:
         yield from read_jsonl(p, text_field)
     elif suffix in PARQUET_SUFFIXES:

@@ -80,8 +80,12 @@ def wrap_tokenizer(tok: Tokenizer, model_max_length: int = 8192) -> Any:
     )
 
 
-def save_tokenizer(tokenizer: Any, out_dir: str | Path) -> Path:
-    """Save so that AutoTokenizer / PreTrainedTokenizerFast load the directory offline."""
+def save_tokenizer(
+    tokenizer: Any, out_dir: str | Path, model_max_length: int | None = None
+) -> Path:
+    """Save so that AutoTokenizer / PreTrainedTokenizerFast load the directory offline.
+    Beside a model, `model_max_length` is the model's length (`config.max_seq_len`), so that
+    `truncation=True` cuts inputs to what the model takes, not to the tokenizer's own limit."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(str(out))
@@ -90,6 +94,8 @@ def save_tokenizer(tokenizer: Any, out_dir: str | Path) -> Path:
     cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
     cfg.update(specials)
     cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    if model_max_length is not None:
+        cfg["model_max_length"] = int(model_max_length)
     cfg.setdefault("model_max_length", int(tokenizer.model_max_length))
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     (out / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")

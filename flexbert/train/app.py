@@ -98,6 +98,14 @@ def check_per_task(cfg: DictConfig) -> None:
         )
 
 
+def check_config(cfg: DictConfig) -> None:
+    """Every check that needs no data, before anything is prepared or written: the recipe's
+    row for the task, the trainer's keys and durations, the numbers' types."""
+    check_per_task(cfg)  # first: the number checks resolve the recipe's interpolations
+    check_trainer_node(cfg.trainer)
+    check_number_keys(cfg)
+
+
 def check_number_keys(cfg: DictConfig) -> None:
     """Refuse `data.batch_size=abc`, `optimizer.lr=fast` and the like, naming the key."""
     for key in (*INTEGER_KEYS, *NUMBER_KEYS):
@@ -249,10 +257,7 @@ def run_app(prog: str, config_name: str, task: Callable[[DictConfig, Path], Any]
         from flexbert.data.errors import DataError
         from flexbert.hf import CheckpointError
 
-        try:
-            check_per_task(cfg)
-            check_trainer_node(cfg.trainer)
-            check_number_keys(cfg)
+        try:  # the task checks the config first (check_config), as Python callers get it
             return task(cfg, Path(HydraConfig.get().runtime.output_dir))
         except (ConfigError, DataError, CheckpointError, FileNotFoundError) as err:
             print(f"{prog}: error: {err}", file=sys.stderr, flush=True)

@@ -35,6 +35,7 @@ from flexbert.data.mds import check_manifest_tokenizer, prepare_mds, read_manife
 from flexbert.data.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 from flexbert.registry import ConfigError
 from flexbert.train.batching import StepBatcher
+from flexbert.train.runtime import rows_per_rank
 
 log = logging.getLogger(__name__)
 
@@ -218,12 +219,6 @@ def eval_stream_names(data: DictConfig, eval_batches: int = -1) -> list[str] | N
     return [s.name for s in streams]
 
 
-def _rows_per_rank(rows: int, what: str, world_size: int) -> int:
-    if rows % world_size:
-        raise ConfigError(f"data.{what}={rows} must be divisible by the world size ({world_size})")
-    return rows // world_size
-
-
 def build_loaders(
     data: DictConfig,
     model_cfg: ModelConfig,
@@ -241,9 +236,9 @@ def build_loaders(
         "train": MLMMasker.from_tokenizer(tokenizer, data.mlm_probability),
         "val": MLMMasker.from_tokenizer(tokenizer, data.get("eval_mlm_probability", 0.15)),
     }
-    micro = _rows_per_rank(data.micro_batch_size, "micro_batch_size", world_size)
-    step = _rows_per_rank(data.batch_size, "batch_size", world_size)
-    eval_micro = _rows_per_rank(data.eval_micro_batch_size, "eval_micro_batch_size", world_size)
+    micro = rows_per_rank(data.micro_batch_size, "micro_batch_size", world_size)
+    step = rows_per_rank(data.batch_size, "batch_size", world_size)
+    eval_micro = rows_per_rank(data.eval_micro_batch_size, "eval_micro_batch_size", world_size)
     remote = data.mds.get("remote")
     streams = stream_specs(data)
     per_stream = eval_stream_names(data) is not None

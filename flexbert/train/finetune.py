@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from flexbert.train.app import (
     absolute_if_local,
-    check_per_task,
+    check_config,
     composer_trainer,
     eval_metrics,
     finish_run,
@@ -31,7 +31,7 @@ from flexbert.train.app import (
     trainer_kwargs,
 )
 from flexbert.train.checkpoints import last_checkpoint
-from flexbert.train.runtime import final_model, is_main_process, start_distributed
+from flexbert.train.runtime import final_model, is_main_process, rows_per_rank, start_distributed
 
 log = logging.getLogger("flexbert.train")
 
@@ -84,6 +84,9 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> tuple[Any, dict[str, Any]]:
     from flexbert.train.model_config import TOKENIZER_FIELDS
     from flexbert.train.tasks import build_examples
 
+    world = dist.get_world_size()  # each rank's share of a batch, before anything is written
+    train_rows = rows_per_rank(cfg.data.batch_size, "batch_size", world)
+    eval_rows = rows_per_rank(cfg.data.eval_batch_size, "eval_batch_size", world)
     run_dir.mkdir(parents=True, exist_ok=True)
     reproducibility.seed_all(cfg.seed)
     # a run folder names its newest checkpoint once: model, tokenizer and summary agree on it
@@ -108,9 +111,9 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> tuple[Any, dict[str, Any]]:
     check_run_dir(run_dir, model.config, cfg.trainer)
     if is_main_process():
         write_run_files(run_dir, model.config, tokenizer, task)
-    world = dist.get_world_size()
-    train_loader = _loader(examples["train"], cfg.data.batch_size // world, collate, True)
-    eval_loader = _loader(examples["eval"], cfg.data.eval_batch_size // world, collate, False)
+    train_loader = _loader(examples["train"], train_rows, collate, True)
+    # Composer's eval drops the rows DistributedSampler repeats: each eval row counts once
+    eval_loader = _loader(examples["eval"], eval_rows, collate, False)
 
     history, evals = LossHistory(), EvalHistory()
     callbacks: list[Any] = [history, evals]
@@ -152,7 +155,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     """Fine-tune as `cfg` says; write checkpoints, `hf/` and summary.json into run_dir."""
     from flexbert.train.finetune_model import save_task_model
 
-    check_per_task(cfg)  # a recipe's row for this task, before anything reads it
+    check_config(cfg)
     run_dir = start_distributed(cfg, Path(run_dir).resolve())
     trainer, facts = build_trainer(cfg, run_dir)
     state = trainer.state

@@ -299,7 +299,7 @@ def save_task_model(model: Any, tokenizer: Any, out: Path, task: Mapping[str, An
         model.save_hf(out)
     except ConfigError as e:  # refused before anything is written
         return str(e)
-    save_tokenizer(tokenizer, out)
+    save_tokenizer(tokenizer, out, model.config.max_seq_len)
     write_label_names(out, task.get("labels"), model.config.num_labels)
     if isinstance(model, FlexBertForColBERT):
         length = task.get("document_length") or model.config.max_seq_len

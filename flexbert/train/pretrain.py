@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from flexbert.registry import ConfigError
 from flexbert.train.app import (
     absolute_if_local,
+    check_config,
     composer_trainer,
     eval_metrics,
     finish_run,
@@ -49,6 +50,33 @@ def check_start_weights(cfg: DictConfig) -> None:
             "folder or checkpoint> (weights only), or trainer.load_path=<this phase's own "
             "checkpoint> to resume it"
         )
+
+
+# Durations that the LR schedule turns into batches or tokens (Composer's Time strings).
+SCHEDULE_KEYS = ("trainer.max_duration", "scheduler.t_warmup", "scheduler.t_decay")
+
+
+def check_durations_without_epochs(cfg: DictConfig) -> None:
+    """Pretraining streams packed batches: how many make an epoch is known only when the
+    epoch ends, so a duration in epochs (`1ep`, or a bare number, which Composer reads as
+    epochs) cannot be turned into the batches the LR schedule counts. Refused by name."""
+    from composer.core import Time, TimeUnit
+
+    for key in SCHEDULE_KEYS:
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is None or isinstance(value, bool):
+            continue
+        try:
+            unit = Time.from_input(value, TimeUnit.EPOCH).unit
+        except (TypeError, ValueError):  # not a duration: refused by check_config's checks
+            continue
+        if unit == TimeUnit.EPOCH:
+            raise ConfigError(
+                f"{key}={value!r} counts epochs, and a pretraining stream of packed batches "
+                "has no epoch length before it ends: give tokens (e.g. 1000000000tok; "
+                "`flexbert-data inspect <shards>` counts the train split's), batches (800ba), "
+                "samples (1000sp) or, for the scheduler, a fraction of max_duration (0.1dur)"
+            )
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path) -> tuple[Any, dict[str, Any]]:
@@ -169,7 +197,7 @@ def _export(model: Any, tokenizer: Any, out: Path) -> str | None:
     except ConfigError as e:
         log.warning("no Hugging Face export: %s", e)
         return str(e)
-    save_tokenizer(tokenizer, out)
+    save_tokenizer(tokenizer, out, model.config.max_seq_len)
     return None
 
 
@@ -178,6 +206,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     The run's streaming datasets are stopped when it ends, their shared memory released."""
     from flexbert.data.streaming_lifecycle import streaming_scope
 
+    check_config(cfg)
+    check_durations_without_epochs(cfg)
     with streaming_scope():
         return _train(cfg, run_dir)
 

@@ -13,6 +13,16 @@ from typing import Any
 from omegaconf import DictConfig
 
 
+def rows_per_rank(rows: int, what: str, world_size: int) -> int:
+    """Each rank's share of `data.<what>` rows; a batch the ranks cannot share evenly is
+    refused (floor division would quietly train on a smaller one)."""
+    from flexbert import ConfigError
+
+    if rows % world_size:
+        raise ConfigError(f"data.{what}={rows} must be divisible by the world size ({world_size})")
+    return rows // world_size
+
+
 def check_device(cfg: DictConfig) -> None:
     """A GPU trainer config on a machine without CUDA fails here, in one line."""
     import torch

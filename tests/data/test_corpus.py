@@ -82,6 +82,73 @@ def test_directory_is_recursive_sorted_and_mixed(tmp_path):
     assert texts(tmp_path) == ["from a", "from c", "from z"]
 
 
+def _compress(path, suffix):
+    """`path` compressed into `path` + suffix (the original removed)."""
+    import bz2
+    import gzip
+    import lzma
+
+    import zstandard
+
+    packers = {
+        ".gz": gzip.compress,
+        ".bz2": bz2.compress,
+        ".xz": lzma.compress,
+        ".zst": zstandard.ZstdCompressor().compress,
+    }
+    out = path.with_name(path.name + suffix)
+    out.write_bytes(packers[suffix](path.read_bytes()))
+    path.unlink()
+    return out
+
+
+@pytest.mark.parametrize("suffix", [".gz", ".bz2", ".xz", ".zst"])
+def test_compressed_text_and_jsonl_read_as_the_plain_files(tmp_path, suffix):
+    rows = [{"text": f"document {i} " + "word " * 50} for i in range(200)]
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = tmp_path / "t.txt"
+    text.write_text("para one\n\npara two\n")
+    plain = texts(tmp_path)
+    for f in (jsonl, text):
+        _compress(f, suffix)
+    docs = list(read_path(tmp_path))
+    assert [d.text for d in docs] == plain  # same documents, a folder of compressed files
+    assert docs[0].id == f"{tmp_path.name}/d.jsonl{suffix}:1"
+    truncated = tmp_path / f"d.jsonl{suffix}"
+    truncated.write_bytes(truncated.read_bytes()[: len(truncated.read_bytes()) // 2])
+    with pytest.raises(DataError, match=f"d.jsonl{suffix}: cannot read"):
+        texts(truncated)
+    truncated.write_bytes(b"not compressed at all")
+    with pytest.raises(DataError, match=f"d.jsonl{suffix}: cannot read"):
+        texts(truncated)
+
+
+def test_a_zst_file_of_several_frames_reads_whole(tmp_path):
+    """Parallel compressors write one zstd frame per block: every frame is read."""
+    import zstandard
+
+    parts = [
+        "".join(json.dumps({"text": f"{name} {i}"}) + "\n" for i in range(3000)) for name in "ab"
+    ]
+    packer = zstandard.ZstdCompressor()
+    f = tmp_path / "two.jsonl.zst"
+    f.write_bytes(b"".join(packer.compress(part.encode()) for part in parts))
+    assert texts(f) == [f"{name} {i}" for name in "ab" for i in range(3000)]
+
+
+def test_a_folder_says_which_files_it_skips(tmp_path, caplog):
+    """A dataset folder whose data files have an unread suffix must not shrink to its card
+    without a word: the skipped files are named."""
+    (tmp_path / "README.md").write_text("# My dataset card")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train-0000.arrow").write_bytes(b"\0\1")
+    with caplog.at_level("WARNING"):
+        assert texts(tmp_path) == ["# My dataset card"]
+    assert "1 files are not corpus files and are skipped" in caplog.text
+    assert "data/train-0000.arrow" in caplog.text
+
+
 def test_missing_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.txt"):
         texts(tmp_path / "missing.txt")

@@ -9,6 +9,7 @@ import torch
 from hydra.utils import instantiate
 
 from flexbert import ConfigError, ModelConfig
+from flexbert.train import paths
 from flexbert.train.model_config import resolve_model_config
 from flexbert.train.paths import conf_dir, overlay_dir, register_overlays
 from tests.train.conftest import MODERNBERT_IDS, compose_config
@@ -254,6 +255,9 @@ def test_activation_checkpointing_twice_is_refused():
         ("trainer.max_duration=abc", r"trainer.max_duration='abc' is not a duration.*800ba"),
         ("trainer.eval_interval=5 batches", "trainer.eval_interval='5 batches' is not a dur"),
         ("+trainer.max_duraton=5ba", r"trainer.max_duraton is not .*did you mean \['max_dura"),
+        ("trainer.max_duration=1ep", r"trainer.max_duration='1ep' counts epochs.*tok"),
+        ("trainer.max_duration=800", r"trainer.max_duration=800 counts epochs.*800ba"),
+        ("scheduler.t_warmup=2ep", r"scheduler.t_warmup='2ep' counts epochs.*0.1dur"),
     ],
 )
 def test_a_bad_trainer_key_or_duration_is_one_line_before_any_data(
@@ -275,6 +279,24 @@ def test_a_bad_trainer_key_or_duration_is_one_line_before_any_data(
     assert "Traceback" not in err
     assert re.search(needle, err.strip().splitlines()[-1]), err
     assert not cache.exists()
+
+
+@pytest.mark.parametrize("app", ["pretrain", "finetune"])
+def test_train_from_python_checks_the_config_as_the_command_does(app, tmp_path):
+    """`train(cfg, run_dir)` after `compose_config`: a misspelt trainer key or a number that
+    is none is refused by name before the run folder or any data exists."""
+    import importlib
+
+    train = importlib.import_module(f"flexbert.train.{app}").train
+    cache = f"paths.cache_dir={tmp_path / 'cache'}" if app == "pretrain" else "seed=1"
+    for override, needle in (
+        ("+trainer.max_duraton=5ba", r"trainer.max_duraton is not .*did you mean"),
+        ("optimizer.lr=fast", "optimizer.lr must be a number, got 'fast'"),
+    ):
+        cfg = paths.compose_config(app, [override, cache])
+        with pytest.raises(ConfigError, match=needle):
+            train(cfg, tmp_path / "run")
+    assert sorted(tmp_path.iterdir()) == []
 
 
 def test_flex_training_on_the_cpu_is_refused_when_the_model_is_prepared():

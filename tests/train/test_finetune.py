@@ -68,6 +68,7 @@ def test_hf_export_gives_the_same_logits_in_transformers(classification_run):
         got = hf(**enc).logits
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     assert got.argmax(-1).tolist() == [1, 0]
+    assert tok.model_max_length == hf.config.max_position_embeddings  # truncation fits it
 
 
 def test_flexbert_export_turns_a_fine_tuning_checkpoint_into_the_task_model(
@@ -241,6 +242,29 @@ def test_bad_input_raises_a_clear_error(pretrained, contains_word, tmp_path, bad
     cfg = compose_finetune([f"model.path={pretrained}", *file_overrides(contains_word), *FAST, bad])
     with pytest.raises((DataError, ConfigError, FileNotFoundError), match=expected):
         train(cfg, tmp_path / "run")
+
+
+@pytest.mark.parametrize(
+    "sizes, key",
+    [
+        (["data.batch_size=32", "data.eval_batch_size=33"], "batch_size"),
+        (["data.batch_size=30", "data.eval_batch_size=32"], "eval_batch_size"),
+    ],
+)
+def test_a_batch_the_ranks_cannot_share_evenly_is_refused(
+    pretrained, contains_word, tmp_path, monkeypatch, sizes, key
+):
+    """On 3 ranks a batch of 32 would train at 30 (10 rows each): refused before any file."""
+    from composer.utils import dist
+
+    from flexbert import ConfigError
+    from flexbert.train.finetune import build_trainer
+
+    monkeypatch.setattr(dist, "get_world_size", lambda: 3)
+    overrides = [f"model.path={pretrained}", *file_overrides(contains_word), *FAST]
+    with pytest.raises(ConfigError, match=rf"data.{key}=32 must be divisible by the world size"):
+        build_trainer(compose_finetune([*overrides, *sizes]), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 def test_an_unknown_task_type_is_one_clear_line(pretrained, tmp_path, monkeypatch, capsys):

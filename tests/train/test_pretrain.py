@@ -60,6 +60,10 @@ def test_hf_export_loads_with_transformers_and_gives_the_same_logits(first_run):
         got = hf(**enc).logits
     mask = enc["attention_mask"].bool()
     torch.testing.assert_close(got[mask], expected[mask], rtol=1e-4, atol=1e-4)
+    # truncation=True cuts to the model's length (512 here), not the tokenizer's 8192
+    assert tok.model_max_length == hf.config.max_position_embeddings == 512
+    long = tok(" ".join(["return a + b"] * 300), truncation=True)["input_ids"]
+    assert len(long) == 512
 
 
 def test_resuming_from_a_checkpoint_continues_at_the_right_batch(first_run, tiny_run_config):
