@@ -31,7 +31,7 @@ from flexbert.data.loader import (
     streaming_dataset,
 )
 from flexbert.data.masking import MLMMasker
-from flexbert.data.mds import check_manifest_tokenizer, prepare_mds, read_manifest
+from flexbert.data.mds import MANIFEST, check_manifest_tokenizer, prepare_mds, read_manifest
 from flexbert.data.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 from flexbert.registry import ConfigError
 from flexbert.train.batching import StepBatcher
@@ -147,21 +147,25 @@ def get_shards(
                 "data.mds.streams mixes prepared shards; set data.corpus=null (prepare each "
                 "stream with `flexbert-data prepare`)"
             )
-        counts = {}
+        counts, lengths = {}, []
         for stream in streams:
-            manifest = None if stream.remote else read_manifest(stream.local)
+            manifest = shard_manifest(stream.local, stream.remote)
             if manifest is not None:
-                check_manifest_tokenizer(manifest, tokenizer, stream.local)
+                check_manifest_tokenizer(manifest, tokenizer, stream.remote or stream.local)
+                lengths.append((manifest.get("settings") or {}).get("max_length"))
             counts[stream.name] = (manifest or {}).get("counts")
-        return None, {"streams": [dataclasses.asdict(s) for s in streams], "counts": counts}
+        mixture = {"streams": [dataclasses.asdict(s) for s in streams], "counts": counts}
+        if lengths and None not in lengths:  # the longest document any stream holds
+            mixture["settings"] = {"max_length": max(lengths)}
+        return None, mixture
     if spec is None:
         if not mds.get("dir"):
             raise ConfigError(
                 "data.mds.dir (or data.mds.streams) is required when data.corpus is null"
             )
-        manifest = read_manifest(mds["dir"]) if not mds.get("remote") else None
+        manifest = shard_manifest(mds["dir"], mds.get("remote"))
         if manifest is not None:
-            check_manifest_tokenizer(manifest, tokenizer, mds["dir"])
+            check_manifest_tokenizer(manifest, tokenizer, mds.get("remote") or mds["dir"])
         return Path(mds["dir"]), manifest
     tok_sha = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
     key = _key({"corpus": spec.fingerprint(), "tokenizer": tok_sha, **settings})
@@ -169,6 +173,38 @@ def get_shards(
     manifest = prepare_mds(spec, out, tokenizer, progress=data.get("progress", True), **settings)
     log.info("shards: %s %s", "reusing" if manifest["reused"] else "wrote", out)
     return out, manifest
+
+
+def shard_manifest(local: str | Path, remote: str | None = None) -> dict | None:
+    """The manifest.json of prepared shards, in `local`; for shards streamed from `remote`
+    (s3://..., gs://..., a directory), fetched from there into `local` first, with
+    mosaicml-streaming's downloaders, so their tokenizer and splits are checked as local
+    ones are. A remote without one is a warning: nothing can be checked before training."""
+    if remote:
+        from streaming.base.storage.download import CloudDownloader
+
+        target = Path(local) / MANIFEST
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # fetched each run (the remote's shards may have been prepared again), beside the
+        # cached copy first: the downloaders skip a file that exists
+        fetched = target.with_name(f".{MANIFEST}.{os.getpid()}")
+        fetched.unlink(missing_ok=True)
+        try:
+            CloudDownloader.direct_download(f"{str(remote).rstrip('/')}/{MANIFEST}", str(fetched))
+            os.replace(fetched, target)
+        except Exception as err:  # noqa: BLE001 - each object store raises its own
+            fetched.unlink(missing_ok=True)
+            target.unlink(missing_ok=True)  # never an older copy's word for the remote
+            log.warning(
+                "%s: no %s could be fetched (%s: %s); the shards' tokenizer and splits are "
+                "not checked before training",
+                remote,
+                MANIFEST,
+                type(err).__name__,
+                err,
+            )
+            return None
+    return read_manifest(local)
 
 
 def check_splits(manifest: dict | None, where: Any) -> None:
@@ -187,8 +223,21 @@ def check_splits(manifest: dict | None, where: Any) -> None:
 
 def check_shard_length(data: DictConfig, padding: str, manifest: dict | None) -> None:
     """Padded rows hold one document each, cut to data.seq_len: shards prepared with longer
-    documents would lose their ends, so that is refused (packed rows split them instead)."""
+    documents would lose their ends, so that is refused (packed rows split them instead).
+    Shards of shorter documents than data.seq_len are a warning: attention never crosses a
+    document, so a context extension on them would never see a longer context."""
     longest = ((manifest or {}).get("settings") or {}).get("max_length")
+    if longest and longest < data.seq_len:
+        log.warning(
+            "the shards hold documents of at most %d tokens (prepared with --max-length %d), "
+            "shorter than data.seq_len=%d: no attention spans more than %d tokens; prepare "
+            "them with --max-length %d to train on longer contexts",
+            longest,
+            longest,
+            data.seq_len,
+            longest,
+            data.seq_len,
+        )
     if padding == "padded" and longest and longest > data.seq_len:
         raise ConfigError(
             f"the shards hold documents of up to {longest} tokens (prepared with --max-length "

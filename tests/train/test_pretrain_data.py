@@ -124,3 +124,72 @@ def test_padded_rows_refuse_shards_of_longer_documents():
     check_shard_length(data, "unpadded", longer)
     check_shard_length(data, "padded", {"settings": {"max_length": 32}})
     check_shard_length(data, "padded", None)  # a mixture: no single manifest
+
+
+def test_packed_rows_warn_when_the_shards_hold_only_shorter_documents(caplog):
+    """A context extension to 8192 on shards of 1024-token documents never attends further
+    than 1024 tokens: said, naming the --max-length to prepare them with."""
+    from omegaconf import OmegaConf
+
+    from flexbert.train.data import check_shard_length
+
+    with caplog.at_level("WARNING"):
+        check_shard_length(
+            OmegaConf.create({"seq_len": 8192}), "unpadded", {"settings": {"max_length": 1024}}
+        )
+    assert "at most 1024 tokens" in caplog.text and "--max-length 8192" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        check_shard_length(
+            OmegaConf.create({"seq_len": 1024}), "unpadded", {"settings": {"max_length": 1024}}
+        )
+    assert caplog.text == ""
+
+
+def test_a_remote_manifest_is_fetched_so_the_tokenizer_is_checked(
+    first_run, tiny_run_config, tmp_path, caplog
+):
+    """data.mds.remote: the shards' manifest.json comes from the remote into the local cache,
+    so shards of another tokenizer are refused as local ones are; a remote without one is a
+    warning, and an older local copy is not taken for it."""
+    from flexbert.data.corpus import CorpusSpec
+    from flexbert.data.errors import DataError
+    from flexbert.data.mds import read_manifest
+    from flexbert.data.tokenizer import load_tokenizer, train_tokenizer
+    from flexbert.train.data import get_shards
+
+    root, _, first = first_run
+    remote, cache = first["data"]["mds_dir"], tmp_path / "cache"
+    cfg = tiny_run_config("data.corpus=null", f"data.mds.remote={remote}", f"data.mds.dir={cache}")
+    tokenizer = load_tokenizer(root / "run" / "tokenizer")
+    _, manifest = get_shards(cfg.data, tokenizer, cache_dir=None)
+    assert manifest == read_manifest(remote) and (cache / "manifest.json").exists()
+    other = train_tokenizer(CorpusSpec(source="stdlib", max_bytes=30_000).texts(), vocab_size=640)
+    with pytest.raises(DataError, match="prepared with another tokenizer.*vocab_size"):
+        get_shards(cfg.data, other, cache_dir=None)
+    bare = shutil.copytree(
+        remote, tmp_path / "bare", ignore=shutil.ignore_patterns("manifest.json")
+    )
+    cfg = tiny_run_config("data.corpus=null", f"data.mds.remote={bare}", f"data.mds.dir={cache}")
+    with caplog.at_level("WARNING"):
+        assert get_shards(cfg.data, other, cache_dir=None)[1] is None
+    assert "no manifest.json could be fetched" in caplog.text
+    assert not (cache / "manifest.json").exists()
+
+
+def test_a_mixture_knows_its_longest_documents(first_run, tiny_run_config):
+    """Each stream's manifest gives its document length; padded rows shorter than the
+    longest are refused, as for one dataset."""
+    from flexbert.data.mds import read_manifest
+    from flexbert.data.tokenizer import load_tokenizer
+    from flexbert.train.data import check_shard_length, get_shards
+
+    root, _, first = first_run
+    shards = first["data"]["mds_dir"]
+    cfg = tiny_run_config("data.corpus=null", f"data.mds.streams={{a: {{dir: {shards}}}}}")
+    _, manifest = get_shards(cfg.data, load_tokenizer(root / "run" / "tokenizer"), cache_dir=None)
+    longest = read_manifest(shards)["settings"]["max_length"]
+    assert manifest["settings"] == {"max_length": longest}
+    cfg.data.seq_len = longest // 2
+    with pytest.raises(ConfigError, match=f"up to {longest} tokens"):
+        check_shard_length(cfg.data, "padded", manifest)
