@@ -142,9 +142,29 @@ def read_pylate_head(folder: Path) -> dict[str, Any] | None:
         settings = pylate_v3_settings(folder, st_config, tokenizer)
     else:
         settings = multi_vector_encoder_settings(folder, st_config, modules, tokenizer)
+    warn_what_flexbert_leaves_to_the_caller(folder, st_config, modules["Transformer"])
     weight = read_dense(modules["Dense"])
     settings["colbert_dim"] = int(weight.shape[0])
     return {"settings": settings, "weight": weight}
+
+
+def warn_what_flexbert_leaves_to_the_caller(
+    folder: Path, st_config: dict[str, Any], encoder_dir: Path
+) -> None:
+    """Settings that change the texts or the scale of the scores, not the ranking by MaxSim:
+    FlexBertForColBERT takes token ids and returns MaxSim, so these are the caller's."""
+    similarity = str(st_config.get("similarity_fn_name") or "maxsim").lower()
+    if similarity != "maxsim":
+        log.warning(
+            "%s scores by %s; FlexBertForColBERT.score returns MaxSim (meanmaxsim divides it by "
+            "the query's token count)",
+            folder,
+            similarity,
+        )
+    transformer_file = encoder_dir / "sentence_bert_config.json"
+    transformer = json.loads(transformer_file.read_text()) if transformer_file.exists() else {}
+    if transformer.get("do_lower_case"):
+        log.warning("%s lowercases its texts: lowercase them before tokenizing", folder)
 
 
 # The modules after the encoder that FlexBertForColBERT computes, in this order; the mask
@@ -240,42 +260,43 @@ def multi_vector_encoder_settings(
 ) -> dict[str, Any]:
     """A MultiVectorEncoder's settings: the prompts (single tokens) as markers, the
     Transformer's fixed [MASK] query expansion, the MultiVectorMask's document skiplist."""
-    if "Normalize" not in modules:
-        raise ConfigError(
-            f"{folder}: no Normalize module; FlexBERT's ColBERT vectors are L2-normalised"
-        )
+    for kind, why in (
+        ("Normalize", "FlexBERT's ColBERT vectors are L2-normalised"),
+        ("MultiVectorMask", "without it sentence-transformers leaves unattended [MASK]s unscored"),
+    ):
+        if kind not in modules:
+            raise ConfigError(f"{folder}: no {kind} module; {why}")
     transformer = json.loads((modules["Transformer"] / "sentence_bert_config.json").read_text())
     expansion = transformer.get("query_expansion")
     if (
         not isinstance(expansion, dict)
         or expansion.get("strategy") != "fixed"
         or (expansion.get("token") not in (None, tokenizer.mask_token))
+        or not isinstance(expansion.get("length"), int)
     ):
         raise ConfigError(
             f"{folder}: query_expansion {expansion}; FlexBERT's ColBERT pads queries to a fixed "
-            "length with [MASK] (strategy 'fixed', token null)"
+            "length with [MASK] (strategy 'fixed', token null, a length)"
         )
     prompts = config.get("prompts") or {}
     settings = {
-        "query_length": expansion.get("length") or 32,
-        "query_marker_id": marker_id(folder, "prompts.query", prompts.get("query"), tokenizer),
-        "document_marker_id": marker_id(
-            folder, "prompts.document", prompts.get("document"), tokenizer
+        "query_length": expansion["length"],
+        "query_marker_id": prompt_marker_id(folder, "query", prompts.get("query"), tokenizer),
+        "document_marker_id": prompt_marker_id(
+            folder, "document", prompts.get("document"), tokenizer
         ),
         "attend_to_expansion_tokens": bool(expansion.get("attend", False)),
-        "skiplist_ids": None,
     }
-    if "MultiVectorMask" in modules:
-        mask = json.loads((modules["MultiVectorMask"] / "config.json").read_text())
-        tasks = mask.get("skiplist_tasks") or ["document"]
-        tasks = [tasks] if isinstance(tasks, str) else list(tasks)
-        if tasks != ["document"] or mask.get("keep_only_token_ids"):
-            raise ConfigError(
-                f"{folder}: MultiVectorMask {mask}; FlexBERT's skiplist applies to documents "
-                "alone (skiplist_tasks ['document'], keep_only_token_ids null)"
-            )
-        settings["skiplist_ids"] = word_ids(mask.get("skiplist_words") or [], tokenizer)
-    return settings
+    mask = json.loads((modules["MultiVectorMask"] / "config.json").read_text())
+    tasks = mask.get("skiplist_tasks")
+    tasks = ["document"] if tasks is None else [tasks] if isinstance(tasks, str) else list(tasks)
+    words = (mask.get("skiplist_words") or []) if "document" in tasks else []  # [] skips none
+    if (words and tasks != ["document"]) or mask.get("keep_only_token_ids"):
+        raise ConfigError(
+            f"{folder}: MultiVectorMask {mask}; FlexBERT's skiplist applies to documents "
+            "alone (skiplist_tasks ['document'] or [], keep_only_token_ids null)"
+        )
+    return {**settings, "skiplist_ids": word_ids(words, tokenizer)}
 
 
 def marker_id(folder: Path, key: str, token: str | None, tokenizer: Any) -> int | None:
@@ -289,6 +310,18 @@ def marker_id(folder: Path, key: str, token: str | None, tokenizer: Any) -> int 
             "markers are single tokens inserted after [CLS]"
         )
     return int(token_id)
+
+
+def prompt_marker_id(folder: Path, task: str, prompt: str | None, tokenizer: Any) -> int | None:
+    """A MultiVectorEncoder prepends its prompt as text: the marker it equals must be one
+    token that the tokenizer keeps whole (a special token), else it is a text prompt."""
+    if prompt and tokenizer.tokenize(prompt) != [prompt]:
+        raise ConfigError(
+            f"{folder}: the {task} prompt {prompt!r} is text (tokenized as "
+            f"{tokenizer.tokenize(prompt)}); FlexBERT's ColBERT markers are single tokens "
+            "inserted after [CLS]"
+        )
+    return marker_id(folder, f"prompts.{task}", prompt, tokenizer)
 
 
 def word_ids(words: list[str], tokenizer: Any) -> list[int] | None:

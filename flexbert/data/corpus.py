@@ -34,7 +34,10 @@ READ_ERRORS = (OSError, EOFError, ValueError, lzma.LZMAError)
 def format_suffix(path: Path) -> str:
     """The suffix that says how to parse a file: `.jsonl` for both a.jsonl and a.jsonl.gz."""
     suffix = path.suffix.lower()
-    return Path(path.stem).suffix.lower() if suffix in COMPRESSED_SUFFIXES else suffix
+    if suffix not in COMPRESSED_SUFFIXES:
+        return suffix
+    inner = Path(path.stem).suffix.lower()  # compressed text or JSONL; anything else is not read
+    return inner if inner in TEXT_SUFFIXES + JSONL_SUFFIXES else suffix
 
 
 def open_text(path: Path) -> IO[str]:
@@ -66,31 +69,31 @@ class ZstdReader(io.RawIOBase):
         self._decompressor, self._error = zstandard.ZstdDecompressor(), zstandard.ZstdError
         self._frame = self._decompressor.decompressobj()
         self._in_frame = False  # a frame begun and not yet ended
-        self._pending = b""
+        self._pending, self._offset = memoryview(b""), 0  # decompressed, not yet read
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer) -> int:
-        while not self._pending:
+        while self._offset == len(self._pending):
             leftover = b""
             if self._frame.eof:  # a frame ended: the next one starts with what it left
                 leftover = self._frame.unused_data
                 self._frame = self._decompressor.decompressobj()
                 self._in_frame = False
-            chunk = leftover + self._file.read(1 << 20)
+            chunk = leftover + self._file.read(1 << 16)
             if not chunk:
                 if self._in_frame:
                     raise EOFError("compressed file ended before the end of its zstd frame")
                 return 0
             self._in_frame = True
             try:
-                self._pending = self._frame.decompress(chunk)
+                self._pending, self._offset = memoryview(self._frame.decompress(chunk)), 0
             except self._error as e:  # as gzip's BadGzipFile: an OSError
                 raise OSError(f"not zstd data ({e})") from e
-        n = min(len(buffer), len(self._pending))
-        buffer[:n] = self._pending[:n]
-        self._pending = self._pending[n:]
+        n = min(len(buffer), len(self._pending) - self._offset)
+        buffer[:n] = self._pending[self._offset : self._offset + n]
+        self._offset += n
         return n
 
     def close(self) -> None:
@@ -251,7 +254,8 @@ def _read_any(p: Path, text_field: str, text_mode: str, hf_split: str | None) ->
                 f"{p}: no corpus files (expected suffixes {known}, text and JSONL also "
                 f"compressed: {COMPRESSED_SUFFIXES})"
             )
-        skipped = [str(f.relative_to(p)) for f in found if f not in set(files)]
+        read = set(files)
+        skipped = [str(f.relative_to(p)) for f in found if f not in read]
         if skipped:  # said, so a folder of unreadable files never shrinks to its README
             log.warning(
                 "%s: %d files are not corpus files and are skipped (suffixes read: %s, "

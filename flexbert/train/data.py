@@ -152,10 +152,10 @@ def get_shards(
             manifest = shard_manifest(stream.local, stream.remote)
             if manifest is not None:
                 check_manifest_tokenizer(manifest, tokenizer, stream.remote or stream.local)
-                lengths.append((manifest.get("settings") or {}).get("max_length"))
+            lengths.append(((manifest or {}).get("settings") or {}).get("max_length"))
             counts[stream.name] = (manifest or {}).get("counts")
         mixture = {"streams": [dataclasses.asdict(s) for s in streams], "counts": counts}
-        if lengths and None not in lengths:  # the longest document any stream holds
+        if None not in lengths:  # every stream's known: the longest document any holds
             mixture["settings"] = {"max_length": max(lengths)}
         return None, mixture
     if spec is None:

@@ -127,7 +127,9 @@ def load_colbert_model(
         from flexbert.colbert_settings import read_saved_head
         from flexbert.hf import resolve_model_dir
 
-        saved = read_saved_head(resolve_model_dir(path))  # compared below, by name
+        saved = read_saved_head(
+            resolve_model_dir(path)
+        )  # a ColBERT: the task's settings replace its own below
         given = settings if saved is None else {}
         model = FlexBertForColBERT.from_hf(path, **given, **overrides)
         where = str(path)

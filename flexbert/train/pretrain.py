@@ -53,7 +53,12 @@ def check_start_weights(cfg: DictConfig) -> None:
 
 
 # Durations that the LR schedule turns into batches or tokens (Composer's Time strings).
-SCHEDULE_KEYS = ("trainer.max_duration", "scheduler.t_warmup", "scheduler.t_decay")
+SCHEDULE_KEYS = (
+    "trainer.max_duration",
+    "scheduler.t_warmup",
+    "scheduler.t_decay",
+    "scheduler.t_max",
+)
 
 
 def check_durations_without_epochs(cfg: DictConfig) -> None:
@@ -68,7 +73,7 @@ def check_durations_without_epochs(cfg: DictConfig) -> None:
             continue
         try:
             unit = Time.from_input(value, TimeUnit.EPOCH).unit
-        except (TypeError, ValueError):  # not a duration: refused by check_config's checks
+        except (TypeError, ValueError):  # not a duration: Composer's own error, later
             continue
         if unit == TimeUnit.EPOCH:
             raise ConfigError(

@@ -143,10 +143,11 @@ def test_a_folder_says_which_files_it_skips(tmp_path, caplog):
     (tmp_path / "README.md").write_text("# My dataset card")
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "train-0000.arrow").write_bytes(b"\0\1")
+    (tmp_path / "data" / "train-0001.parquet.gz").write_bytes(b"\0\1")  # only text/JSONL
     with caplog.at_level("WARNING"):
         assert texts(tmp_path) == ["# My dataset card"]
-    assert "1 files are not corpus files and are skipped" in caplog.text
-    assert "data/train-0000.arrow" in caplog.text
+    assert "2 files are not corpus files and are skipped" in caplog.text
+    assert "data/train-0000.arrow, data/train-0001.parquet.gz" in caplog.text
 
 
 def test_missing_path(tmp_path):

@@ -297,7 +297,23 @@ def test_what_flexbert_cannot_compute_in_a_pylate_model_is_refused(colbert_run, 
         FlexBertForColBERT.from_pretrained(pylate)
 
 
+def _without_module(folder: Path, kind: str) -> None:
+    modules = json.loads((folder / "modules.json").read_text())
+    kept = [m for m in modules if not m["type"].endswith(kind)]
+    (folder / "modules.json").write_text(json.dumps(kept))
+
+
 NATIVE_REFUSALS = {
+    "no_mask_module": (
+        lambda d: _without_module(d, ".MultiVectorMask"),
+        "no MultiVectorMask module; without it sentence-transformers leaves",
+    ),
+    "text_prompt": (
+        lambda d: _edit_json(
+            d / "config_sentence_transformers.json", prompts={"query": "query: ", "document": ""}
+        ),
+        r"the query prompt 'query: ' is text \(tokenized as",
+    ),
     "expansion_strategy": (
         lambda d: _edit_json(
             d / "sentence_bert_config.json",
@@ -329,6 +345,25 @@ def test_what_flexbert_cannot_compute_in_a_multi_vector_save_is_refused(
     edit(native)
     with pytest.raises(ConfigError, match=expected):
         FlexBertForColBERT.from_pretrained(native)
+
+
+def test_a_skiplist_for_no_task_skips_nothing(colbert_run, tmp_path):
+    """skiplist_tasks [] in a MultiVectorEncoder: every document token scores, in
+    sentence-transformers and in FlexBERT alike."""
+    from sentence_transformers import MultiVectorEncoder
+
+    from flexbert import FlexBertForColBERT
+
+    run, _ = colbert_run
+    native = tmp_path / "native"
+    MultiVectorEncoder(str(run / "hf"), device="cpu").save(str(native))
+    _edit_json(native / "2_MultiVectorMask/config.json", skiplist_tasks=[])
+    assert FlexBertForColBERT.from_pretrained(native).skiplist_ids is None
+    queries, docs = _punctuated_texts()
+    ours = _flexbert_scores(native, queries, docs, 32)
+    assert not torch.allclose(ours, _flexbert_scores(run / "hf", queries, docs, 32))
+    theirs = _sentence_transformers_scores(native, queries, docs)
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
 
 
 def test_fine_tuning_continues_a_pylate_model_with_its_projection(colbert_run, tmp_path, caplog):

@@ -123,7 +123,7 @@ def test_padded_rows_refuse_shards_of_longer_documents():
         check_shard_length(data, "padded", longer)
     check_shard_length(data, "unpadded", longer)
     check_shard_length(data, "padded", {"settings": {"max_length": 32}})
-    check_shard_length(data, "padded", None)  # a mixture: no single manifest
+    check_shard_length(data, "padded", None)  # shards without a manifest: nothing to check
 
 
 def test_packed_rows_warn_when_the_shards_hold_only_shorter_documents(caplog):
@@ -177,9 +177,10 @@ def test_a_remote_manifest_is_fetched_so_the_tokenizer_is_checked(
     assert not (cache / "manifest.json").exists()
 
 
-def test_a_mixture_knows_its_longest_documents(first_run, tiny_run_config):
+def test_a_mixture_knows_its_longest_documents(first_run, tiny_run_config, tmp_path):
     """Each stream's manifest gives its document length; padded rows shorter than the
-    longest are refused, as for one dataset."""
+    longest are refused, as for one dataset. A stream without a manifest leaves the longest
+    unknown (not the others' longest)."""
     from flexbert.data.mds import read_manifest
     from flexbert.data.tokenizer import load_tokenizer
     from flexbert.train.data import check_shard_length, get_shards
@@ -193,3 +194,10 @@ def test_a_mixture_knows_its_longest_documents(first_run, tiny_run_config):
     cfg.data.seq_len = longest // 2
     with pytest.raises(ConfigError, match=f"up to {longest} tokens"):
         check_shard_length(cfg.data, "padded", manifest)
+    bare = shutil.copytree(
+        shards, tmp_path / "bare", ignore=shutil.ignore_patterns("manifest.json")
+    )
+    streams = f"{{a: {{dir: {shards}}}, b: {{dir: {tmp_path / 'cache'}, remote: {bare}}}}}"
+    cfg = tiny_run_config("data.corpus=null", f"data.mds.streams={streams}")
+    _, manifest = get_shards(cfg.data, load_tokenizer(root / "run" / "tokenizer"), cache_dir=None)
+    assert "settings" not in manifest and manifest["counts"]["b"] is None
