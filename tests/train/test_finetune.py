@@ -288,3 +288,41 @@ def test_flexbert_export_of_a_lone_fine_tuning_checkpoint_names_its_task(
     err = capsys.readouterr().err
     assert err.startswith("flexbert-export: error: the weights in") and "summary.json" in err
     assert not (tmp_path / "x").exists()
+
+
+def test_two_rank_fine_tuning_counts_each_eval_row_once(pretrained, contains_word, tmp_path):
+    """Two processes (gloo) fine-tune as `composer -n 2` would; 7 eval rows do not split
+    evenly, so DistributedSampler repeats one: the run's accuracy must count each row once,
+    equal to the exported model's on the 7 rows in one process."""
+    import csv
+
+    from flexbert import FlexBertForSequenceClassification
+    from flexbert.data.tokenizer import load_tokenizer
+    from tests.conftest import launch_two_ranks
+
+    with open(contains_word["validation"], newline="") as f:
+        rows = list(csv.DictReader(f))
+    positive = [r for r in rows[32:] if r["label"] == "1"]
+    negative = [r for r in rows[32:] if r["label"] == "0"]
+    files = {"train": rows[:32], "eval": positive[:4] + negative[:3]}  # mixed labels
+    for name, part in files.items():
+        with open(tmp_path / f"{name}.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["text", "label"])
+            writer.writeheader()
+            writer.writerows(part)
+    worker = Path(__file__).with_name("finetune_two_ranks_worker.py")
+    run = tmp_path / "run"
+    args = [str(pretrained), str(tmp_path / "train.csv"), str(tmp_path / "eval.csv"), str(run)]
+    launch_two_ranks(worker, *args)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["data"]["examples"]["eval"] == 7
+    model = FlexBertForSequenceClassification.from_hf(run / "hf").eval()
+    enc = load_tokenizer(run / "hf")(
+        [r["text"] for r in files["eval"]], padding=True, return_tensors="pt"
+    )
+    with torch.no_grad():
+        predicted = model(enc["input_ids"], attention_mask=enc["attention_mask"]).logits.argmax(-1)
+    right = (predicted == torch.tensor([int(r["label"]) for r in files["eval"]])).tolist()
+    once, row_0_twice = sum(right) / 7, (sum(right) + right[0]) / 8
+    assert once != row_0_twice  # the check could tell them apart
+    assert summary["eval"]["accuracy"] == pytest.approx(once)
