@@ -406,11 +406,18 @@ class FlexBertForColBERT(FlexBertPreTrainedModel):
                     f"{folder} holds a ColBERT head with {saved}; {differ} do not fit it "
                     "(leave them unset, or start from the encoder of another directory)"
                 )
-            given = {k: saved[k] for k in given}
+            return cls.from_saved_head(folder, head, **overrides)
         settings = {k: v for k, v in given.items() if v is not None}
-        model = cls.from_encoder(FlexBertModel.from_hf(folder, **overrides), **settings)
-        if head is not None:
-            model.projection.weight.data.copy_(head["weight"])
+        return cls.from_encoder(FlexBertModel.from_hf(folder, **overrides), **settings)
+
+    @classmethod
+    def from_saved_head(
+        cls, folder: Path, head: dict[str, Any], **overrides: Any
+    ) -> FlexBertForColBERT:
+        """The encoder in `folder` under the ColBERT head that `read_saved_head(folder)` read
+        there (its settings and projection); `overrides` are ModelConfig fields."""
+        model = cls.from_encoder(FlexBertModel.from_hf(folder, **overrides), **head["settings"])
+        model.projection.weight.data.copy_(head["weight"])
         return model
 
     @classmethod
@@ -421,11 +428,12 @@ class FlexBertForColBERT(FlexBertPreTrainedModel):
         from flexbert.hf import resolve_model_dir
 
         folder = resolve_model_dir(path)
-        if read_saved_head(folder) is None:
+        head = read_saved_head(folder)
+        if head is None:
             raise FileNotFoundError(
                 f"{folder} is not a saved ColBERT model: no {COLBERT_SETTINGS_FILE} and "
                 f"{COLBERT_WEIGHTS_FILE} (FlexBERT's), nor a PyLate / sentence-transformers "
                 "multi-vector model's modules.json and 1_Dense; FlexBertForColBERT.from_hf(path) "
                 "puts a new projection on any ModernBERT encoder"
             )
-        return cls.from_hf(folder, **overrides)
+        return cls.from_saved_head(folder, head, **overrides)

@@ -127,11 +127,12 @@ def load_colbert_model(
         from flexbert.colbert_settings import read_saved_head
         from flexbert.hf import resolve_model_dir
 
-        saved = read_saved_head(
-            resolve_model_dir(path)
-        )  # a ColBERT: the task's settings replace its own below
-        given = settings if saved is None else {}
-        model = FlexBertForColBERT.from_hf(path, **given, **overrides)
+        folder = resolve_model_dir(path)
+        head = read_saved_head(folder)  # a ColBERT: the task's settings replace its own below
+        if head is None:
+            model = FlexBertForColBERT.from_hf(folder, **settings, **overrides)
+        else:
+            model = FlexBertForColBERT.from_saved_head(folder, head, **overrides)
         where = str(path)
     elif run.task_type != "colbert":
         encoder = load_pretrained(path, FlexBertModel, **overrides)
