@@ -14,8 +14,8 @@ from tests.train.finetune_helpers import (
     COLBERT,
     FAST,
     KEY,
-    compose_finetune,
     file_overrides,
+    finetune_run,
     random_sentences,
     write_jsonl,
 )
@@ -179,16 +179,7 @@ def colbert_pairs(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def colbert_run(pretrained, colbert_pairs, tmp_path_factory):
     """A tiny ColBERT fine-tuned from `pretrained` for 3 epochs: (run folder, summary)."""
-    from flexbert.train.finetune import train
-
-    cfg = compose_finetune(
-        [
-            f"model.path={pretrained}",
-            *COLBERT,
-            *file_overrides(colbert_pairs),
-            *FAST,
-            "trainer.max_duration=3ep",
-        ]
+    overrides = [f"model.path={pretrained}", *COLBERT, *file_overrides(colbert_pairs), *FAST]
+    return finetune_run(
+        [*overrides, "trainer.max_duration=3ep"], tmp_path_factory.mktemp("colbert")
     )
-    run = tmp_path_factory.mktemp("colbert") / "run"
-    return run, train(cfg, run)

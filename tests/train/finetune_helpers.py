@@ -53,6 +53,14 @@ def compose_finetune(overrides: list[str]):
     return compose_config("finetune", overrides)
 
 
+def finetune_run(overrides: list[str], folder: Path) -> tuple[Path, dict]:
+    """Fine-tune as `overrides` say into folder/run: (the run folder, its summary)."""
+    from flexbert.train.finetune import train
+
+    run = folder / "run"
+    return run, train(compose_finetune(overrides), run)
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

@@ -18,6 +18,7 @@ from tests.train.finetune_helpers import (
     compose_finetune,
     file_overrides,
     finetune_error_line,
+    finetune_run,
 )
 
 TASKS = sorted(p.stem for p in (conf_dir() / "task").glob("*.yaml"))
@@ -25,16 +26,8 @@ TASKS = sorted(p.stem for p in (conf_dir() / "task").glob("*.yaml"))
 
 @pytest.fixture(scope="module")
 def classification_run(pretrained, contains_word, tmp_path_factory):
-    cfg = compose_finetune(
-        [
-            f"model.path={pretrained}",
-            *file_overrides(contains_word),
-            *FAST,
-            "trainer.max_duration=4ep",
-        ]
-    )
-    run = tmp_path_factory.mktemp("ft") / "run"
-    return run, train(cfg, run)
+    overrides = [f"model.path={pretrained}", *file_overrides(contains_word), *FAST]
+    return finetune_run([*overrides, "trainer.max_duration=4ep"], tmp_path_factory.mktemp("ft"))
 
 
 def test_classification_learns_and_writes_summary(classification_run):
