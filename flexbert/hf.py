@@ -113,6 +113,9 @@ def config_from_hf(hf_config: Any, **overrides: Any) -> ModelConfig:
     same_count = overrides.get("num_labels", hf_config.num_labels) == hf_config.num_labels
     if named and same_count and len(set(names)) == len(names):  # and usable as names
         values["label_names"] = names
+    out_dropout = getattr(hf_config, "attention_out_dropout", None)  # saved by FlexBERT only
+    if out_dropout is not None:
+        values["attention_out_dropout"] = float(out_dropout)
     mask_id = getattr(hf_config, "mask_token_id", None)
     if mask_id is not None:
         values["mask_token_id"] = mask_id
@@ -193,8 +196,10 @@ def config_to_hf(cfg: ModelConfig, architecture: str) -> Any:
     if cfg.label_names:
         hf_config.id2label = dict(enumerate(cfg.label_names))
         hf_config.label2id = {name: i for i, name in enumerate(cfg.label_names)}
-    # Not a ModernBertConfig field: kept as an extra attribute so from_hf restores it.
+    # Not ModernBertConfig fields: kept as extra attributes so from_hf restores them.
     hf_config.mask_token_id = cfg.mask_token_id
+    if cfg.attention_out_dropout is not None:  # transformers drops out with attention_dropout
+        hf_config.attention_out_dropout = cfg.attention_out_dropout
     return hf_config
 
 

@@ -287,6 +287,19 @@ def test_label_names_travel_both_ways_and_another_label_count_drops_them(tmp_pat
         ModelConfig.preset("tiny", num_labels=3, label_names=["a", "a", "b"])
 
 
+def test_dropout_settings_survive_a_save_hf_round_trip(tmp_path):
+    """ModernBERT pretrained with 0.1 on the attention output and 0.0 on the probabilities;
+    transformers has one knob for both, so FlexBERT keeps its own as an extra attribute."""
+    dropouts = dict(
+        embedding_dropout=0.05, attention_dropout=0.0, attention_out_dropout=0.1, mlp_dropout=0.2
+    )
+    FlexBertForMaskedLM(ModelConfig.preset("tiny", **dropouts)).save_hf(tmp_path / "split")
+    loaded = FlexBertForMaskedLM.from_hf(tmp_path / "split").config
+    assert {name: getattr(loaded, name) for name in dropouts} == dropouts
+    FlexBertForMaskedLM(ModelConfig.preset("tiny", attention_dropout=0.1)).save_hf(tmp_path / "one")
+    assert FlexBertForMaskedLM.from_hf(tmp_path / "one").config.attention_out_dropout is None
+
+
 def test_saving_a_model_with_bf16_rope_says_transformers_rotates_in_fp32(tmp_path, caplog):
     model = FlexBertForMaskedLM(
         ModelConfig.preset("tiny", position={"name": "rope", "fp32": False})
