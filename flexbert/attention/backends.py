@@ -9,7 +9,8 @@ returns the same layout. `check` refuses, at build time, a backend that cannot r
   sequences attend chunk by chunk: `sliding_window.py`); the CPU default.
 - flex: FlexAttention with block masks built once per forward from the layout
   (`block_masks.py`: from cu_seqlens directly for packed batches).
-- varlen: torch.nn.attention.varlen.varlen_attn (torch >= 2.10, CUDA, bf16/fp16, unpadded).
+- varlen: torch.nn.attention.varlen.varlen_attn (torch >= 2.10, CUDA, bf16/fp16, unpadded;
+  local layers need its `window_size`, torch >= 2.11).
 - flash_attn: flash-attn's varlen kernels when the package is installed (unpadded).
 - auto: the fastest one that runs for the tensors it is given.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -189,8 +191,21 @@ _HAS_VARLEN = importlib.util.find_spec("torch.nn.attention.varlen") is not None
 _HAS_FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None
 
 
-def varlen_available() -> bool:
-    return _HAS_VARLEN
+def _varlen_has_window() -> bool:
+    """torch 2.10's varlen_attn has no `window_size` (it came in 2.11): global layers only."""
+    if not _HAS_VARLEN:
+        return False
+    from torch.nn.attention.varlen import varlen_attn
+
+    return "window_size" in inspect.signature(varlen_attn).parameters
+
+
+_VARLEN_WINDOW = _varlen_has_window()
+
+
+def varlen_available(local: bool = False) -> bool:
+    """varlen_attn exists here; with `local`, it also takes a sliding window."""
+    return _HAS_VARLEN and (_VARLEN_WINDOW or not local)
 
 
 def _check_varlen(cfg: ModelConfig) -> None:
@@ -198,6 +213,12 @@ def _check_varlen(cfg: ModelConfig) -> None:
         raise ConfigError(
             f"backend: 'varlen' needs torch >= 2.10 (torch.nn.attention.varlen); this is torch "
             f"{torch.__version__}. Use backend 'sdpa'"
+        )
+    if "local" in cfg.layer_types and not varlen_available(local=True):
+        raise ConfigError(
+            f"backend: 'varlen' on torch {torch.__version__} has no sliding window "
+            "(varlen_attn's window_size came in torch 2.11) and this model has local layers; "
+            "use torch >= 2.11, backend 'flash_attn', 'flex' or 'sdpa', or a global pattern"
         )
     if not torch.cuda.is_available():
         raise ConfigError(
@@ -228,7 +249,7 @@ def _check_flash(cfg: ModelConfig) -> None:
     if not flash_attn_available():
         raise ConfigError(
             "backend: 'flash_attn' needs the flash-attn package (pip install flexbert[flash]); "
-            "use backend 'varlen' (CUDA, torch >= 2.10) or 'sdpa'"
+            "use backend 'varlen' (CUDA, torch >= 2.11) or 'sdpa'"
         )
 
 
@@ -243,10 +264,13 @@ def flash_attention(q, k, v, layout: Layout, half, dropout_p: float, scale: floa
 
 
 # ---------------------------------------------------------------- auto
-def resolve_auto(q: torch.Tensor, layout: Layout, dropout_p: float) -> AttentionFn:
-    """Fastest backend for these tensors: varlen/flash_attn on GPU when unpadded, else sdpa."""
+def resolve_auto(
+    q: torch.Tensor, layout: Layout, dropout_p: float, local: bool = False
+) -> AttentionFn:
+    """Fastest backend for these tensors (`local`: a sliding-window layer): varlen/flash_attn
+    on GPU when unpadded, else sdpa."""
     fast_ok = q.is_cuda and not layout.padded and q.dtype in (torch.float16, torch.bfloat16)
-    if fast_ok and dropout_p == 0 and varlen_available():
+    if fast_ok and dropout_p == 0 and varlen_available(local):
         return varlen_attention
     if fast_ok and flash_attn_available():
         return flash_attention
@@ -254,7 +278,8 @@ def resolve_auto(q: torch.Tensor, layout: Layout, dropout_p: float) -> Attention
 
 
 def auto_attention(q, k, v, layout: Layout, half, dropout_p: float, scale: float):
-    return resolve_auto(q, layout, dropout_p)(q, k, v, layout, half, dropout_p, scale)
+    fn = resolve_auto(q, layout, dropout_p, local=half is not None)
+    return fn(q, k, v, layout, half, dropout_p, scale)
 
 
 _REGISTERED = {

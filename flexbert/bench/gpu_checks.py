@@ -73,7 +73,7 @@ def backends_here(device: str, slow: bool = False) -> list[str]:
     if slow:
         return list(SLOW_BACKENDS)
     names = ["sdpa"]
-    if varlen_available():
+    if varlen_available(local=True):
         names.append("varlen")
     if flash_attn_available():
         names.append("flash_attn")

@@ -99,7 +99,7 @@ def transformers_version() -> str | None:
 def flexbert_backends(device: str) -> list[str]:
     """Backends worth timing on this device, fastest first."""
     if device.startswith("cuda"):
-        fast = ["varlen"] if varlen_available() else []
+        fast = ["varlen"] if varlen_available(local=True) else []
         return fast + (["flash_attn"] if flash_attn_available() else []) + ["sdpa"]
     return ["sdpa"]
 

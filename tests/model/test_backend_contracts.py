@@ -16,8 +16,10 @@ import types
 import pytest
 import torch
 
+from flexbert import FlexBertModel, ModelConfig
 from flexbert.attention import backends
 from flexbert.layout import Layout, positions_from_cu_seqlens
+from flexbert.registry import ConfigError
 
 
 def reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale=None, window_size=(-1, -1)):
@@ -91,3 +93,23 @@ def test_flash_attn_call_matches_eager(monkeypatch, half):
 def test_auto_picks_sdpa_on_the_cpu_and_for_fp32():
     q, _, _, layout = _inputs()
     assert backends.resolve_auto(q, layout, 0.0) is backends.sdpa_attention
+
+
+def test_varlen_without_a_window_serves_global_layers_only(monkeypatch):
+    """torch 2.10's varlen_attn has no window_size: local layers go elsewhere, and asking for
+    the varlen backend on a model with local layers says why."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(backends, "_HAS_VARLEN", True)
+    monkeypatch.setattr(backends, "_VARLEN_WINDOW", False)
+    monkeypatch.setattr(backends, "_HAS_FLASH_ATTN", False)
+    _, _, _, layout = _inputs()
+    q = SimpleNamespace(is_cuda=True, dtype=torch.bfloat16)  # what resolve_auto looks at
+    assert backends.resolve_auto(q, layout, 0.0) is backends.varlen_attention
+    assert backends.resolve_auto(q, layout, 0.0, local=True) is backends.sdpa_attention
+    with pytest.raises(ConfigError, match="no sliding window.*window_size came in torch 2.11"):
+        FlexBertModel(ModelConfig.preset("tiny", backend="varlen"))
+    with pytest.raises(ConfigError, match="runs on CUDA only"):  # a global model gets further
+        FlexBertModel(
+            ModelConfig.preset("tiny", backend="varlen", attention_pattern={"name": "global"})
+        )
