@@ -68,7 +68,10 @@ def run_inference(s: Settings, on_row: Callable[[Row], None]) -> None:
 
     Sequential by default (one model resident at a time, so the max-batch search sees all the
     memory); with `s.interleave` all models are built first and timed round-robin per set.
+    No set (`--workloads none`, a training-only run): nothing is built.
     """
+    if not s.workloads:
+        return
     ids = runners.id_range(s.sizes)
     docs = {
         w.key: workloads.make_documents(

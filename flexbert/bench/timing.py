@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -162,6 +163,11 @@ def fits(attempt: Callable[[], object], device: str) -> bool:
     except RuntimeError as err:  # torch.OutOfMemoryError is one
         if not is_out_of_memory(err):
             raise
+        if not isinstance(err, torch.OutOfMemoryError):  # a library's words for it: say which
+            first = str(err).strip().splitlines()[0][:160] if str(err).strip() else ""
+            print(
+                f"max batch: counted as not fitting: {type(err).__name__}: {first}", file=sys.stderr
+            )
         ok = False
     if not ok:
         gc.collect()

@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from flexbert.bench import cli, report, runners, targets, timing, workloads
+from flexbert.bench import cli, report, runners, suite, targets, timing, workloads
 
 ID_RANGE = (5, 512)
 
@@ -70,7 +70,7 @@ def test_training_rows_are_full_and_masked_at_thirty_percent():
     assert torch.equal(labels[chosen], rows[chosen]) and (ids[chosen] == 3).all()
 
 
-def test_max_batch_search_finds_the_oom_threshold_and_isolates_failures():
+def test_max_batch_search_finds_the_oom_threshold_and_isolates_failures(capsys):
     attempts = []
 
     def fake_runner(batch: int) -> None:
@@ -92,7 +92,9 @@ def test_max_batch_search_finds_the_oom_threshold_and_isolates_failures():
     with pytest.raises(ValueError):  # only out-of-memory is swallowed
         timing.fits(lambda: (_ for _ in ()).throw(ValueError("bug")), "cpu")
     cublas = RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate")
+    assert capsys.readouterr().err == ""  # torch's own out-of-memory goes without a word
     assert not timing.fits(lambda: (_ for _ in ()).throw(cublas), "cpu")  # an OOM too
+    assert "counted as not fitting: RuntimeError: CUDA error: CUBLAS" in capsys.readouterr().err
     with pytest.raises(RuntimeError, match="illegal"):
         timing.fits(lambda: (_ for _ in ()).throw(RuntimeError("illegal memory access")), "cpu")
 
@@ -201,6 +203,19 @@ def test_cli_tiny_run_writes_consistent_results(tmp_path, capsys):
     assert "FlexBERT / HF ModernBERT" in printed and (out / "results.txt").exists()
 
 
+def test_a_training_only_run_builds_no_inference_model(tmp_path, monkeypatch):
+    built = []
+    real = suite._build_or_report
+    monkeypatch.setattr(
+        suite, "_build_or_report", lambda spec, *a: built.append(spec) or real(spec, *a)
+    )
+    args = ["--device", "cpu", "--tiny", "--workloads", "none", "--models", "flexbert"]
+    args += ["--train-steps", "1", "--train-rows", "2", "--train-len", "64", "--warmup", "0"]
+    assert cli.main([*args, "--out", str(tmp_path), "--no-plot", "--threads", "1"]) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert built == [] and rows and {r["mode"] for r in rows} == {"train"}
+
+
 def test_report_table_and_plot_handle_failed_rows(tmp_path):
     ok = report.make_row(
         model="flexbert-tiny",
@@ -257,6 +272,32 @@ def test_gpu_checks_save_after_every_check():
     )
     n = len(report["results"])
     assert saved == [(i, False) for i in range(1, n + 1)] + [(n, True)]
+
+
+def test_gpu_checks_slow_part_adds_to_the_fast_parts_report(tmp_path, monkeypatch):
+    """scripts/gpu_bench.sh checks the compiled backends in a later phase of their own."""
+    from flexbert.bench import gpu_checks
+
+    args = ["--device", "cpu", "--sizes", "tiny", "--out", str(tmp_path)]
+    assert gpu_checks.main([*args, "--part", "fast"]) == 0
+    fast = json.loads((tmp_path / "gpu_checks.json").read_text())
+    assert fast["parts"] == ["fast"] and fast["complete"]
+    real = gpu_checks.backends_here  # the CPU has no compiled backend to check: stand one in
+    monkeypatch.setattr(
+        gpu_checks, "backends_here", lambda d, slow=False: ["sdpa"] if slow else real(d)
+    )
+    fast["results"][0]["pass"] = False  # an earlier failure stays a failure
+    (tmp_path / "gpu_checks.json").write_text(json.dumps(fast))
+    assert gpu_checks.main([*args, "--part", "slow"]) == 1
+    both = json.loads((tmp_path / "gpu_checks.json").read_text())
+    assert both["parts"] == ["fast", "slow"] and both["complete"] and not both["all_pass"]
+    added = both["results"][len(fast["results"]) :]
+    assert both["results"][: len(fast["results"])] == fast["results"]
+    assert {(r["check"], r["backend"]) for r in added} == {
+        ("backend", "sdpa"),
+        ("backward", "sdpa"),
+    }
+    assert all(r["pass"] for r in added)
 
 
 def _row(family, mode, label, tps=None, size="base", max_batch=None, variant="varlen"):
