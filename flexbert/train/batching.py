@@ -25,7 +25,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from flexbert.data.loader import ComposerStateAdapter
+from torch.utils.data import DataLoader, IterableDataset
+
 from flexbert.registry import ConfigError
 from flexbert.train.data_spec import num_tokens
 
@@ -75,11 +76,12 @@ class BatchSizeSchedule:
         return self.start + int(step / self.steps_per_size)
 
 
-class StepBatcher:
+class StepBatcher(IterableDataset):
     """Group a microbatch loader's output into optimizer steps of `rows_per_step` rows.
 
     The loader's own `state_dict()` / `load_state_dict()` (PackedMLMLoader,
-    StreamingDataLoader) are saved with the step counters. `rows_per_step` and
+    StreamingDataLoader) are saved with the step counters; Composer checkpoints them when it
+    is handed `step_loader(batcher)`, and a resumed run continues from them. `rows_per_step` and
     `rows_per_microbatch` are per rank; `tokens_per_row` (seq_len) sizes the warmup. The last
     step of an epoch may hold fewer microbatches.
     """
@@ -102,7 +104,6 @@ class StepBatcher:
         self.rows_per_step, self.tokens_per_row = rows_per_step, tokens_per_row
         full = rows_per_step // rows_per_microbatch
         self.schedule = BatchSizeSchedule(full, full, 0.0)
-        self.dataset = ComposerStateAdapter(self)
         self.tokens_seen = 0
         self.steps = 0
         self.last_microbatches = 0
@@ -135,7 +136,9 @@ class StepBatcher:
         self.last_microbatches = len(step)
         return {"microbatches": step}
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, num_samples: int = 0, from_beginning: bool = True) -> dict[str, Any]:
+        """Step counters and the loader's state. Composer's call passes its sample count,
+        which is ignored: a step of packed rows holds no fixed number of documents."""
         has_state = hasattr(self.loader, "state_dict")
         return {
             "tokens_seen": self.tokens_seen,
@@ -148,3 +151,14 @@ class StepBatcher:
         self.steps = int(state["steps"])
         if state.get("loader") is not None and hasattr(self.loader, "load_state_dict"):
             self.loader.load_state_dict(state["loader"])  # type: ignore[attr-defined]
+
+
+def _as_is(step: dict[str, Any]) -> dict[str, Any]:
+    return step
+
+
+def step_loader(batcher: StepBatcher) -> DataLoader:
+    """The train loader to hand Composer: a torch DataLoader over `batcher` that passes each
+    step through as is. Composer saves and restores the dataset state only of a DataLoader's
+    dataset; from anything else it resumes by replaying every batch of the epoch so far."""
+    return DataLoader(batcher, batch_size=None, collate_fn=_as_is)

@@ -14,6 +14,7 @@ from flexbert.train.batching import StepBatcher
 def _step_batcher(state: State) -> StepBatcher | None:
     loader = state.train_dataloader
     loader = getattr(loader, "dataloader", loader)  # a DataSpec wraps the loader
+    loader = getattr(loader, "dataset", loader)  # step_loader: a DataLoader over the batcher
     return loader if isinstance(loader, StepBatcher) else None
 
 

@@ -27,6 +27,7 @@ from flexbert.train.app import (
     run_app,
     trainer_kwargs,
 )
+from flexbert.train.batching import step_loader
 from flexbert.train.checkpoints import last_checkpoint
 from flexbert.train.continue_from import continue_from_path
 from flexbert.train.runtime import final_model, is_main_process, start_distributed
@@ -159,7 +160,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> tuple[Any, dict[str, Any]]:
         cfg,
         run_dir,
         model,
-        flexbert_data_spec(train_loader),
+        flexbert_data_spec(step_loader(train_loader)),  # Composer checkpoints its state
         Evaluator(
             label="eval",
             dataloader=flexbert_data_spec(eval_loader),

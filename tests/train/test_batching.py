@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from composer.core import DataSpec, State
 
-from flexbert.train.batching import BatchSizeSchedule, StepBatcher
+from flexbert.train.batching import BatchSizeSchedule, StepBatcher, step_loader
 from flexbert.train.data_spec import num_samples, num_tokens, split_batch, token_counts
 
 
@@ -109,9 +110,13 @@ def test_step_batcher_resumes_at_the_same_step_and_batch_size():
         return batcher
 
     full = run()
-    it = iter(full)
+    loader = step_loader(full)
+    it = iter(loader)
     first = [next(it) for _ in range(3)]
-    state = full.dataset.state_dict(num_samples=123, from_beginning=True)  # as Composer calls it
+    # Composer finds the state to checkpoint only through a DataLoader's dataset
+    dataset = State._dataset_of(None, DataSpec(loader))  # type: ignore[arg-type]
+    assert dataset is full
+    state = dataset.state_dict(num_samples=123, from_beginning=True)  # as Composer calls it
     rest = [[int(m["input_ids"][0]) for m in s["microbatches"]] for s in it]
     resumed = [[int(m["input_ids"][0]) for m in s["microbatches"]] for s in run(state)]
     assert len(first) == 3 and resumed == rest == [[4, 5], [6, 7, 8], [9, 10, 11]]

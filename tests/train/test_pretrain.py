@@ -67,9 +67,17 @@ def test_hf_export_loads_with_transformers_and_gives_the_same_logits(first_run):
 
 
 def test_resuming_from_a_checkpoint_continues_at_the_right_batch(first_run, tiny_run_config):
+    """The checkpoint holds the step batcher's and the packer's state, so a resumed run
+    continues from it: without Composer replaying the epoch's batches (spin_dataloaders)."""
     root, _, first = first_run
     ckpt = root / "run" / "checkpoints" / "ep0-ba3-rank0.pt"
-    cfg = tiny_run_config(f"trainer.load_path={ckpt}", f"paths.cache_dir={root / 'cache'}")
+    saved = torch.load(ckpt, weights_only=False)["state"]["dataset_state"]["train"]
+    assert saved["steps"] == 3 and saved["loader"] is not None
+    cfg = tiny_run_config(
+        f"trainer.load_path={ckpt}",
+        f"paths.cache_dir={root / 'cache'}",
+        "+trainer.spin_dataloaders=false",
+    )
     again = train(cfg, root / "resumed")
     assert again["train"]["batches"] == 6 and again["train"]["batches_this_run"] == 3
     resumed = [(s["batch"], s["tokens"], s["loss"]) for s in again["train"]["loss_curve"]]
