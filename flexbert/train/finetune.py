@@ -38,11 +38,15 @@ log = logging.getLogger("flexbert.train")
 PREDICTIONS_FILE = "eval_predictions.json"  # question answering: the last evaluation's answers
 
 
-def _loader(rows: list[dict[str, Any]], batch_size: int, collate: Any, shuffle: bool) -> Any:
+def _loader(
+    rows: list[dict[str, Any]], batch_size: int, collate: Any, shuffle: bool, seed: int = 0
+) -> Any:
+    """Batches of `rows` for this rank; `shuffle` in an order drawn from `seed` (the run's
+    seed: a seed sweep varies the data order too, not only the head's initialisation)."""
     from composer.utils import dist
     from torch.utils.data import DataLoader
 
-    sampler = dist.get_sampler(rows, shuffle=shuffle)  # type: ignore[arg-type]
+    sampler = dist.get_sampler(rows, shuffle=shuffle, seed=seed)  # type: ignore[arg-type]
     return DataLoader(rows, batch_size=batch_size, sampler=sampler, collate_fn=collate)  # type: ignore[arg-type]
 
 
@@ -111,7 +115,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> tuple[Any, dict[str, Any]]:
     check_run_dir(run_dir, model.config, cfg.trainer)
     if is_main_process():
         write_run_files(run_dir, model.config, tokenizer, task)
-    train_loader = _loader(examples["train"], train_rows, collate, True)
+    train_loader = _loader(examples["train"], train_rows, collate, True, int(cfg.seed))
     # Composer's eval drops the rows DistributedSampler repeats: each eval row counts once
     eval_loader = _loader(examples["eval"], eval_rows, collate, False)
 

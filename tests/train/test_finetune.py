@@ -319,3 +319,17 @@ def test_two_rank_fine_tuning_counts_each_eval_row_once(pretrained, contains_wor
     once, row_0_twice = sum(right) / 7, (sum(right) + right[0]) / 8
     assert once != row_0_twice  # the check could tell them apart
     assert summary["eval"]["accuracy"] == pytest.approx(once)
+
+
+def test_the_training_order_follows_the_run_seed():
+    """A seed sweep varies the data order, not only the head's initialisation."""
+    from flexbert.train.finetune import _loader
+
+    rows = [{"i": i} for i in range(32)]
+
+    def order(seed: int) -> list[int]:
+        return [r["i"] for b in _loader(rows, 8, list, True, seed) for r in b]
+
+    assert order(1) == order(1) and sorted(order(1)) == list(range(32))
+    assert order(1) != order(2)
+    assert [r["i"] for b in _loader(rows, 8, list, False, 1) for r in b] == list(range(32))
