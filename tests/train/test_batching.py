@@ -8,6 +8,11 @@ from composer.core import DataSpec, State
 
 from flexbert.train.batching import BatchSizeSchedule, StepBatcher, step_loader
 from flexbert.train.data_spec import num_samples, num_tokens, split_batch, token_counts
+from flexbert.train.paths import overlay_dir
+from flexbert.train.runtime import rows_per_rank
+from tests.train.conftest import compose_config
+
+EXPERIMENTS = sorted(p.stem for p in overlay_dir("experiment").glob("*.yaml"))
 
 
 def test_every_warmup_size_lasts_the_same_steps_and_all_take_the_warmup_tokens():
@@ -120,3 +125,18 @@ def test_step_batcher_resumes_at_the_same_step_and_batch_size():
     rest = [[int(m["input_ids"][0]) for m in s["microbatches"]] for s in it]
     resumed = [[int(m["input_ids"][0]) for m in s["microbatches"]] for s in run(state)]
     assert len(first) == 3 and resumed == rest == [[4, 5], [6, 7, 8], [9, 10, 11]]
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_experiment_shares_its_batches_on_one_eight_gpu_node(name):
+    """Batch sizes count all ranks: the paper's node of 8 GPUs splits every one evenly into
+    whole microbatches (the reference's per-GPU microbatch, times 8)."""
+    data = compose_config([f"experiment={name}"]).data
+    micro = rows_per_rank(data.micro_batch_size, "micro_batch_size", 8)
+    step = rows_per_rank(data.batch_size, "batch_size", 8)
+    rows_per_rank(data.eval_micro_batch_size, "eval_micro_batch_size", 8)
+    assert step % micro == 0
+    warmup = compose_config([f"experiment={name}"]).callbacks.get("batch_size_warmup")
+    if warmup:  # the ramp starts at a whole number of microbatches
+        assert warmup.start_batch_size % data.micro_batch_size == 0
+        BatchSizeSchedule.over_tokens(warmup.start_batch_size // 8, step, micro, 10**9, 1024)

@@ -43,24 +43,6 @@ def test_every_experiment_composes_and_validates(name):
     instantiate(cfg.scheduler)
 
 
-@pytest.mark.parametrize("name", EXPERIMENTS)
-def test_every_experiment_shares_its_batches_on_one_eight_gpu_node(name):
-    """Batch sizes count all ranks: the paper's node of 8 GPUs splits every one evenly into
-    whole microbatches (the reference's per-GPU microbatch, times 8)."""
-    from flexbert.train.batching import BatchSizeSchedule
-    from flexbert.train.runtime import rows_per_rank
-
-    data = compose_config([f"experiment={name}"]).data
-    micro = rows_per_rank(data.micro_batch_size, "micro_batch_size", 8)
-    step = rows_per_rank(data.batch_size, "batch_size", 8)
-    rows_per_rank(data.eval_micro_batch_size, "eval_micro_batch_size", 8)
-    assert step % micro == 0
-    warmup = compose_config([f"experiment={name}"]).callbacks.get("batch_size_warmup")
-    if warmup:  # the ramp starts at a whole number of microbatches
-        assert warmup.start_batch_size % data.micro_batch_size == 0
-        BatchSizeSchedule.over_tokens(warmup.start_batch_size // 8, step, micro, 10**9, 1024)
-
-
 def test_paper_recipes_carry_the_paper_settings():
     base = compose_config(["experiment=modernbert_base_pretrain"])
     m = resolve_model_config(base.model, MODERNBERT_IDS)
