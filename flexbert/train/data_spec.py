@@ -108,12 +108,20 @@ def _split(batch: dict[str, Any], microbatch_size: int | float | None) -> list[d
     return out
 
 
-def flexbert_data_spec(dataloader: Iterable, **kwargs: Any) -> DataSpec:
-    """DataSpec with FlexBERT's sample/token counts and packed-aware splitting."""
+def flexbert_data_spec(
+    dataloader: Iterable, whole_batches: bool = False, **kwargs: Any
+) -> DataSpec:
+    """DataSpec with FlexBERT's sample/token counts and packed-aware splitting.
+    `whole_batches`: the loader yields microbatches already (pretraining's evaluation: rows
+    per rank), which Composer must not split again by their document count."""
     return DataSpec(
         dataloader,
         get_num_samples_in_batch=num_samples,
         get_num_tokens_in_batch=token_counts,
-        split_batch=split_batch,
+        split_batch=_as_one_microbatch if whole_batches else split_batch,
         **kwargs,
     )
+
+
+def _as_one_microbatch(batch: dict[str, Any], microbatch_size: Any) -> list[dict[str, Any]]:
+    return [batch]

@@ -163,7 +163,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> tuple[Any, dict[str, Any]]:
         flexbert_data_spec(step_loader(train_loader)),  # Composer checkpoints its state
         Evaluator(
             label="eval",
-            dataloader=flexbert_data_spec(eval_loader),
+            dataloader=flexbert_data_spec(eval_loader, whole_batches=True),  # rows per rank
             device_eval_microbatch_size=cfg.data.eval_micro_batch_size // world,
         ),
         [history],

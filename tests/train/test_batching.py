@@ -140,3 +140,18 @@ def test_every_experiment_shares_its_batches_on_one_eight_gpu_node(name):
     if warmup:  # the ramp starts at a whole number of microbatches
         assert warmup.start_batch_size % data.micro_batch_size == 0
         BatchSizeSchedule.over_tokens(warmup.start_batch_size // 8, step, micro, 10**9, 1024)
+
+
+def test_pretraining_eval_batches_are_not_split_again_by_document_count():
+    """The packed eval loader yields each rank's rows already; Composer's eval microbatch
+    size (rows) must not cut them again into groups of that many documents."""
+    from flexbert.train.data_spec import flexbert_data_spec
+
+    packed = {
+        "input_ids": torch.arange(10),
+        "labels": torch.full((10,), -100),
+        "cu_seqlens": torch.tensor([0, 3, 5, 9, 10], dtype=torch.int32),
+        "max_seqlen": 4,
+    }
+    assert len(flexbert_data_spec([]).split_batch(packed, 2)) == 2  # 4 documents, 2 by 2
+    assert flexbert_data_spec([], whole_batches=True).split_batch(packed, 2) == [packed]
