@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
@@ -37,6 +36,7 @@ import torch
 import flexbert
 from flexbert.attention.backends import flash_attn_available, varlen_available
 from flexbert.bench import runners, workloads
+from flexbert.bench.report import replace_json
 
 REL_L2 = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 3e-3}
 MAX_TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-1, torch.float16: 3e-2}
@@ -397,9 +397,7 @@ def main(argv: list[str] | None = None) -> int:
         previous = json.loads(path.read_text())
 
     def save(report: dict[str, Any]) -> None:
-        temp = path.with_name(path.name + ".tmp")  # a run killed mid-write keeps the last one
-        temp.write_text(json.dumps(report, indent=1))
-        os.replace(temp, path)
+        replace_json(path, report)  # a run killed mid-write keeps the last one
         if not report["complete"]:  # progress: the check just finished
             print(summary_line(report["results"][-1]), flush=True)
 

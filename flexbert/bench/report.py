@@ -123,6 +123,12 @@ def write_json(path: str | Path, meta: dict[str, Any], rows: list[Row]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     doc = {"schema": SCHEMA_VERSION, "meta": meta, "rows": rows, "ratios": ratios(rows)}
+    return replace_json(path, doc)
+
+
+def replace_json(path: Path, doc: dict[str, Any]) -> Path:
+    """Write `doc` to a temporary file, then move it over `path`: a run killed mid-write
+    leaves the previous version whole."""
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(doc, indent=1))
     os.replace(tmp, path)
