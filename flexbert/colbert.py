@@ -164,6 +164,9 @@ class FlexBertForColBERT(FlexBertPreTrainedModel):
         self.projection = nn.Linear(cfg.hidden_size, colbert_dim, bias=False)
         self.init_weights()
 
+    def init_kwargs(self) -> dict[str, Any]:
+        return self.get_extra_state()  # the constructor's settings, by the same names
+
     # The settings travel in the state dict (Composer checkpoints), as `_extra_state`.
     def get_extra_state(self) -> dict[str, int | None]:
         return {

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -275,6 +276,9 @@ class FlexBertForSentenceEmbedding(FlexBertPreTrainedModel):
         self.model = FlexBertModel(cfg, initialize=False)
         self.temperature = temperature
         self.init_weights()
+
+    def init_kwargs(self) -> dict[str, Any]:
+        return {"temperature": self.temperature}
 
     def save_hf(self, path: str | Path) -> Path:
         """The encoder as a ModernBertModel directory (`AutoModel`) plus the

@@ -10,6 +10,8 @@ With `padding="padded"` every layer sees (B, L, D) plus a mask.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -84,6 +86,12 @@ class FlexBertPreTrainedModel(HFInteropMixin, nn.Module):
 
     def init_weights(self) -> None:
         INITS.build(self.config.init, self, self.config)
+
+    def init_kwargs(self) -> dict[str, Any]:
+        """What builds this model again besides its config: `type(m)(m.config,
+        **m.init_kwargs())` is a new model of the same shape and settings (what a gathered
+        FSDP state dict is loaded into for export)."""
+        return {}
 
     def compile_layers(self, **compile_kwargs) -> None:
         """torch.compile every encoder layer in place (fuses norms, RoPE, GLU around the

@@ -31,7 +31,13 @@ from flexbert.train.app import (
     trainer_kwargs,
 )
 from flexbert.train.checkpoints import last_checkpoint
-from flexbert.train.runtime import final_model, is_main_process, rows_per_rank, start_distributed
+from flexbert.train.runtime import (
+    final_model,
+    full_model,
+    is_main_process,
+    rows_per_rank,
+    start_distributed,
+)
 
 log = logging.getLogger("flexbert.train")
 
@@ -172,7 +178,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     if not metrics:  # no eval ran during fit (eval_interval longer than the run)
         trainer.eval()
         metrics = eval_metrics(trainer)
-    model = final_model(trainer)
+    trained = final_model(trainer)
+    model = full_model(trained)  # every rank gathers; rank 0 gets it, the others None
     main = is_main_process()
     hf_dir = run_dir / "hf"
     skipped = None if cfg.get("export_hf", True) else "export_hf=false"
@@ -188,8 +195,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         "config": OmegaConf.to_container(cfg, resolve=True),
         "task": facts["task"],
         "pretrained": facts["pretrained"],
-        "model_config": model.config.to_dict(),
-        "parameters": sum(p.numel() for p in model.parameters()),
+        "model_config": trained.config.to_dict(),
+        "parameters": model.num_params() if main else None,
         "data": {"tokenizer": facts["tokenizer_source"], "examples": facts["counts"]},
         "train": {
             "epochs": int(state.timestamp.epoch),

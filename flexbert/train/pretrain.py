@@ -30,7 +30,7 @@ from flexbert.train.app import (
 from flexbert.train.batching import step_loader
 from flexbert.train.checkpoints import last_checkpoint
 from flexbert.train.continue_from import continue_from_path
-from flexbert.train.runtime import final_model, is_main_process, start_distributed
+from flexbert.train.runtime import final_model, full_model, is_main_process, start_distributed
 
 log = logging.getLogger("flexbert.train")
 
@@ -231,7 +231,7 @@ def _train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     if facts["history"].last_eval_batch != int(state.timestamp.batch):  # final weights unscored
         trainer.eval()
     metrics = _metrics(trainer)
-    model = final_model(trainer)
+    model = full_model(final_model(trainer))  # every rank gathers; rank 0 gets it, others None
     main = is_main_process()
     hf_dir = run_dir / "hf"
     if eval_only:
@@ -248,7 +248,7 @@ def _train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         "run_dir": str(run_dir),
         "config": OmegaConf.to_container(cfg, resolve=True),
         "model_config": facts["model_config"].to_dict(),
-        "parameters": sum(p.numel() for p in model.parameters()),
+        "parameters": model.num_params() if main else None,
         "init_from": facts["init_from"],
         "data": {
             "tokenizer": facts["tokenizer_source"],

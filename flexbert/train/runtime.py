@@ -73,3 +73,32 @@ def final_model(trainer: Any) -> Any:
         if started and not algorithm.ema_weights_active:
             algorithm.get_ema_model(trainer.state.model)
     return trained_model(trainer)
+
+
+def is_sharded(model: Any) -> bool:
+    """Whether FSDP (Composer's `parallelism_config.fsdp`, FSDP1 or FSDP2) shards `model`."""
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    return any(isinstance(m, FSDPModule | FullyShardedDataParallel) for m in model.modules())
+
+
+def full_model(model: Any) -> Any | None:
+    """`model` as one ordinary FlexBERT module holding all its weights, on global rank 0 (what
+    export, summaries and reports read); None on the other ranks. Every rank must call it:
+    under FSDP each rank holds a shard of the weights and gathering them is a collective
+    (rank 0 asking alone would wait forever), and the sharded module's class is FSDP's, not
+    one Hugging Face ModernBERT has."""
+    if not is_sharded(model):
+        return model if is_main_process() else None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.fsdp import FSDPModule
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)  # rank 0's, on the CPU
+    state = get_model_state_dict(model, options=options)
+    if not is_main_process():
+        return None
+    inner = getattr(model, "module", model)  # FSDP1 wraps the model; FSDP2 subclasses it
+    cls = next(c for c in type(inner).__mro__ if not issubclass(c, FSDPModule))
+    full = cls(inner.config, **inner.init_kwargs())
+    full.load_state_dict(state)
+    return full.train(inner.training)

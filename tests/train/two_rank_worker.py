@@ -12,6 +12,10 @@ OUT/<case>/rank<R>.pt for its test to compare with one process doing the whole j
   to another width than the other rank's). `hard_negatives`: the same through the retrieval
   Composer model with 2 hard negatives per pair, so each rank's queries are scored against 18
   candidates. Each rank saves the DDP-averaged gradient and the mean loss.
+- `fsdp1` / `fsdp2`: the `sharded_models` are sharded across the two ranks (FSDP1 with one
+  unit per layer as Composer wraps them, FSDP2's `fully_shard`) and gathered back with
+  `runtime.full_model`; rank 0 saves what it got (None on rank 1) and writes the MLM model's
+  Hugging Face export into OUT/<case>/hf.
 """
 
 from __future__ import annotations
@@ -23,12 +27,17 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from flexbert import FlexBertForColBERT, FlexBertForSentenceEmbedding, ModelConfig
+from flexbert import (
+    FlexBertForColBERT,
+    FlexBertForMaskedLM,
+    FlexBertForSentenceEmbedding,
+    ModelConfig,
+)
 from flexbert.train.finetune_colbert import gather_documents
 from flexbert.train.finetune_qa import build_qa_metrics
 from flexbert.train.finetune_retrieval import gather_candidates, retrieval_metrics
 
-CASES = ["split", "empty", "retrieval", "negatives", "colbert", "hard_negatives"]
+CASES = ["split", "empty", "retrieval", "negatives", "colbert", "hard_negatives", "fsdp1", "fsdp2"]
 RETRIEVAL = ["recall_at_1", "recall_at_10", "mrr_at_10"]
 
 
@@ -82,6 +91,55 @@ def colbert_model() -> FlexBertForColBERT:
     return FlexBertForColBERT(ModelConfig.preset("tiny"), colbert_dim=16, query_length=8)
 
 
+def sharded_models() -> dict[str, torch.nn.Module]:
+    """One model per constructor kind: config only, config + temperature, ColBERT settings."""
+    torch.manual_seed(3)
+    tiny = ModelConfig.preset("tiny")
+    return {
+        "mlm": FlexBertForMaskedLM(tiny),
+        "embedding": FlexBertForSentenceEmbedding(tiny, temperature=0.2),
+        "colbert": FlexBertForColBERT(tiny, colbert_dim=16, query_length=8, skiplist_ids=[7]),
+    }
+
+
+def shard(model: torch.nn.Module, case: str) -> torch.nn.Module:
+    import functools
+
+    from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+    from torch.distributed.fsdp.wrap import lambda_auto_wrap_policy
+
+    if case == "fsdp2":
+        for layer in model.model.layers:
+            fully_shard(layer)
+        return fully_shard(model)
+    policy = functools.partial(lambda_auto_wrap_policy, lambda_fn=model.fsdp_wrap_fn)
+    return FullyShardedDataParallel(
+        model, device_id=torch.device("cpu"), auto_wrap_policy=policy, use_orig_params=True
+    )
+
+
+def gathered(case: str, out: Path, rank: int):
+    from flexbert.train.runtime import full_model, is_sharded
+
+    got = {}
+    for name, model in sharded_models().items():
+        sharded = shard(model, case)
+        assert is_sharded(sharded)
+        full = full_model(sharded)
+        if rank == 0:
+            got[name] = {
+                "class": type(full).__name__,
+                "kwargs": full.init_kwargs(),
+                "sharded": is_sharded(full),
+                "state": full.state_dict(),
+            }
+            if name == "mlm":
+                got[name]["hf"] = str(full.save_hf(out / "hf"))
+        else:
+            assert full is None
+    return got or None
+
+
 def averaged_training_step(model, loss: torch.Tensor, rank: int, world: int):
     """Backpropagate; return what DDP would apply (the rank-mean gradient) and the mean loss."""
     loss.backward()
@@ -92,7 +150,9 @@ def averaged_training_step(model, loss: torch.Tensor, rank: int, world: int):
     return {"grad": grad / world, "loss": torch.stack(losses).mean()}
 
 
-def run_case(case: str, rank: int, world: int):
+def run_case(case: str, rank: int, world: int, out: Path):
+    if case.startswith("fsdp"):
+        return gathered(case, out, rank)
     mine = slice(rank * 3, rank * 3 + 3)
     if case == "negatives":
         model, (queries, positives) = embedding_model(), embedding_batch()
@@ -138,7 +198,7 @@ def main(out: str) -> None:
     for case in CASES:
         folder = Path(out) / case
         folder.mkdir(parents=True, exist_ok=True)
-        torch.save(run_case(case, rank, world), folder / f"rank{rank}.pt")
+        torch.save(run_case(case, rank, world, folder), folder / f"rank{rank}.pt")
         dist.barrier()
     dist.destroy_process_group()
 
