@@ -190,7 +190,9 @@ def prepare_mds(
 
     Idempotent: when `out_dir` already holds a complete conversion with the same settings
     (input fingerprint included) it is kept and its manifest returned with "reused": True.
-    A different conversion there is replaced only with `overwrite=True`.
+    A different conversion there is replaced only with `overwrite=True`. Processes that
+    prepare the same conversion at once (one per node onto a shared filesystem) all return
+    the first one finished; it is never replaced under a reader.
     """
     if isinstance(corpus, str | Path):
         corpus = CorpusSpec(source=str(corpus))
@@ -226,13 +228,26 @@ def prepare_mds(
         total = {k: sum(c[k] for c in counts.values()) for k in counts["train"]}
         manifest = {"format": FORMAT, "settings": settings, "counts": {**counts, "total": total}}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        if out.exists():
+        if out.exists() and overwrite:
             trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
             os.replace(out, trash)
             os.replace(tmp, out)
             shutil.rmtree(trash, ignore_errors=True)
         else:
-            os.replace(tmp, out)
+            try:
+                os.replace(tmp, out)
+            except OSError as err:  # `out` appeared meanwhile: a non-empty one is not replaced
+                theirs = read_manifest(out)
+                if theirs is None or theirs["settings"] != settings:
+                    what = "a different conversion" if theirs else "other files"
+                    raise DataError(
+                        f"{out}: another process wrote {what} there during this conversion; "
+                        "pass overwrite=True (flexbert-data prepare --overwrite) to replace it"
+                    ) from err
+                # Another process (the local rank 0 of another node, on a shared filesystem)
+                # finished the same conversion first; ranks may be reading it already, so it
+                # stays and this copy goes (the shards are the same: same input and settings).
+                return {**theirs, "reused": True}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     for split in SPLITS:

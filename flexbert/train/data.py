@@ -77,9 +77,18 @@ def get_tokenizer(data: DictConfig, cache_dir: Path) -> tuple[Any, Path]:
     tokenizer = train_tokenizer(spec.texts(), **settings)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     save_tokenizer(tokenizer, tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    if out.exists() and not (out / "tokenizer.json").exists():
+        shutil.rmtree(out)  # no tokenizer in it: nothing anyone reads
+    try:
+        os.replace(tmp, out)
+    except OSError:  # `out` appeared meanwhile: a non-empty directory is not replaced
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (out / "tokenizer.json").exists():
+            raise
+        # Another process (another node's local rank 0, on a shared filesystem) saved it
+        # first and its ranks may be loading it already: every rank uses that one.
+        log.info("tokenizer: another process saved it first; using %s", out)
+        return load_tokenizer(out), out
     return tokenizer, out
 
 

@@ -101,6 +101,39 @@ def test_rerun_is_idempotent_and_deterministic(tokenizer, jsonl_corpus, tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "c.jsonl"]  # no temp leftovers
 
 
+@pytest.mark.parametrize("theirs", ["same", "different"])
+def test_a_conversion_finished_meanwhile_elsewhere_is_never_replaced(
+    tokenizer, jsonl_corpus, tmp_path, monkeypatch, theirs
+):
+    """One process per node prepares onto a shared filesystem: the first to finish wins, and
+    its shards (which its ranks may be reading already) are not swapped away; a different
+    conversion appearing meanwhile is an error, not silently replaced."""
+    from flexbert.data import mds
+
+    path, _ = jsonl_corpus
+    kw = dict(max_length=32, val_fraction=0.5, progress=False)
+    write, out, seen = mds._write, tmp_path / "out", {}
+
+    def another_process_finishes_first(*args):
+        counts = write(*args)
+        monkeypatch.setattr(mds, "_write", write)  # the other process writes normally
+        length = 32 if theirs == "same" else 16
+        prepare_mds(str(path), out, tokenizer, **{**kw, "max_length": length})
+        seen["manifest"] = os.stat(out / "manifest.json").st_ino
+        return counts
+
+    monkeypatch.setattr(mds, "_write", another_process_finishes_first)
+    if theirs == "different":
+        with pytest.raises(DataError, match="another process wrote a different conversion"):
+            prepare_mds(str(path), out, tokenizer, **kw)
+        assert read_manifest(out)["settings"]["max_length"] == 16
+    else:
+        mine = prepare_mds(str(path), out, tokenizer, **kw)
+        assert mine["reused"] and mine["settings"]["max_length"] == 32
+    assert os.stat(out / "manifest.json").st_ino == seen["manifest"]  # theirs, untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.jsonl", "out"]  # no temp leftovers
+
+
 def test_failed_conversion_leaves_nothing(tokenizer, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"text": "ok"}) + "\n" + json.dumps({"body": "no text"}) + "\n")

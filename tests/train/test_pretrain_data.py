@@ -201,3 +201,35 @@ def test_a_mixture_knows_its_longest_documents(first_run, tiny_run_config, tmp_p
     cfg = tiny_run_config("data.corpus=null", f"data.mds.streams={streams}")
     _, manifest = get_shards(cfg.data, load_tokenizer(root / "run" / "tokenizer"), cache_dir=None)
     assert "settings" not in manifest and manifest["counts"]["b"] is None
+
+
+def test_a_tokenizer_saved_meanwhile_elsewhere_is_the_one_used(
+    tiny_run_config, tmp_path, monkeypatch
+):
+    """Each node's local rank 0 trains the cached tokenizer onto a shared filesystem: the one
+    saved first stays (its ranks may be loading it) and every process uses it."""
+    import os
+
+    from flexbert.train import data
+
+    cfg, cache, train_tokenizer, seen = (
+        tiny_run_config(),
+        tmp_path / "cache",
+        data.train_tokenizer,
+        {},
+    )
+
+    def another_process_saves_first(*args, **kwargs):
+        mine = train_tokenizer(*args, **kwargs)
+        monkeypatch.setattr(data, "train_tokenizer", train_tokenizer)  # theirs trains normally
+        theirs, path = data.get_tokenizer(cfg.data, cache)
+        theirs.add_tokens(["<theirs>"])  # told apart from this process's copy
+        theirs.save_pretrained(path)
+        seen["path"], seen["file"] = path, os.stat(path / "tokenizer.json").st_ino
+        return mine
+
+    monkeypatch.setattr(data, "train_tokenizer", another_process_saves_first)
+    tokenizer, path = data.get_tokenizer(cfg.data, cache)
+    assert path == seen["path"] and os.stat(path / "tokenizer.json").st_ino == seen["file"]
+    assert "<theirs>" in tokenizer.get_vocab()  # the saved one, not this process's
+    assert [p.name for p in cache.iterdir()] == [path.name]  # no temp leftovers
