@@ -192,7 +192,7 @@ def prepare_mds(
     (input fingerprint included) it is kept and its manifest returned with "reused": True.
     A different conversion there is replaced only with `overwrite=True`. Processes that
     prepare the same conversion at once (one per node onto a shared filesystem) all return
-    the first one finished; it is never replaced under a reader.
+    the first one finished; without `overwrite` it is never replaced under a reader.
     """
     if isinstance(corpus, str | Path):
         corpus = CorpusSpec(source=str(corpus))
@@ -211,7 +211,10 @@ def prepare_mds(
     )
     out = Path(out_dir)
     if out.is_dir() and not any(out.iterdir()):
-        out.rmdir()  # an empty directory (e.g. from mkdtemp) holds nothing to protect
+        try:
+            out.rmdir()  # an empty directory (e.g. from mkdtemp) holds nothing to protect
+        except OSError:  # another process filled or removed it meanwhile: judged below
+            pass
     if out.exists():
         existing = read_manifest(out)
         if existing is not None and existing["settings"] == settings and not overwrite:

@@ -78,7 +78,14 @@ def get_tokenizer(data: DictConfig, cache_dir: Path) -> tuple[Any, Path]:
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     save_tokenizer(tokenizer, tmp)
     if out.exists() and not (out / "tokenizer.json").exists():
-        shutil.rmtree(out)  # no tokenizer in it: nothing anyone reads
+        # No tokenizer in it: nothing anyone reads. Moved aside first (atomic), so a process
+        # doing the same meanwhile finds it gone instead of failing inside a half-removed tree.
+        stale = out.parent / f".{out.name}.stale-{uuid.uuid4().hex[:8]}"
+        try:
+            os.replace(out, stale)
+        except FileNotFoundError:
+            pass
+        shutil.rmtree(stale, ignore_errors=True)
     try:
         os.replace(tmp, out)
     except OSError:  # `out` appeared meanwhile: a non-empty directory is not replaced

@@ -233,3 +233,19 @@ def test_a_tokenizer_saved_meanwhile_elsewhere_is_the_one_used(
     assert path == seen["path"] and os.stat(path / "tokenizer.json").st_ino == seen["file"]
     assert "<theirs>" in tokenizer.get_vocab()  # the saved one, not this process's
     assert [p.name for p in cache.iterdir()] == [path.name]  # no temp leftovers
+
+
+def test_a_cached_tokenizer_directory_without_a_tokenizer_is_replaced(tiny_run_config, tmp_path):
+    """An interrupted save leaves the cache directory without tokenizer.json: the next run
+    trains again, puts its tokenizer there and leaves nothing else behind."""
+    from flexbert.train import data
+
+    cfg, cache = tiny_run_config(), tmp_path / "cache"
+    _, path = data.get_tokenizer(cfg.data, cache)
+    (path / "tokenizer.json").unlink()
+    (path / "leftover.txt").write_text("half a save")
+    tokenizer, again = data.get_tokenizer(cfg.data, cache)
+    assert again == path and (path / "tokenizer.json").exists()
+    assert not (path / "leftover.txt").exists()
+    assert [p.name for p in cache.iterdir()] == [path.name]
+    assert tokenizer.get_vocab() == data.load_tokenizer(path).get_vocab()
