@@ -35,6 +35,7 @@ from flexbert.train.runtime import (
     final_model,
     full_model,
     is_main_process,
+    parameter_count,
     rows_per_rank,
     start_distributed,
 )
@@ -179,14 +180,15 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         trainer.eval()
         metrics = eval_metrics(trainer)
     trained = final_model(trainer)
-    model = full_model(trained)  # every rank gathers; rank 0 gets it, the others None
     main = is_main_process()
     hf_dir = run_dir / "hf"
     skipped = None if cfg.get("export_hf", True) else "export_hf=false"
-    if not skipped and main:
-        skipped = save_task_model(model, facts["tokenizer"], hf_dir, facts["task"])
-        if skipped:
-            log.warning("no Hugging Face export (hf/): %s", skipped)
+    if not skipped:
+        model = full_model(trained)  # every rank gathers; rank 0 gets it, the others None
+        if main:
+            skipped = save_task_model(model, facts["tokenizer"], hf_dir, facts["task"])
+            if skipped:
+                log.warning("no Hugging Face export (hf/): %s", skipped)
     steps = facts["history"].steps
     last = last_checkpoint(run_dir)
     summary = {
@@ -196,7 +198,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         "task": facts["task"],
         "pretrained": facts["pretrained"],
         "model_config": trained.config.to_dict(),
-        "parameters": model.num_params() if main else None,
+        "parameters": parameter_count(trained),
         "data": {"tokenizer": facts["tokenizer_source"], "examples": facts["counts"]},
         "train": {
             "epochs": int(state.timestamp.epoch),

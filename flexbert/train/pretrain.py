@@ -30,7 +30,13 @@ from flexbert.train.app import (
 from flexbert.train.batching import step_loader
 from flexbert.train.checkpoints import last_checkpoint
 from flexbert.train.continue_from import continue_from_path
-from flexbert.train.runtime import final_model, full_model, is_main_process, start_distributed
+from flexbert.train.runtime import (
+    final_model,
+    full_model,
+    is_main_process,
+    parameter_count,
+    start_distributed,
+)
 
 log = logging.getLogger("flexbert.train")
 
@@ -231,13 +237,14 @@ def _train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     if facts["history"].last_eval_batch != int(state.timestamp.batch):  # final weights unscored
         trainer.eval()
     metrics = _metrics(trainer)
-    model = full_model(final_model(trainer))  # every rank gathers; rank 0 gets it, others None
+    trained = final_model(trainer)
     main = is_main_process()
     hf_dir = run_dir / "hf"
     if eval_only:
         skipped = "eval_only (nothing was trained)"
-    elif cfg.get("export_hf", True) and main:
-        skipped = _export(model, facts["tokenizer"], hf_dir)
+    elif cfg.get("export_hf", True):
+        model = full_model(trained)  # every rank gathers; rank 0 gets it, the others None
+        skipped = _export(model, facts["tokenizer"], hf_dir) if main else None
     else:
         skipped = "off"
     tokens = int(state.timestamp.token) - start_tokens
@@ -248,7 +255,7 @@ def _train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         "run_dir": str(run_dir),
         "config": OmegaConf.to_container(cfg, resolve=True),
         "model_config": facts["model_config"].to_dict(),
-        "parameters": model.num_params() if main else None,
+        "parameters": parameter_count(trained),
         "init_from": facts["init_from"],
         "data": {
             "tokenizer": facts["tokenizer_source"],

@@ -91,14 +91,33 @@ def full_model(model: Any) -> Any | None:
     if not is_sharded(model):
         return model if is_main_process() else None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    from torch.distributed.fsdp import FSDPModule
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)  # rank 0's, on the CPU
     state = get_model_state_dict(model, options=options)
     if not is_main_process():
         return None
-    inner = getattr(model, "module", model)  # FSDP1 wraps the model; FSDP2 subclasses it
-    cls = next(c for c in type(inner).__mro__ if not issubclass(c, FSDPModule))
-    full = cls(inner.config, **inner.init_kwargs())
+    inner = getattr(model, "module", model)
+    full = _unsharded_copy(model)
     full.load_state_dict(state)
     return full.train(inner.training)
+
+
+def parameter_count(model: Any) -> int:
+    """How many parameters `model` has in all, sharded or not, without gathering them (no
+    collective: any rank may ask, each gets the same answer)."""
+    import torch
+
+    if not is_sharded(model):
+        return model.num_params()
+    with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+        return _unsharded_copy(model).num_params()
+
+
+def _unsharded_copy(model: Any) -> Any:
+    """A new module of the FlexBERT class FSDP wraps (FSDP1) or subclasses (FSDP2), built from
+    the same config and arguments, on the current default device."""
+    from torch.distributed.fsdp import FSDPModule
+
+    inner = getattr(model, "module", model)
+    cls = next(c for c in type(inner).__mro__ if not issubclass(c, FSDPModule))
+    return cls(inner.config, **inner.init_kwargs())

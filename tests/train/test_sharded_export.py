@@ -20,6 +20,7 @@ def test_every_shard_is_gathered_into_one_model_on_rank_0(two_ranks, case):
         got = rank0[name]
         assert got["class"] == type(expected).__name__  # not FSDP's wrapper or subclass
         assert got["kwargs"] == expected.init_kwargs() and not got["sharded"]
+        assert got["parameters"] == expected.num_params()  # counted without gathering
         state = expected.state_dict()
         assert got["state"].keys() == state.keys()
         for key, value in state.items():

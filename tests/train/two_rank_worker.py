@@ -15,7 +15,8 @@ OUT/<case>/rank<R>.pt for its test to compare with one process doing the whole j
 - `fsdp1` / `fsdp2`: the `sharded_models` are sharded across the two ranks (FSDP1 with one
   unit per layer as Composer wraps them, FSDP2's `fully_shard`) and gathered back with
   `runtime.full_model`; rank 0 saves what it got (None on rank 1) and writes the MLM model's
-  Hugging Face export into OUT/<case>/hf.
+  Hugging Face export into OUT/<case>/hf. Each rank also counts the sharded model's
+  parameters (`runtime.parameter_count`, what summaries report without gathering).
 """
 
 from __future__ import annotations
@@ -119,12 +120,13 @@ def shard(model: torch.nn.Module, case: str) -> torch.nn.Module:
 
 
 def gathered(case: str, out: Path, rank: int):
-    from flexbert.train.runtime import full_model, is_sharded
+    from flexbert.train.runtime import full_model, is_sharded, parameter_count
 
     got = {}
     for name, model in sharded_models().items():
         sharded = shard(model, case)
         assert is_sharded(sharded)
+        counted = parameter_count(sharded)  # no collective: rank 1 alone may ask too
         full = full_model(sharded)
         if rank == 0:
             got[name] = {
@@ -132,11 +134,12 @@ def gathered(case: str, out: Path, rank: int):
                 "kwargs": full.init_kwargs(),
                 "sharded": is_sharded(full),
                 "state": full.state_dict(),
+                "parameters": counted,
             }
             if name == "mlm":
                 got[name]["hf"] = str(full.save_hf(out / "hf"))
         else:
-            assert full is None
+            assert full is None and counted == sharded_models()[name].num_params()
     return got or None
 
 
