@@ -11,6 +11,7 @@ crashed run never leaves a directory that looks complete.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -211,10 +212,10 @@ def prepare_mds(
     )
     out = Path(out_dir)
     if out.is_dir() and not any(out.iterdir()):
-        try:
-            out.rmdir()  # an empty directory (e.g. from mkdtemp) holds nothing to protect
-        except OSError:  # another process filled or removed it meanwhile: judged below
-            pass
+        # An empty directory (e.g. from mkdtemp) holds nothing to protect; one another process
+        # filled or removed meanwhile is judged below.
+        with contextlib.suppress(OSError):
+            out.rmdir()
     if out.exists():
         existing = read_manifest(out)
         if existing is not None and existing["settings"] == settings and not overwrite:

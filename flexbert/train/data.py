@@ -7,6 +7,7 @@ settings), so a second run reuses them and a changed setting never picks up stal
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -81,10 +82,8 @@ def get_tokenizer(data: DictConfig, cache_dir: Path) -> tuple[Any, Path]:
         # No tokenizer in it: nothing anyone reads. Moved aside first (atomic), so a process
         # doing the same meanwhile finds it gone instead of failing inside a half-removed tree.
         stale = out.parent / f".{out.name}.stale-{uuid.uuid4().hex[:8]}"
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.replace(out, stale)
-        except FileNotFoundError:
-            pass
         shutil.rmtree(stale, ignore_errors=True)
     try:
         os.replace(tmp, out)

@@ -14,7 +14,9 @@ pytestmark = [pytest.mark.gpu, requires_gpu]
 GPU_BACKENDS = [
     "sdpa",
     "flex",
-    pytest.param("varlen", marks=pytest.mark.skipif(not varlen_available(local=True), reason="torch < 2.11")),
+    pytest.param(
+        "varlen", marks=pytest.mark.skipif(not varlen_available(local=True), reason="torch < 2.11")
+    ),
     pytest.param(
         "flash_attn", marks=pytest.mark.skipif(not flash_attn_available(), reason="no flash-attn")
     ),
