@@ -11,7 +11,7 @@ crashed run never leaves a directory that looks complete.
 
 from __future__ import annotations
 
-import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -211,11 +211,14 @@ def prepare_mds(
         size_limit=size_limit,
     )
     out = Path(out_dir)
-    if out.is_dir() and not any(out.iterdir()):
-        # An empty directory (e.g. from mkdtemp) holds nothing to protect; one another process
-        # filled or removed meanwhile is judged below.
-        with contextlib.suppress(OSError):
-            out.rmdir()
+    try:
+        if out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # an empty directory (e.g. from mkdtemp) holds nothing to protect
+    except FileNotFoundError:  # another process removed it meanwhile
+        pass
+    except OSError as err:  # another process filled it meanwhile: judged below
+        if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise
     if out.exists():
         existing = read_manifest(out)
         if existing is not None and existing["settings"] == settings and not overwrite:

@@ -78,13 +78,15 @@ def get_tokenizer(data: DictConfig, cache_dir: Path) -> tuple[Any, Path]:
     tokenizer = train_tokenizer(spec.texts(), **settings)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     save_tokenizer(tokenizer, tmp)
+    stale = out.parent / f".{out.name}.stale-{uuid.uuid4().hex[:8]}"
     if out.exists() and not (out / "tokenizer.json").exists():
-        # No tokenizer in it: nothing anyone reads. Moved aside first (atomic), so a process
-        # doing the same meanwhile finds it gone instead of failing inside a half-removed tree.
-        stale = out.parent / f".{out.name}.stale-{uuid.uuid4().hex[:8]}"
+        # No tokenizer in it (an interrupted save): moved aside in one step, so a process doing
+        # the same meanwhile finds it gone instead of failing inside a half-removed tree.
         with contextlib.suppress(FileNotFoundError):
             os.replace(out, stale)
-        shutil.rmtree(stale, ignore_errors=True)
+        if (stale / "tokenizer.json").exists():  # another process finished it in between
+            with contextlib.suppress(OSError):
+                os.replace(stale, out)
     try:
         os.replace(tmp, out)
     except OSError:  # `out` appeared meanwhile: a non-empty directory is not replaced
@@ -95,6 +97,8 @@ def get_tokenizer(data: DictConfig, cache_dir: Path) -> tuple[Any, Path]:
         # first and its ranks may be loading it already: every rank uses that one.
         log.info("tokenizer: another process saved it first; using %s", out)
         return load_tokenizer(out), out
+    finally:
+        shutil.rmtree(stale, ignore_errors=True)
     return tokenizer, out
 
 

@@ -84,7 +84,7 @@ def is_sharded(model: Any) -> bool:
 
 def full_model(model: Any) -> Any | None:
     """`model` as one ordinary FlexBERT module holding all its weights, on global rank 0 (what
-    export, summaries and reports read); None on the other ranks. Every rank must call it:
+    a Hugging Face export saves); None on the other ranks. Every rank must call it:
     under FSDP each rank holds a shard of the weights and gathering them is a collective
     (rank 0 asking alone would wait forever), and the sharded module's class is FSDP's, not
     one Hugging Face ModernBERT has."""

@@ -249,3 +249,32 @@ def test_a_cached_tokenizer_directory_without_a_tokenizer_is_replaced(tiny_run_c
     assert not (path / "leftover.txt").exists()
     assert [p.name for p in cache.iterdir()] == [path.name]
     assert tokenizer.get_vocab() == data.load_tokenizer(path).get_vocab()
+
+
+def test_a_tokenizer_finished_elsewhere_while_a_stale_directory_is_cleared_is_kept(
+    tiny_run_config, tmp_path, monkeypatch
+):
+    """Two processes find the same interrupted save: the first clears it and saves its
+    tokenizer; the second, moving the directory aside a moment later, finds that finished
+    tokenizer in what it moved, puts it back and uses it (ranks may be loading it already)."""
+    from pathlib import Path
+
+    from flexbert.train import data
+
+    cfg, cache = tiny_run_config(), tmp_path / "cache"
+    theirs, path = data.get_tokenizer(cfg.data, cache)
+    theirs.add_tokens(["<theirs>"])
+    (path / "tokenizer.json").unlink()  # the interrupted save both processes find
+    replace, moves = data.os.replace, []
+
+    def the_other_process_finishes_first(src, dst):
+        if Path(src) == path and not moves:  # just before this process moves it aside
+            theirs.save_pretrained(path)
+        moves.append((Path(src).name, Path(dst).name))
+        return replace(src, dst)
+
+    monkeypatch.setattr(data.os, "replace", the_other_process_finishes_first)
+    tokenizer, again = data.get_tokenizer(cfg.data, cache)
+    assert again == path and "<theirs>" in tokenizer.get_vocab()
+    assert moves[1][1] == path.name  # put back before this process's own copy was tried
+    assert [p.name for p in cache.iterdir()] == [path.name]  # no stale or temp leftovers

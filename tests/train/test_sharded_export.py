@@ -1,7 +1,8 @@
 """Export after FSDP training: every rank gathers the sharded weights into one ordinary model
-of the trained class on rank 0 (`runtime.full_model`), which Hugging Face export, summaries and
-reports read as they would an unsharded model. Composer's FSDP needs CUDA; torch's FSDP1 and
-FSDP2 shard on the CPU too (gloo), so the gathering is tested here on two processes."""
+of the trained class on rank 0 (`runtime.full_model`), which the Hugging Face export saves as
+it would an unsharded model; summaries count parameters without gathering
+(`runtime.parameter_count`). Composer's FSDP needs CUDA; torch's FSDP1 and FSDP2 shard on the
+CPU too (gloo), so both are tested here on two processes."""
 
 from __future__ import annotations
 

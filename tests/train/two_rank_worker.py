@@ -126,8 +126,11 @@ def gathered(case: str, out: Path, rank: int):
     for name, model in sharded_models().items():
         sharded = shard(model, case)
         assert is_sharded(sharded)
-        counted = parameter_count(sharded)  # no collective: rank 1 alone may ask too
+        # Rank 1 counts before the gathering and rank 0 after it: were counting a collective,
+        # the ranks would meet in different ones and the launch would fail.
+        counted = parameter_count(sharded) if rank == 1 else None
         full = full_model(sharded)
+        counted = parameter_count(sharded) if rank == 0 else counted
         if rank == 0:
             got[name] = {
                 "class": type(full).__name__,
