@@ -380,16 +380,20 @@ def load_hf(cls: type, path: str | Path, **overrides: Any):
 
 def check_tied_decoder(state: dict[str, torch.Tensor], hf_config: Any, path: Path) -> None:
     """FlexBERT's MLM decoder is the token embedding (ModernBERT ties them); a checkpoint
-    whose own decoder differs (tie_word_embeddings=false) would load wrong: refused."""
+    whose own decoder differs would load wrong: refused. That holds whatever
+    `tie_word_embeddings` says: transformers too leaves two different stored weights untied
+    (and loading both into one shared parameter would silently replace the embedding)."""
     decoder = state.get("decoder.weight")
     embedding = state.get("model.embeddings.tok_embeddings.weight")
-    if decoder is None or embedding is None or getattr(hf_config, "tie_word_embeddings", True):
+    if decoder is None or embedding is None:
         return
     if decoder.shape != embedding.shape or not torch.equal(decoder, embedding):
+        tied = getattr(hf_config, "tie_word_embeddings", True)
         raise CheckpointError(
-            f"{path} has its own MLM decoder weights (tie_word_embeddings=false), unlike the "
-            "token embedding; FlexBERT ties the decoder to the embedding as ModernBERT does, "
-            "so it cannot load this checkpoint's head (its encoder loads into FlexBertModel)"
+            f"{path} has its own MLM decoder weights (tie_word_embeddings={str(tied).lower()}), "
+            "unlike the token embedding; FlexBERT ties the decoder to the embedding as "
+            "ModernBERT does, so it cannot load this checkpoint's head (its encoder loads "
+            "into FlexBertModel)"
         )
 
 

@@ -327,6 +327,28 @@ def test_an_untied_mlm_decoder_is_refused_and_its_encoder_still_loads(tmp_path):
     assert _rel_err(expected[mask], got[mask]) < 1e-4
 
 
+def test_a_stored_decoder_unlike_the_embedding_is_refused_even_when_the_config_says_tied(
+    tmp_path,
+):
+    """config.json says (or defaults to) tie_word_embeddings=true, yet the weights hold a
+    different decoder: transformers then keeps both apart, and FlexBERT's one shared parameter
+    would have taken the decoder's values in place of the embedding's."""
+    import json
+
+    hf = ModernBertForMaskedLM(_hf_config(3, window=8, tie_word_embeddings=False)).eval()
+    with torch.no_grad():
+        hf.decoder.weight.add_(torch.randn_like(hf.decoder.weight))
+    hf.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.pop("tie_word_embeddings", None)  # the default: tied
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    reloaded = AutoModelForMaskedLM.from_pretrained(tmp_path)
+    embedding = reloaded.model.embeddings.tok_embeddings.weight
+    assert not torch.equal(reloaded.decoder.weight, embedding)  # transformers: not tied
+    with pytest.raises(CheckpointError, match="own MLM decoder"):
+        FlexBertForMaskedLM.from_hf(tmp_path, mask_token_id=3)
+
+
 def test_a_sentence_transformers_model_with_a_dense_layer_is_refused(tmp_path):
     """Its vectors pass through a projection FlexBertForSentenceEmbedding does not have."""
     st = pytest.importorskip("sentence_transformers")
