@@ -261,9 +261,11 @@ def _safe_load(loader, file: Path) -> dict[str, torch.Tensor]:
 
 
 def match_state_dict(
-    model: torch.nn.Module, state: dict[str, torch.Tensor]
+    model: torch.nn.Module, state: dict[str, torch.Tensor], refit_head: bool = False
 ) -> dict[str, torch.Tensor]:
-    """Align checkpoint keys with `model`'s and fail listing missing/unexpected/mis-shaped keys."""
+    """Align checkpoint keys with `model`'s and fail listing missing/unexpected/mis-shaped keys.
+    `refit_head`: the task head's layers of another shape (another label count) are left out,
+    to start fresh, instead of refused; the encoder must still fit."""
     own = model.state_dict()
     expects_prefix = any(k.startswith("model.") for k in own)
     has_prefix = any(k.startswith("model.") for k in state)
@@ -271,6 +273,15 @@ def match_state_dict(
         state = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
     elif expects_prefix and not has_prefix:  # a bare encoder checkpoint into a head
         state = {f"model.{k}": v for k, v in state.items()}
+    if refit_head:
+        refit = [
+            k
+            for k, v in state.items()
+            if k.startswith(NEW_HEAD_PREFIXES) and k in own and v.shape != own[k].shape
+        ]
+        if refit:
+            log.info("new %s: the checkpoint's have another shape", ", ".join(refit))
+        state = {k: v for k, v in state.items() if k not in refit}
     tied = "decoder.weight" in own and "decoder.weight" not in state
     missing = [k for k in own if k not in state and not (tied and k == "decoder.weight")]
     missing = [k for k in missing if not k.startswith(NEW_HEAD_PREFIXES)]
@@ -344,10 +355,12 @@ def resolve_model_dir(name_or_path: str | Path, revision: str | None = None) -> 
         ) from None
 
 
-def load_hf(cls: type, path: str | Path, **overrides: Any):
+def load_hf(cls: type, path: str | Path, ignore_mismatched_sizes: bool = False, **overrides: Any):
     """Build `cls` from a Hugging Face ModernBERT directory or Hub id. In a sentence-transformers
     directory the encoder is found through modules.json, and a class that pools like
-    sentence-transformers (`POOLING_FROM_SENTENCE_TRANSFORMERS`) takes its Pooling module's mode."""
+    sentence-transformers (`POOLING_FROM_SENTENCE_TRANSFORMERS`) takes its Pooling module's mode.
+    `ignore_mismatched_sizes`, as transformers' option of that name but for the task head only:
+    a classifier of another label count starts fresh instead of being refused."""
     from transformers import AutoConfig
 
     folder = resolve_model_dir(path)
@@ -368,7 +381,7 @@ def load_hf(cls: type, path: str | Path, **overrides: Any):
     state = read_state_dict(path)
     if "decoder.weight" in model.state_dict():  # a head with the tied decoder
         check_tied_decoder(state, hf_config, path)
-    state = match_state_dict(model, state)
+    state = match_state_dict(model, state, refit_head=ignore_mismatched_sizes)
     fresh = sorted(
         {k.split(".")[0] for k in model.state_dict() if k not in state and k != "decoder.weight"}
     )

@@ -347,29 +347,18 @@ def load_pretrained(path: str | Path, model_class: type, **overrides: Any) -> An
     (rmsnorm, absolute or no positions). `overrides` are ModelConfig fields (num_labels, ...);
     weights are matched as `from_hf` matches them: a head the source lacks starts fresh, and
     from a fine-tuning run every weight of the same shape is kept, the output layer of another
-    label count (MNLI's 3 classes into RTE's 2, the paper's protocol) starting fresh."""
-    import logging
-
+    label count (MNLI's 3 classes into RTE's 2, the paper's protocol) starting fresh, from a
+    run or its Hugging Face export alike."""
     from flexbert.hf import match_state_dict
 
     run = find_run_checkpoint(path)
-    if run is None:
-        return model_class.from_hf(path, **overrides)
+    if run is None:  # a fine-tuned Hugging Face export too: a head of another shape is new
+        return model_class.from_hf(path, ignore_mismatched_sizes=True, **overrides)
     config = read_model_config(run.config)
     source = load_checkpoint_model(run.checkpoint, config, task_model_class(run.task_type))
     model = model_class(config.replace(**overrides))
-    state = source.state_dict()
-    if run.task_type is not None:  # a fine-tuned head: keep what fits, not the old label count
-        own = model.state_dict()
-        refit = [
-            k
-            for k, v in state.items()
-            if k in own and torch.is_tensor(v) and own[k].shape != v.shape
-        ]
-        if refit:
-            logging.getLogger(__name__).info("%s: new %s (another shape)", path, refit)
-        state = {k: v for k, v in state.items() if k not in refit}
-    model.load_state_dict(match_state_dict(model, state), strict=False)
+    state = match_state_dict(model, source.state_dict(), refit_head=run.task_type is not None)
+    model.load_state_dict(state, strict=False)
     return model
 
 

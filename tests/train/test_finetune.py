@@ -84,13 +84,14 @@ def test_flexbert_export_turns_a_fine_tuning_checkpoint_into_the_task_model(
     assert (tmp_path / "x" / "tokenizer.json").exists()
 
 
+@pytest.mark.parametrize("source_kind", ["run", "hf"])
 @pytest.mark.parametrize("num_labels", [2, 3])
 def test_a_fine_tuning_run_seeds_another_task_with_a_fresh_output_layer(
-    classification_run, num_labels
+    classification_run, num_labels, source_kind
 ):
-    """The paper's MNLI -> RTE protocol: from a fine-tuning run folder the encoder (and the
-    pooling head) carry over; the classifier too when the label count is the same, a new one
-    otherwise (not a shape error)."""
+    """The paper's MNLI -> RTE protocol: from a fine-tuning run folder, or its Hugging Face
+    export, the encoder (and the pooling head) carry over; the classifier too when the label
+    count is the same, a new one otherwise (not a shape error)."""
     from flexbert import FlexBertForSequenceClassification
     from flexbert.train.checkpoints import (
         last_checkpoint,
@@ -105,7 +106,8 @@ def test_a_fine_tuning_run_seeds_another_task_with_a_fresh_output_layer(
         read_model_config(run / "model_config.json"),
         FlexBertForSequenceClassification,
     )
-    model = load_pretrained(run, FlexBertForSequenceClassification, num_labels=num_labels)
+    path = run if source_kind == "run" else run / "hf"
+    model = load_pretrained(path, FlexBertForSequenceClassification, num_labels=num_labels)
     ours, theirs = model.state_dict(), source.state_dict()
     assert all(torch.equal(ours[k], v) for k, v in theirs.items() if not k.startswith("classifier"))
     assert model.classifier.weight.shape[0] == num_labels
