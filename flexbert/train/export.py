@@ -32,7 +32,7 @@ def export(
     may also be a run folder (or its checkpoints/): its newest checkpoint. A non-empty `out`
     is refused unless `overwrite`."""
     from flexbert import ConfigError
-    from flexbert.data.tokenizer import load_tokenizer
+    from flexbert.data.tokenizer import check_tokenizer_matches, load_tokenizer
     from flexbert.train.checkpoints import (
         config_next_to,
         find_run_checkpoint,
@@ -43,6 +43,7 @@ def export(
         task_model_class,
     )
     from flexbert.train.finetune_model import save_task_model
+    from flexbert.train.model_config import TOKENIZER_FIELDS
 
     ckpt = Path(checkpoint).resolve()
     if not ckpt.exists():
@@ -53,6 +54,8 @@ def export(
             raise ConfigError(f"{ckpt} is a Hugging Face directory already: nothing to export")
         ckpt = found.checkpoint
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; name a directory (new or empty) instead")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ConfigError(
             f"--out {out} is not empty: export into a new directory, or pass --overwrite to "
@@ -70,7 +73,10 @@ def export(
     task = run_task(ckpt, cfg_path)
     model_class = task_model_class(task.get("type"))
     model = load_checkpoint_model(ckpt, read_model_config(cfg_path), model_class)
-    refused = save_task_model(model, load_tokenizer(tok_path), Path(out), task)
+    tok = load_tokenizer(tok_path)
+    # A tokenizer of another run exported beside the model would feed it wrong ids.
+    check_tokenizer_matches(tok, **{k: getattr(model.config, k) for k in TOKENIZER_FIELDS})
+    refused = save_task_model(model, tok, Path(out), task)
     if refused:
         raise ConfigError(refused)
     return Path(out)

@@ -185,6 +185,28 @@ def test_flexbert_export_without_a_tokenizer_is_refused(
     assert AutoTokenizer.from_pretrained(tmp_path / "y")("apple river")["input_ids"]
 
 
+def test_flexbert_export_refuses_another_tokenizer_and_a_file_as_out(
+    classification_run, tmp_path, capsys
+):
+    """A tokenizer whose ids the model was not trained with, or --out naming a file: one clear
+    error each, and nothing written."""
+    from flexbert.data.tokenizer import load_tokenizer, save_tokenizer
+    from flexbert.train.export import main as export_main
+
+    run, _ = classification_run
+    other, grown = tmp_path / "other_tokenizer", load_tokenizer(run / "tokenizer")
+    grown.add_tokens([f"<extra{i}>" for i in range(600)])  # ids past the model's vocabulary
+    save_tokenizer(grown, other)
+    args = [str(run), "--out", str(tmp_path / "x"), "--tokenizer", str(other)]
+    assert export_main(args) == 2
+    err = capsys.readouterr().err
+    assert "model and tokenizer do not match" in err and not (tmp_path / "x").exists()
+    (tmp_path / "a_file").write_text("keep me")
+    assert export_main([str(run), "--out", str(tmp_path / "a_file")]) == 2
+    assert "is a file" in capsys.readouterr().err
+    assert (tmp_path / "a_file").read_text() == "keep me"
+
+
 def test_model_path_may_be_a_hub_id(pretrained, contains_word, monkeypatch, tmp_path):
     """model.path=org/name: encoder and tokenizer come from the Hugging Face cache."""
     from tests.conftest import cache_hub_repo, offline_hub
