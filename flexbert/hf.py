@@ -365,9 +365,10 @@ def load_hf(cls: type, path: str | Path, ignore_mismatched_sizes: bool = False, 
 
     folder = resolve_model_dir(path)
     path, st_pooling = sentence_transformers_layout(folder)
-    if st_pooling and getattr(cls, "POOLING_FROM_SENTENCE_TRANSFORMERS", False):
+    if getattr(cls, "POOLING_FROM_SENTENCE_TRANSFORMERS", False):
         check_sentence_transformers_modules(folder)  # its vectors are what this model computes
-        overrides.setdefault("pooling", st_pooling)
+        if st_pooling:
+            overrides.setdefault("pooling", st_pooling)
     if not (path / "config.json").exists():
         raise FileNotFoundError(
             f"{path} is not a Hugging Face model directory: config.json is missing"

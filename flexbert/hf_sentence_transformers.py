@@ -37,10 +37,12 @@ def sentence_transformers_layout(path: Path) -> tuple[Path, str | None]:
             encoder = path / sub
         elif kind.endswith(".Pooling"):
             settings = json.loads((path / sub / "config.json").read_text())
-            if "pooling_mode" in settings:  # sentence-transformers >= 6: the mode by name
-                modes = [settings["pooling_mode"]]
-            else:
+            if "pooling_mode" in settings:  # sentence-transformers >= 6: a name or a list
+                mode = settings["pooling_mode"]
+                modes = [mode] if isinstance(mode, str) else list(mode)
+            else:  # no flag set: sentence-transformers pools by mean
                 modes = [from_st.get(m, m) for m in ST_ALL_POOLING_MODES if settings.get(m)]
+                modes = modes or ["mean"]
             if len(modes) != 1 or modes[0] not in ST_POOLING_MODES:
                 raise ConfigError(
                     f"{path}: sentence-transformers pooling {settings} has no FlexBERT "
@@ -56,7 +58,11 @@ ST_EMBEDDING_MODULES = (".Transformer", ".Pooling", ".Normalize")
 
 def check_sentence_transformers_modules(path: Path) -> None:
     """A sentence-transformers directory whose vectors FlexBertForSentenceEmbedding computes:
-    an encoder, a Pooling, a Normalize; anything else (a Dense projection...) is refused."""
+    an encoder, a Pooling, a Normalize; anything else (a Dense projection...) is refused.
+    Without a Normalize module its vectors are not unit length while FlexBERT's are: cosine
+    scores agree, dot products do not (a warning says so)."""
+    import logging
+
     modules_file = path / "modules.json"
     if not modules_file.exists():
         return
@@ -67,6 +73,13 @@ def check_sentence_transformers_modules(path: Path) -> None:
             f"{path}: sentence-transformers modules {others} have no FlexBERT counterpart; "
             "FlexBertForSentenceEmbedding computes encoder -> Pooling -> Normalize (its encoder "
             "alone loads into FlexBertModel)"
+        )
+    if not any(k.endswith(".Normalize") for k in kinds):
+        logging.getLogger("flexbert").warning(
+            "%s has no Normalize module: FlexBertForSentenceEmbedding's vectors are unit "
+            "length, sentence-transformers' are not (cosine similarities agree, dot products "
+            "differ)",
+            path,
         )
 
 

@@ -224,6 +224,58 @@ def test_a_sentence_transformers_directory_loads_with_its_own_pooling(tmp_path):
 
 
 @pytest.mark.parametrize(
+    ("settings", "pooling"),
+    [
+        ({"pooling_mode": "cls"}, "cls"),
+        ({"pooling_mode": ["mean"]}, "mean"),  # sentence-transformers 6 may save a list
+        ({"pooling_mode_cls_token": True, "pooling_mode_mean_tokens": False}, "cls"),
+        ({"pooling_mode_cls_token": False}, "mean"),  # no flag set: it pools by mean
+        ({"pooling_mode": ["mean", "max"]}, None),
+        ({"pooling_mode": "max"}, None),
+    ],
+)
+def test_every_form_of_a_pooling_config_reads_as_sentence_transformers_reads_it(
+    tmp_path, settings, pooling
+):
+    import json
+
+    from flexbert.hf_sentence_transformers import sentence_transformers_layout
+
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.Pooling"},
+    ]
+    (tmp_path / "modules.json").write_text(json.dumps(modules))
+    (tmp_path / "1_Pooling").mkdir()
+    (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps(settings))
+    if pooling is None:
+        with pytest.raises(ConfigError, match="no FlexBERT counterpart"):
+            sentence_transformers_layout(tmp_path)
+    else:
+        assert sentence_transformers_layout(tmp_path) == (tmp_path, pooling)
+
+
+def test_sentence_embedding_loading_names_what_sentence_transformers_would_do_otherwise(
+    tmp_path, caplog
+):
+    """No Normalize module: a warning (its vectors are not unit length, FlexBERT's are). A
+    Dense module, even without a Pooling one (a PyLate ColBERT): refused."""
+    import json
+
+    FlexBertForSentenceEmbedding(ModelConfig.preset("tiny")).save_hf(tmp_path)
+    modules = json.loads((tmp_path / "modules.json").read_text())
+    kept = [m for m in modules if not m["type"].endswith("Normalize")]
+    (tmp_path / "modules.json").write_text(json.dumps(kept))
+    with caplog.at_level("WARNING", logger="flexbert"):
+        FlexBertForSentenceEmbedding.from_hf(tmp_path)
+    assert "no Normalize module" in caplog.text
+    dense = {"idx": 1, "name": "1", "path": "1_Dense", "type": "pylate.models.Dense.Dense"}
+    (tmp_path / "modules.json").write_text(json.dumps([modules[0], dense]))
+    with pytest.raises(ConfigError, match="no FlexBERT counterpart"):
+        FlexBertForSentenceEmbedding.from_hf(tmp_path)
+
+
+@pytest.mark.parametrize(
     ("overrides", "needle"),
     [
         ({"norm": "rmsnorm"}, "norm 'rmsnorm'"),
