@@ -31,7 +31,14 @@ ACT_TO_HF = {
     "relu": "relu",
     "relu2": "relu2",
 }
-ACT_FROM_HF = {**{v: k for k, v in ACT_TO_HF.items()}, "gelu_new": "gelu_tanh", "swish": "silu"}
+# transformers' other names for the same functions (its pure-Python forms included).
+ACT_FROM_HF = {
+    **{v: k for k, v in ACT_TO_HF.items()},
+    "gelu_python": "gelu",
+    "gelu_new": "gelu_tanh",
+    "gelu_python_tanh": "gelu_tanh",
+    "swish": "silu",
+}
 HEAD_ARCHITECTURES = {
     "FlexBertModel": "ModernBertModel",
     "FlexBertForMaskedLM": "ModernBertForMaskedLM",

@@ -379,6 +379,18 @@ def test_an_untied_mlm_decoder_is_refused_and_its_encoder_still_loads(tmp_path):
     assert _rel_err(expected[mask], got[mask]) < 1e-4
 
 
+@pytest.mark.parametrize("activation", ["gelu_python", "gelu_new", "gelu_python_tanh", "swish"])
+def test_transformers_other_names_of_an_activation_load_with_the_same_outputs(tmp_path, activation):
+    hf = ModernBertForMaskedLM(_hf_config(3, window=8, hidden_activation=activation)).eval()
+    hf.save_pretrained(tmp_path)
+    ours = FlexBertForMaskedLM.from_hf(tmp_path, mask_token_id=3).eval()
+    ids, mask = ragged_batch([20, 9])
+    with torch.no_grad():
+        expected = hf(ids, attention_mask=mask).logits
+        got = ours(ids, attention_mask=mask).logits
+    assert _rel_err(expected[mask], got[mask]) < 1e-4
+
+
 def test_a_stored_decoder_unlike_the_embedding_is_refused_even_when_the_config_says_tied(
     tmp_path,
 ):
