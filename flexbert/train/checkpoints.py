@@ -196,7 +196,14 @@ def check_checkpoint_fits(path: str | Path, model: Any, setting: str) -> None:
     from flexbert.registry import ConfigError
 
     text = str(path)
-    if "://" in text or "{" in text or Path(text).is_dir() or not text.endswith(".pt"):
+    local = Path(text).expanduser()
+    if local.is_dir() and any((local / m).exists() for m in RUN_MARKERS):
+        newest = last_checkpoint(local)
+        raise ConfigError(
+            f"{setting}={text} is a run folder; Composer loads one checkpoint file: "
+            + (f"give its newest, {newest}" if newest else "this run saved none in checkpoints/")
+        )
+    if "://" in text or "{" in text or local.is_dir() or not text.endswith(".pt"):
         return  # remote, per-rank, FSDP-sharded or compressed: Composer reads those itself
     if not Path(text).is_file():
         raise ConfigError(f"{setting}={text}: no such checkpoint file")

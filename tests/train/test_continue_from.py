@@ -174,6 +174,9 @@ def test_a_checkpoint_of_another_model_or_none_is_refused_by_name(first_run, tmp
     missing = _extension_config(root, first, f"trainer.load_path={tmp_path / 'none.pt'}")
     with pytest.raises(ConfigError, match="trainer.load_path=.*no such checkpoint file"):
         train(missing, tmp_path / "missing")
+    folder = _extension_config(root, first, f"continue_from.path={root / 'run'}")
+    with pytest.raises(ConfigError, match="is a run folder.*give its newest, .*ep0-ba6-rank0.pt"):
+        train(folder, tmp_path / "folder")
     both = _extension_config(root, first, f"continue_from.path={ckpt}", f"trainer.load_path={ckpt}")
     with pytest.raises(ConfigError, match="both set.*keep one"):
         train(both, tmp_path / "both")
