@@ -5,10 +5,13 @@ encoder folder and pooling mode back (`flexbert.hf.load_hf`)."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from flexbert.config import ModelConfig
 from flexbert.registry import ConfigError
+
+log = logging.getLogger(__name__)
 
 # FlexBERT pooling -> the sentence-transformers Pooling mode that computes the same vector.
 ST_POOLING_MODES = {"cls": "pooling_mode_cls_token", "mean": "pooling_mode_mean_tokens"}
@@ -61,8 +64,6 @@ def check_sentence_transformers_modules(path: Path) -> None:
     an encoder, a Pooling, a Normalize; anything else (a Dense projection...) is refused.
     Without a Normalize module its vectors are not unit length while FlexBERT's are: cosine
     scores agree, dot products do not (a warning says so)."""
-    import logging
-
     modules_file = path / "modules.json"
     if not modules_file.exists():
         return
@@ -75,7 +76,7 @@ def check_sentence_transformers_modules(path: Path) -> None:
             "alone loads into FlexBertModel)"
         )
     if not any(k.endswith(".Normalize") for k in kinds):
-        logging.getLogger("flexbert").warning(
+        log.warning(
             "%s has no Normalize module: FlexBertForSentenceEmbedding's vectors are unit "
             "length, sentence-transformers' are not (cosine similarities agree, dot products "
             "differ)",

@@ -32,7 +32,7 @@ def export(
     may also be a run folder (or its checkpoints/): its newest checkpoint. A non-empty `out`
     is refused unless `overwrite`."""
     from flexbert import ConfigError
-    from flexbert.data.tokenizer import check_tokenizer_matches, load_tokenizer
+    from flexbert.data.tokenizer import load_tokenizer
     from flexbert.train.checkpoints import (
         config_next_to,
         find_run_checkpoint,
@@ -43,7 +43,7 @@ def export(
         task_model_class,
     )
     from flexbert.train.finetune_model import save_task_model
-    from flexbert.train.model_config import TOKENIZER_FIELDS
+    from flexbert.train.model_config import check_tokenizer_fits
 
     ckpt = Path(checkpoint).resolve()
     if not ckpt.exists():
@@ -74,8 +74,7 @@ def export(
     model_class = task_model_class(task.get("type"))
     model = load_checkpoint_model(ckpt, read_model_config(cfg_path), model_class)
     tok = load_tokenizer(tok_path)
-    # A tokenizer of another run exported beside the model would feed it wrong ids.
-    check_tokenizer_matches(tok, **{k: getattr(model.config, k) for k in TOKENIZER_FIELDS})
+    check_tokenizer_fits(tok, model.config)  # another run's would feed the model wrong ids
     refused = save_task_model(model, tok, Path(out), task)
     if refused:
         raise ConfigError(refused)

@@ -80,7 +80,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> tuple[Any, dict[str, Any]]:
     from composer import Evaluator
     from composer.utils import dist, reproducibility
 
-    from flexbert.data.tokenizer import check_tokenizer_matches, load_tokenizer
+    from flexbert.data.tokenizer import load_tokenizer
     from flexbert.registry import ConfigError
     from flexbert.train.callbacks import LossHistory
     from flexbert.train.checkpoints import check_run_dir, find_run_checkpoint, write_run_files
@@ -92,7 +92,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> tuple[Any, dict[str, Any]]:
         load_task_model,
         pretrained_tokenizer,
     )
-    from flexbert.train.model_config import TOKENIZER_FIELDS
+    from flexbert.train.model_config import check_tokenizer_fits
     from flexbert.train.tasks import build_examples
 
     world = dist.get_world_size()  # each rank's share of a batch, before anything is written
@@ -106,7 +106,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> tuple[Any, dict[str, Any]]:
     tokenizer = load_tokenizer(tok_path)
     model = load_task_model(cfg, source.checkpoint if source else None, tokenizer)
     prepare_layers(cfg, model)
-    check_tokenizer_matches(tokenizer, **{k: getattr(model.config, k) for k in TOKENIZER_FIELDS})
+    check_tokenizer_fits(tokenizer, model.config)
     max_len = int(cfg.data.max_seq_len)
     if max_len > model.config.max_seq_len:
         raise ConfigError(

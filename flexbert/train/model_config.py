@@ -20,6 +20,14 @@ FROM_TOKENIZER = "from_tokenizer"
 TOKENIZER_FIELDS = ("vocab_size", "pad_token_id", "cls_token_id", "sep_token_id", "mask_token_id")
 
 
+def check_tokenizer_fits(tokenizer: Any, config: ModelConfig) -> None:
+    """Refuse a tokenizer whose vocabulary or special ids are not the model config's (a run
+    would train, or an export be used, on ids the model does not expect)."""
+    from flexbert.data.tokenizer import check_tokenizer_matches
+
+    check_tokenizer_matches(tokenizer, **{k: getattr(config, k) for k in TOKENIZER_FIELDS})
+
+
 def model_node_dict(node: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     """Plain dict of the model node, interpolations resolved."""
     if isinstance(node, DictConfig):

@@ -98,7 +98,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> tuple[Any, dict[str, Any]]:
     from composer.utils import dist, reproducibility
 
     from flexbert import FlexBertForMaskedLM
-    from flexbert.data.tokenizer import check_tokenizer_matches, special_token_ids
+    from flexbert.data.tokenizer import special_token_ids
     from flexbert.train.callbacks import LossHistory
     from flexbert.train.checkpoints import (
         check_checkpoint_fits,
@@ -116,14 +116,14 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> tuple[Any, dict[str, Any]]:
         get_tokenizer,
     )
     from flexbert.train.data_spec import flexbert_data_spec
-    from flexbert.train.model_config import TOKENIZER_FIELDS, resolve_model_config
+    from flexbert.train.model_config import check_tokenizer_fits, resolve_model_config
 
     run_dir.mkdir(parents=True, exist_ok=True)
     cache_dir = Path(cfg.paths.cache_dir)
     with dist.run_local_rank_zero_first():  # one process per node writes the cached data
         tokenizer, tokenizer_src = get_tokenizer(cfg.data, cache_dir)
         model_cfg = resolve_model_config(cfg.model, special_token_ids(tokenizer))
-        check_tokenizer_matches(tokenizer, **{k: getattr(model_cfg, k) for k in TOKENIZER_FIELDS})
+        check_tokenizer_fits(tokenizer, model_cfg)
         check_run_dir(run_dir, model_cfg, cfg.trainer)  # before any data is prepared
         mds_dir, manifest = get_shards(cfg.data, tokenizer, cache_dir)
     check_shard_length(cfg.data, model_cfg.padding, manifest)
