@@ -207,7 +207,10 @@ def _make_pass(model, batches: list[workloads.ModelBatch]) -> Callable[[], None]
 
 
 def _max_batch(model, spec, w, s: Settings, ids, pad: int, cap: int) -> timing.BatchSearch:
-    """Largest batch of fixed-length documents one forward pass fits in memory."""
+    """Largest batch of fixed-length documents one forward pass fits in memory. On a GPU the
+    search starts from the size that peak memory at 1 and 2 documents predicts."""
+    on_gpu = s.device.startswith("cuda")
+    peaks: dict[int, float] = {}  # size -> peak bytes of a forward that fit (GPU only)
 
     def try_batch(size: int) -> bool:
         def attempt() -> None:
@@ -216,9 +219,18 @@ def _max_batch(model, spec, w, s: Settings, ids, pad: int, cap: int) -> timing.B
             with torch.inference_mode():
                 model(**batch.kwargs)
 
-        return timing.fits(attempt, s.device)
+        with timing.PeakMemory(s.device) as mem:
+            ok = timing.fits(attempt, s.device)
+        if ok and on_gpu and mem.gib is not None:
+            peaks[size] = mem.gib * timing.GIB
+        return ok
 
-    return timing.max_batch_search(try_batch, cap, seconds=s.max_batch_seconds)
+    def predict() -> int | None:
+        return timing.predicted_max_batch(peaks, timing.cuda_memory_available())
+
+    return timing.max_batch_search(
+        try_batch, cap, seconds=s.max_batch_seconds, predict=predict if on_gpu else None
+    )
 
 
 def train_specs(s: Settings) -> list[tuple[ModelSpec, bool]]:

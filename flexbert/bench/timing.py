@@ -12,7 +12,7 @@ import gc
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -191,12 +191,19 @@ def max_batch_search(
     start: int = 1,
     resolution: float = 1 / 16,
     seconds: float | None = None,
+    predict: Callable[[], int | None] | None = None,
 ) -> BatchSearch:
     """Largest batch size in [start, cap] for which `try_batch` succeeds (0 if none does).
 
     Doubles from `start` until a failure or the cap, then bisects between the last success
     and the first failure until they are within `resolution` of each other (0: exact); stops
     early, with what fits so far, after `seconds`. Assumes success is monotone in the size.
+
+    `predict`, when given, is asked once `start` and `2 * start` fit for the size it expects
+    to be the largest (e.g. `predicted_max_batch` from peak memory); the search tries that
+    size first and steps away from it (by `resolution` of it, the step doubling) until it
+    brackets the threshold. A good prediction needs two or three large attempts instead of a
+    dozen; a poor one costs a few more, never a wrong answer.
     """
     deadline = None if seconds is None else time.perf_counter() + seconds
 
@@ -205,23 +212,66 @@ def max_batch_search(
 
     if cap < start or not try_batch(start):
         return BatchSearch(0)
-    good, bad = start, None
+    good, bad = start, None  # the largest size that fit, the smallest that did not
+
+    def attempt(size: int) -> bool:
+        nonlocal good, bad
+        if try_batch(size):
+            good = size
+            return True
+        bad = size
+        return False
+
+    guess = None
+    if predict is not None and good < cap and not out_of_time() and attempt(min(2 * good, cap)):
+        guess = predict()
+    if guess is not None and good < guess and good < cap and not out_of_time():
+        step = max(1, int(min(guess, cap) * resolution))
+        if attempt(min(guess, cap)):
+            while good < cap:
+                if out_of_time():
+                    return BatchSearch(good, "time limit")
+                if not attempt(min(good + step, cap)):
+                    break
+                step *= 2
+        else:
+            while bad - step > good:
+                if out_of_time():
+                    return BatchSearch(good, "time limit")
+                if attempt(bad - step):
+                    break
+                step *= 2
     while bad is None and good < cap:
         if out_of_time():
             return BatchSearch(good, "time limit")
-        trial = min(2 * good, cap)
-        if try_batch(trial):
-            good = trial
-        else:
-            bad = trial
+        attempt(min(2 * good, cap))
     if bad is None:
         return BatchSearch(good, "cap")
     while bad - good > max(1, int(good * resolution)):
         if out_of_time():
             return BatchSearch(good, "time limit")
-        mid = (good + bad) // 2
-        if try_batch(mid):
-            good = mid
-        else:
-            bad = mid
+        attempt((good + bad) // 2)
     return BatchSearch(good, "" if bad - good == 1 else "resolution")
+
+
+def predicted_max_batch(
+    peaks: Mapping[int, float], available: float, margin: float = 0.95
+) -> int | None:
+    """The batch size whose peak memory would reach `margin` of `available` bytes, from the
+    peaks measured at the two largest sizes in `peaks` (inference memory grows linearly with
+    the batch: weights, then activations per row). None with fewer than two sizes or no
+    growth between them."""
+    if len(peaks) < 2:
+        return None
+    (n1, p1), (n2, p2) = sorted(peaks.items())[-2:]
+    per_row = (p2 - p1) / (n2 - n1)
+    if per_row <= 0:
+        return None
+    return max(n2, int(n2 + (margin * available - p2) / per_row))
+
+
+def cuda_memory_available() -> int:
+    """Bytes this process's allocator could hold at its peak now: the device's free memory
+    plus what the allocator already reserves (the weights, among others)."""
+    free, _total = torch.cuda.mem_get_info()
+    return free + torch.cuda.memory_reserved()

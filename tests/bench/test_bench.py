@@ -99,6 +99,39 @@ def test_max_batch_search_finds_the_oom_threshold_and_isolates_failures(capsys):
         timing.fits(lambda: (_ for _ in ()).throw(RuntimeError("illegal memory access")), "cpu")
 
 
+@pytest.mark.parametrize("guess", [300, 290, 319, 330, 500, 40, 3, None])
+def test_a_predicted_max_batch_is_bracketed_from_the_prediction(guess):
+    attempts = []
+
+    def try_batch(batch: int) -> bool:
+        attempts.append(batch)
+        return batch <= 300
+
+    found = timing.max_batch_search(try_batch, cap=4096, predict=lambda: guess)
+    assert 300 - 300 // 16 <= found.size <= 300 and found.bound in ("", "resolution")
+    assert attempts[:2] == [1, 2]  # the prediction is asked once both fit
+    large = [a for a in attempts if a > 100]
+    if guess in (300, 290, 319):  # within a step of the threshold
+        assert attempts[2] == guess and len(large) <= 3, attempts
+    if guess == 330:  # 10% over: a few more
+        assert attempts[2] == guess and len(large) <= 5, attempts
+    if guess is None:  # no prediction: plain doubling
+        assert attempts[:9] == [1, 2, 4, 8, 16, 32, 64, 128, 256]
+    exact = timing.max_batch_search(try_batch, cap=4096, resolution=0, predict=lambda: guess)
+    assert exact == timing.BatchSearch(300)
+    assert timing.max_batch_search(try_batch, cap=200, predict=lambda: guess).size == 200
+
+
+def test_peak_memory_predicts_the_batch_that_fills_the_device():
+    weights, per_row, available = 3e9, 2e8, 80e9
+    peaks = {n: weights + n * per_row for n in (1, 2)}
+    expected = int((0.95 * available - weights) / per_row)
+    assert timing.predicted_max_batch(peaks, available) == expected
+    assert timing.predicted_max_batch({**peaks, 4: weights + 4 * per_row}, available) == expected
+    assert timing.predicted_max_batch({1: weights}, available) is None  # one point: no slope
+    assert timing.predicted_max_batch({1: weights, 2: weights}, available) is None
+
+
 @pytest.mark.parametrize(
     "ours, theirs, ratio, met",
     [
