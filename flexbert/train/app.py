@@ -28,6 +28,21 @@ def instantiate_all(node: DictConfig | None) -> list[Any]:
 FLEXBERT_TRAINER_KEYS = ("compile_layers", "activation_checkpointing")
 
 
+# composer.Trainer arguments FlexBERT fills in itself, and where the config sets them
+SET_BY_FLEXBERT = {
+    "model": "the model group (model=...)",
+    "train_dataloader": "the data group",
+    "eval_dataloader": "the data group",
+    "optimizers": "the optimizer group",
+    "schedulers": "the scheduler group",
+    "callbacks": "the callbacks group (+callbacks.<name>=...)",
+    "algorithms": "the algorithms group",
+    "loggers": "the logger group",
+    "save_folder": "the run directory: checkpoints go to <run dir>/checkpoints (hydra.run.dir=...)",
+    "run_name": "the top-level run_name",
+    "seed": "the top-level seed",
+}
+
 # composer.Trainer arguments given as durations ("800ba", "1ep", "0.5dur", "1000000tok")
 TIME_KEYS = ("max_duration", "eval_interval", "save_interval", "console_log_interval")
 
@@ -44,6 +59,10 @@ def check_trainer_node(trainer: DictConfig) -> None:
     valid = set(inspect.signature(Trainer.__init__).parameters) - {"self"}
     valid |= set(FLEXBERT_TRAINER_KEYS)
     for key in trainer:
+        if key in SET_BY_FLEXBERT:
+            raise ConfigError(
+                f"trainer.{key} is set by FlexBERT from {SET_BY_FLEXBERT[key]}; drop it here"
+            )
         if key not in valid:
             close = difflib.get_close_matches(str(key), sorted(valid), n=3)
             hint = f"; did you mean {close}?" if close else ""
@@ -103,6 +122,11 @@ def check_config(cfg: DictConfig) -> None:
     row for the task, the trainer's keys and durations, the numbers' types."""
     check_per_task(cfg)  # first: the number checks resolve the recipe's interpolations
     check_trainer_node(cfg.trainer)
+    if "device_train_microbatch_size" in cfg.trainer and "micro_batch_size" in cfg.get("data", {}):
+        raise ConfigError(
+            "trainer.device_train_microbatch_size is set by FlexBERT from data.micro_batch_size "
+            "(rows per microbatch, all ranks together); set that instead"
+        )
     check_number_keys(cfg)
 
 

@@ -162,11 +162,30 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> tuple[Any, dict[str, Any]]:
     return trainer, facts
 
 
+# Tasks scored over the whole eval split at once: each query against every document, each
+# answer over all of its context's windows; a subset of batches would change the task.
+WHOLE_EVAL_TASKS = ("retrieval", "colbert", "question_answering")
+
+
+def check_whole_eval(cfg: DictConfig) -> None:
+    """Refuse trainer.eval_subset_num_batches for the tasks a subset would change."""
+    from flexbert.registry import ConfigError
+
+    subset = cfg.trainer.get("eval_subset_num_batches", -1)
+    if subset not in (-1, None) and cfg.task.type in WHOLE_EVAL_TASKS:
+        raise ConfigError(
+            f"trainer.eval_subset_num_batches={subset}: a {cfg.task.type} task is scored over "
+            "its whole eval split (a subset would rank queries against part of the corpus or "
+            "answer from part of a context); set it to -1"
+        )
+
+
 def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     """Fine-tune as `cfg` says; write checkpoints, `hf/` and summary.json into run_dir."""
     from flexbert.train.finetune_model import save_task_model
 
     check_config(cfg)
+    check_whole_eval(cfg)
     run_dir = start_distributed(cfg, Path(run_dir).resolve())
     trainer, facts = build_trainer(cfg, run_dir)
     state = trainer.state
@@ -175,10 +194,10 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     trainer.fit()
     seconds = time.perf_counter() - t0
     tokens = int(state.timestamp.token) - start_tokens
+    scored = facts["evals"].evals
+    if not scored or scored[-1]["batch"] != int(state.timestamp.batch):  # final weights unscored
+        trainer.eval()  # (eval_interval=0 or longer than the run, or not at its end)
     metrics = eval_metrics(trainer)
-    if not metrics:  # no eval ran during fit (eval_interval longer than the run)
-        trainer.eval()
-        metrics = eval_metrics(trainer)
     trained = final_model(trainer)
     main = is_main_process()
     hf_dir = run_dir / "hf"

@@ -67,11 +67,15 @@ SCHEDULE_KEYS = (
     "scheduler.t_max",
 )
 
+# Intervals Composer's interval scheduler places (a `dur` fraction needs a sized loader)
+INTERVAL_KEYS = ("trainer.eval_interval", "trainer.save_interval")
+
 
 def check_durations_without_epochs(cfg: DictConfig) -> None:
     """Pretraining streams packed batches: how many make an epoch is known only when the
     epoch ends, so a duration in epochs (`1ep`, or a bare number, which Composer reads as
-    epochs) cannot be turned into the batches the LR schedule counts. Refused by name."""
+    epochs) cannot be turned into the batches the LR schedule counts, nor an eval or save
+    interval in `dur` into batches. Refused by name."""
     from composer.core import Time, TimeUnit
 
     for key in SCHEDULE_KEYS:
@@ -88,6 +92,18 @@ def check_durations_without_epochs(cfg: DictConfig) -> None:
                 "has no epoch length before it ends: give tokens (e.g. 1000000000tok; "
                 "`flexbert-data inspect <shards>` counts the train split's), batches (800ba), "
                 "samples (1000sp) or, for the scheduler, a fraction of max_duration (0.1dur)"
+            )
+    for key in INTERVAL_KEYS:
+        value = OmegaConf.select(cfg, key, default=None)
+        try:
+            unit = Time.from_input(value, TimeUnit.EPOCH).unit if value is not None else None
+        except (TypeError, ValueError):
+            continue
+        if unit == TimeUnit.DURATION:
+            raise ConfigError(
+                f"{key}={value!r} is a fraction of the run, which Composer places only on a "
+                "loader of known length, and a pretraining stream of packed batches has none: "
+                "give batches (2000ba) or tokens (100000000tok)"
             )
 
 

@@ -258,6 +258,11 @@ def test_activation_checkpointing_twice_is_refused():
         ("trainer.max_duration=1ep", r"trainer.max_duration='1ep' counts epochs.*tok"),
         ("trainer.max_duration=800", r"trainer.max_duration=800 counts epochs.*800ba"),
         ("scheduler.t_warmup=2ep", r"scheduler.t_warmup='2ep' counts epochs.*0.1dur"),
+        ("trainer.eval_interval=0.5dur", r"eval_interval='0.5dur' is a fraction.*2000ba"),
+        ("trainer.save_interval=0.5dur", r"save_interval='0.5dur' is a fraction.*2000ba"),
+        ("+trainer.save_folder=/tmp/ckpt", r"trainer.save_folder is set by FlexBERT.*run dir"),
+        ("+trainer.seed=3", r"trainer.seed is set by FlexBERT from the top-level seed"),
+        ("+trainer.device_train_microbatch_size=2", r"set by FlexBERT from data.micro_batch"),
     ],
 )
 def test_a_bad_trainer_key_or_duration_is_one_line_before_any_data(

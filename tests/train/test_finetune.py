@@ -357,3 +357,30 @@ def test_the_training_order_follows_the_run_seed():
     assert order(1) == order(1) and sorted(order(1)) == list(range(32))
     assert order(1) != order(2)
     assert [r["i"] for b in _loader(rows, 8, list, False, 1) for r in b] == list(range(32))
+
+
+def test_fine_tuning_scores_the_whole_eval_split_on_a_gpu_trainer_too():
+    """trainer=gpu evaluates 50 batches in pretraining; fine-tuning scores every eval row,
+    and a task scored over its whole split refuses a subset."""
+    from flexbert import ConfigError
+    from flexbert.train.finetune import check_whole_eval
+
+    cfg = compose_finetune(["trainer=gpu", "task=mnli"])
+    assert cfg.trainer.eval_subset_num_batches == -1
+    check_whole_eval(compose_finetune(["task=mnli", "trainer.eval_subset_num_batches=2"]))
+    for task in ("local_retrieval", "local_colbert", "squad"):
+        cfg = compose_finetune([f"task={task}", "trainer.eval_subset_num_batches=2"])
+        with pytest.raises(ConfigError, match="eval_subset_num_batches=2: a .* set it to -1"):
+            check_whole_eval(cfg)
+
+
+def test_a_run_that_never_evaluated_is_scored_at_its_end(pretrained, contains_word, tmp_path):
+    """eval_interval=0: Composer evaluates nothing during fit; the summary's metrics are the
+    final weights' (not never-updated metrics computed as 0)."""
+    overrides = [f"model.path={pretrained}", *file_overrides(contains_word), *FAST]
+    _, summary = finetune_run(
+        [*overrides, "trainer.max_duration=1ep", "trainer.eval_interval=0"], tmp_path
+    )
+    assert len(summary["eval_history"]) == 1
+    assert summary["eval_history"][0]["batch"] == summary["train"]["batches"]
+    assert summary["eval"]["accuracy"] > 0
