@@ -19,9 +19,21 @@ log = logging.getLogger("flexbert.train")
 
 def instantiate_all(node: DictConfig | None) -> list[Any]:
     """Every `_target_` entry of a group node (callbacks, loggers); null entries are skipped."""
+    return [instantiate_node(v) for v in (node or {}).values() if v is not None]
+
+
+def instantiate_node(node: DictConfig) -> Any:
+    """hydra's `instantiate`, with a ConfigError the target raises passed on as it is (Hydra
+    wraps it in an InstantiationException, which run_app would show as a traceback)."""
+    from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
-    return [instantiate(v) for v in (node or {}).values() if v is not None]
+    try:
+        return instantiate(node)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, ConfigError):
+            raise err.__cause__ from None
+        raise
 
 
 # in the trainer node, not composer.Trainer's
@@ -201,7 +213,6 @@ def composer_trainer(
     run_dir/checkpoints.
     `trainer_args` are the remaining Trainer keywords (usually from `trainer_kwargs`)."""
     from composer import Trainer
-    from hydra.utils import instantiate
 
     from flexbert.train import continue_from
     from flexbert.train.loggers import build_loggers, log_config_to_wandb
@@ -215,7 +226,7 @@ def composer_trainer(
         train_dataloader=train_dataloader,
         eval_dataloader=evaluator,
         optimizers=optimizer,
-        schedulers=instantiate(cfg.scheduler),
+        schedulers=instantiate_node(cfg.scheduler),
         callbacks=[*instantiate_all(cfg.get("callbacks")), *callbacks],
         algorithms=instantiate_all(cfg.get("algorithms")),
         loggers=build_loggers(cfg, run_dir),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from composer.core import Callback, State
+from composer.core import Callback, State, Time, TimeUnit
 from composer.loggers import Logger
 
 from flexbert.registry import ConfigError
@@ -30,13 +30,16 @@ class BatchSizeWarmup(Callback):
 
     def __init__(self, start_batch_size: int, warmup_tokens: int | str) -> None:
         self.start_batch_size = int(start_batch_size)
-        self.warmup_tokens = int(float(warmup_tokens))  # "5e10" from YAML is fine too
+        self.warmup_tokens = _token_count("warmup_tokens", warmup_tokens)
         self.world_size = 1
 
     def fit_start(self, state: State, logger: Logger) -> None:
         batcher = _step_batcher(state)
         if batcher is None:
-            raise ConfigError("BatchSizeWarmup needs the train loader to be a StepBatcher")
+            raise ConfigError(
+                "BatchSizeWarmup needs the train loader to be a StepBatcher (flexbert-train's "
+                "packed pretraining loader); drop it with callbacks.batch_size_warmup=null"
+            )
         from composer.utils import dist
 
         self.world_size = dist.get_world_size()
@@ -49,6 +52,25 @@ class BatchSizeWarmup(Callback):
         if batcher is not None:
             rows = batcher.last_microbatches * batcher.rows_per_microbatch * self.world_size
             logger.log_metrics({"batch_size/rows": rows})
+
+
+def _token_count(name: str, value: int | str) -> int:
+    """A number of tokens: 100000, "5e10" (as YAML may give it) or a Composer duration in
+    tokens ("50000000000tok", as t_warmup is written)."""
+    try:
+        count = int(float(value))
+    except (TypeError, ValueError):
+        try:
+            time = Time.from_input(value, TimeUnit.TOKEN)
+        except (TypeError, ValueError):
+            time = None
+        if time is None or time.unit != TimeUnit.TOKEN:
+            raise ConfigError(
+                f"callbacks.batch_size_warmup.{name}={value!r} is not a number of tokens: give "
+                "a count (50000000000, 5e10) or tokens as a duration (50000000000tok)"
+            ) from None
+        count = int(time.value)
+    return count
 
 
 class LossHistory(Callback):

@@ -86,12 +86,21 @@ def task_model_class(task_type: str | None) -> type:
     return classes[task_type]
 
 
+CHECKPOINT_NAME = r"ep(\d+)-ba(\d+)-rank0\.pt"  # Composer's default, on rank 0
+
+
 def last_checkpoint(run_dir: Path) -> Path | None:
-    """The newest rank-0 Composer checkpoint of a run (ordered by epoch and batch as numbers:
-    ep0-ba10 comes after ep0-ba9), or None."""
+    """The rank-0 Composer checkpoint a run saved last: the one its `latest-rank0.pt` link
+    names (a rerun with trainer.save_overwrite=true that stopped earlier leaves the earlier
+    run's later checkpoints beside it), else the newest by epoch and batch (as numbers: ep0-ba10
+    comes after ep0-ba9), or None."""
+    folder = Path(run_dir) / "checkpoints"
+    latest = (folder / "latest-rank0.pt").resolve()
+    if latest.is_file() and re.fullmatch(CHECKPOINT_NAME, latest.name):
+        return latest
     found = []
-    for path in (Path(run_dir) / "checkpoints").glob("ep*-ba*-rank0.pt"):
-        match = re.fullmatch(r"ep(\d+)-ba(\d+)-rank0\.pt", path.name)
+    for path in folder.glob("ep*-ba*-rank0.pt"):
+        match = re.fullmatch(CHECKPOINT_NAME, path.name)
         if match:
             found.append((int(match[1]), int(match[2]), path))
     return max(found)[2] if found else None

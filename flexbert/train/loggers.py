@@ -33,7 +33,7 @@ class WandBLogger(_ComposerWandBLogger):
 def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Any]:
     """The `logger` group; a W&B logger keeps its files in run_dir/wandb and, in a sweep,
     groups its runs under the sweep directory's name (unless the config says otherwise)."""
-    from hydra.utils import instantiate
+    from flexbert.train.app import instantiate_node
 
     logger_group = cfg.get("logger")
     node = OmegaConf.to_container(logger_group, resolve=True) if logger_group else {}
@@ -48,7 +48,7 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Any]:
             group = sweep_name()
             if group:
                 init.setdefault("group", group)
-        loggers.append(instantiate(entry))
+        loggers.append(instantiate_node(entry))
     return loggers
 
 

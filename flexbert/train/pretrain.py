@@ -91,7 +91,8 @@ def check_durations_without_epochs(cfg: DictConfig) -> None:
                 f"{key}={value!r} counts epochs, and a pretraining stream of packed batches "
                 "has no epoch length before it ends: give tokens (e.g. 1000000000tok; "
                 "`flexbert-data inspect <shards>` counts the train split's), batches (800ba), "
-                "samples (1000sp) or, for the scheduler, a fraction of max_duration (0.1dur)"
+                "samples (1000sp; in packed pretraining a sample is a document, and a row "
+                "holds several) or, for the scheduler, a fraction of max_duration (0.1dur)"
             )
     for key in INTERVAL_KEYS:
         value = OmegaConf.select(cfg, key, default=None)

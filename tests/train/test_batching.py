@@ -155,3 +155,38 @@ def test_pretraining_eval_batches_are_not_split_again_by_document_count():
     }
     assert len(flexbert_data_spec([]).split_batch(packed, 2)) == 2  # 4 documents, 2 by 2
     assert flexbert_data_spec([], whole_batches=True).split_batch(packed, 2) == [packed]
+
+
+@pytest.mark.parametrize(
+    "given, tokens", [(600, 600), ("5e10", 50_000_000_000), ("50000000000tok", 50_000_000_000)]
+)
+def test_warmup_tokens_read_a_count_or_a_duration_in_tokens(given, tokens):
+    from flexbert.train.callbacks import BatchSizeWarmup
+
+    assert BatchSizeWarmup(8, given).warmup_tokens == tokens
+
+
+@pytest.mark.parametrize("given", ["1000ba", "0.5dur", "many"])
+def test_warmup_tokens_in_another_unit_is_refused_by_name(given):
+    from flexbert import ConfigError
+    from flexbert.train.callbacks import BatchSizeWarmup
+
+    with pytest.raises(ConfigError, match=rf"warmup_tokens='{given}' is not a number of tokens"):
+        BatchSizeWarmup(8, given)
+
+
+def test_a_callback_config_error_reaches_the_user_unwrapped():
+    """Hydra wraps what a target raises; run_app shows a ConfigError as one line only if it
+    arrives as itself."""
+    from omegaconf import OmegaConf
+
+    from flexbert import ConfigError
+    from flexbert.train.app import instantiate_all
+
+    warmup = {"_target_": "flexbert.train.callbacks.BatchSizeWarmup", "start_batch_size": 8}
+    node = OmegaConf.create({"ok": {**warmup, "warmup_tokens": 600}, "gone": None})
+    assert [c.warmup_tokens for c in instantiate_all(node)] == [600]
+    bad = OmegaConf.create({"batch_size_warmup": {**warmup, "warmup_tokens": "5ba"}})
+    with pytest.raises(ConfigError, match="not a number of tokens") as caught:
+        instantiate_all(bad)
+    assert type(caught.value) is ConfigError

@@ -377,3 +377,20 @@ def test_eval_only_scores_a_trained_model_as_its_run_did(
         assert summary["eval"][name] == pytest.approx(value, rel=1e-5), name
     assert summary["paths"]["hf"] is None and "eval_only" in summary["paths"]["hf_skipped"]
     assert "evaluated (eval_only)" in report(summary)
+
+
+def test_the_last_checkpoint_is_the_one_the_run_saved_last(tmp_path):
+    """A rerun with save_overwrite=true that stopped at ba400 leaves an earlier run's ba800
+    beside it; Composer's latest-rank0.pt link says which one this run saved last."""
+    from flexbert.train.checkpoints import last_checkpoint
+
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    assert last_checkpoint(tmp_path) is None
+    for name in ("ep0-ba9-rank0.pt", "ep0-ba10-rank0.pt", "ep0-ba800-rank0.pt"):
+        (folder / name).write_bytes(b"x")
+    assert last_checkpoint(tmp_path).name == "ep0-ba800-rank0.pt"  # no link: the newest
+    (folder / "latest-rank0.pt").symlink_to("ep0-ba10-rank0.pt")
+    assert last_checkpoint(tmp_path) == (folder / "ep0-ba10-rank0.pt").resolve()
+    (folder / "ep0-ba10-rank0.pt").unlink()  # a dangling link: the newest again
+    assert last_checkpoint(tmp_path).name == "ep0-ba800-rank0.pt"
