@@ -172,7 +172,7 @@ class FlexBertModel(FlexBertPreTrainedModel):
                     f"max_seqlen={max_seqlen} (the longest packed sequence) exceeds "
                     f"max_seq_len={limit}: split or truncate sequences to {limit} tokens"
                 )
-            cu_seqlens = cu_seqlens.to(torch.int32)
+            cu_seqlens = cu_seqlens.to(input_ids.device, torch.int32)
             positions = positions_from_cu_seqlens(cu_seqlens, input_ids.shape[0])
             return input_ids, Layout(False, positions, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
         if input_ids.dim() != 2:

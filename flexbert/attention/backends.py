@@ -11,7 +11,8 @@ returns the same layout. `check` refuses, at build time, a backend that cannot r
   (`block_masks.py`: from cu_seqlens directly for packed batches).
 - varlen: torch.nn.attention.varlen.varlen_attn (torch >= 2.10, CUDA, bf16/fp16, unpadded;
   local layers need its `window_size`, torch >= 2.11).
-- flash_attn: flash-attn's varlen kernels when the package is installed (unpadded).
+- flash_attn: flash-attn 2's varlen kernels when the package imports here (unpadded,
+  bf16/fp16).
 - auto: the fastest one that runs for the tensors it is given.
 """
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import inspect
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -39,6 +41,8 @@ from flexbert.registry import ComponentConfig, ConfigError, Registry
 
 if TYPE_CHECKING:
     from flexbert.config import ModelConfig
+
+log = logging.getLogger(__name__)
 
 BACKENDS = Registry("attention backend")
 AttentionFn = Callable[..., torch.Tensor]
@@ -185,10 +189,22 @@ def flex_attention_backend(q, k, v, layout: Layout, half, dropout_p: float, scal
     return out[0].transpose(0, 1)  # (T, H, D)
 
 
+# Kernels that take bf16/fp16 q, k, v only; fp32 gets a clear error before the kernel call.
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _check_half(name: str, q: torch.Tensor) -> None:
+    if q.dtype not in HALF_DTYPES:
+        raise TypeError(
+            f"backend '{name}' runs on bf16/fp16 q, k, v only, got {q.dtype}: cast the model "
+            "(model.to(torch.bfloat16)) or run it under torch.autocast('cuda', "
+            "dtype=torch.bfloat16), or use backend 'auto' (sdpa for fp32) or 'sdpa'"
+        )
+
+
 # ---------------------------------------------------------------- varlen (torch >= 2.10)
 # Looked up once at import, so `auto` decides with plain constants inside compiled graphs.
 _HAS_VARLEN = importlib.util.find_spec("torch.nn.attention.varlen") is not None
-_HAS_FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None
 
 
 def _varlen_has_window() -> bool:
@@ -228,6 +244,7 @@ def _check_varlen(cfg: ModelConfig) -> None:
 
 
 def varlen_attention(q, k, v, layout: Layout, half, dropout_p: float, scale: float):
+    _check_half("varlen", q)
     from torch.nn.attention.varlen import varlen_attn
 
     # Keyword arguments only where they differ from the defaults, so torch releases whose
@@ -241,19 +258,44 @@ def varlen_attention(q, k, v, layout: Layout, half, dropout_p: float, scale: flo
 
 
 # ---------------------------------------------------------------- flash-attn package
+# A real import, tried once (None: not yet) and at build time, so `auto` reads a plain
+# constant inside compiled graphs: a flash-attn built for another torch is installed (it has
+# a module spec) but fails to import (undefined symbol), and counts as missing.
+_HAS_FLASH_ATTN: bool | None = None
+_FLASH_ATTN_ERROR = ""  # why it does not import, for the refusal's message
+
+
 def flash_attn_available() -> bool:
+    global _HAS_FLASH_ATTN, _FLASH_ATTN_ERROR
+    if _HAS_FLASH_ATTN is None:
+        try:
+            from flash_attn import flash_attn_varlen_func  # noqa: F401
+
+            _HAS_FLASH_ATTN = True
+        except Exception as err:  # missing, or built for another torch / CUDA
+            _FLASH_ATTN_ERROR = f"{type(err).__name__}: {err}"
+            log.debug("flash-attn is not usable here: %s", _FLASH_ATTN_ERROR)
+            _HAS_FLASH_ATTN = False
     return _HAS_FLASH_ATTN
 
 
 def _check_flash(cfg: ModelConfig) -> None:
     if not flash_attn_available():
+        why = f" (here: {_FLASH_ATTN_ERROR})" if _FLASH_ATTN_ERROR else ""
         raise ConfigError(
-            "backend: 'flash_attn' needs the flash-attn package (pip install flexbert[flash]); "
-            "use backend 'varlen' (CUDA, torch >= 2.11) or 'sdpa'"
+            "backend: 'flash_attn' needs the flash-attn package, built for this torch "
+            f"(pip install flexbert[flash]){why}; use backend 'varlen' (CUDA, torch >= 2.11) "
+            "or 'sdpa'"
         )
 
 
+def _check_auto(cfg: ModelConfig) -> None:
+    if torch.cuda.is_available():  # where auto may pick flash_attn: try the import now
+        flash_attn_available()
+
+
 def flash_attention(q, k, v, layout: Layout, half, dropout_p: float, scale: float):
+    _check_half("flash_attn", q)
     from flash_attn import flash_attn_varlen_func
 
     window = (-1, -1) if half is None else (half, half)
@@ -269,7 +311,7 @@ def resolve_auto(
 ) -> AttentionFn:
     """Fastest backend for these tensors (`local`: a sliding-window layer): varlen/flash_attn
     on GPU when unpadded, else sdpa."""
-    fast_ok = q.is_cuda and not layout.padded and q.dtype in (torch.float16, torch.bfloat16)
+    fast_ok = q.is_cuda and not layout.padded and q.dtype in HALF_DTYPES
     if fast_ok and dropout_p == 0 and varlen_available(local):
         return varlen_attention
     if fast_ok and flash_attn_available():
@@ -290,7 +332,7 @@ _REGISTERED = {
         varlen_attention, _all(_unpadded_only("varlen"), _no_dropout("varlen"), _check_varlen)
     ),
     "flash_attn": Backend(flash_attention, _all(_unpadded_only("flash_attn"), _check_flash)),
-    "auto": Backend(auto_attention),
+    "auto": Backend(auto_attention, _check_auto),
 }
 for _name, _backend in _REGISTERED.items():
     BACKENDS.register(_name, ComponentConfig)(lambda cfg, _b=_backend: _b)

@@ -2,8 +2,10 @@
 
 Run first by scripts/gpu_bench.sh so a fast but wrong kernel is caught before its speed is
 celebrated. For each config (tiny, base) in the benchmark dtype, with one set of weights:
-- every attention backend that runs here against `eager` on padded input (the ground truth);
+- every attention backend that runs here against `eager` on padded input in the padded
+  layout (the ground truth: no unpadding code shared with the backends it checks);
 - packed (cu_seqlens) against padded input for every backend;
+- the padded layout (`padding='padded'`, entries `<backend>/padded`) of sdpa and flex;
 - MLM gradients of every backend against eager's (tiny, packed input);
 - the fastest backend with RoPE in bf16 (the `+bf16rope` lever) against eager in fp32 RoPE;
 - the fastest backend through CUDA graphs (the `+cudagraph` lever), replayed on new ids;
@@ -34,7 +36,7 @@ from typing import Any
 import torch
 
 import flexbert
-from flexbert.attention.backends import flash_attn_available, varlen_available
+from flexbert.attention.backends import UNPADDED_ONLY, flash_attn_available, varlen_available
 from flexbert.bench import runners, workloads
 from flexbert.bench.report import replace_json
 
@@ -77,11 +79,12 @@ def compare(
 
 
 def backends_here(device: str, slow: bool = False) -> list[str]:
-    """Backends to check: the ones the benchmark times, or (`slow`) the compiled ones."""
-    if not device.startswith("cuda"):
-        return [] if slow else ["sdpa"]
+    """Backends to check: the ones the benchmark times, or (`slow`) the compiled ones (on
+    the CPU flex runs uncompiled, forward only)."""
     if slow:
         return list(SLOW_BACKENDS)
+    if not device.startswith("cuda"):
+        return ["sdpa"]
     names = ["sdpa"]
     if varlen_available(local=True):
         names.append("varlen")
@@ -96,31 +99,44 @@ def fastest_backend(device: str) -> str:
     return next((b for b in ("varlen", "flash_attn") if b in names), "sdpa")
 
 
+def reference_config(size: str, **overrides: Any) -> flexbert.ModelConfig:
+    """The ground truth: eager attention in the padded layout (no unpadding)."""
+    return runners.flexbert_config(size, "eager", padding="padded", **overrides)
+
+
 def check_backends(
     size: str, device: str, dtype: torch.dtype, slow: bool = False
 ) -> Iterator[dict[str, Any]]:
-    """Every backend (packed and padded) against eager on padded input, same weights."""
+    """Every backend (packed and padded input) against eager on padded input, same weights;
+    then, as `<backend>/padded`, those that run the padded layout, in it (padded input)."""
     torch.manual_seed(0)
     with torch.device(device):
-        ref_model = flexbert.FlexBertModel(runners.flexbert_config(size, "eager"))
+        ref_model = flexbert.FlexBertModel(reference_config(size))
     ref_model = ref_model.to(dtype).eval()
     inputs = sample_inputs(LENGTHS, size, device)
     mask = inputs["mask"]
     with torch.inference_mode():
         ref = ref_model(**inputs["padded"]).last_hidden_state[mask]  # (T, D) real tokens
-    for backend in backends_here(device, slow):
-        entry: dict[str, Any] = {"check": "backend", "size": size, "backend": backend}
+    names = backends_here(device, slow)
+    runs = [(b, "unpadded") for b in names]
+    runs += [(b, "padded") for b in names if b not in UNPADDED_ONLY]
+    for backend, padding in runs:
+        name = backend if padding == "unpadded" else f"{backend}/{padding}"
+        entry: dict[str, Any] = {"check": "backend", "size": size, "backend": name}
         try:
+            cfg = runners.flexbert_config(size, backend, padding=padding)
             with torch.device(device):
-                model = flexbert.FlexBertModel(runners.flexbert_config(size, backend))
+                model = flexbert.FlexBertModel(cfg)
             model.load_state_dict(ref_model.state_dict())
             model = model.to(dtype).eval()
             with torch.inference_mode():
-                packed = model(**inputs["packed"]).last_hidden_state  # (T, D)
                 padded = model(**inputs["padded"]).last_hidden_state[mask]
-            entry["packed_vs_eager"] = compare(packed, ref, dtype)
+                if padding == "unpadded":  # packed input needs the unpadded layout
+                    packed = model(**inputs["packed"]).last_hidden_state  # (T, D)
+                    entry["packed_vs_eager"] = compare(packed, ref, dtype)
             entry["padded_vs_eager"] = compare(padded, ref, dtype)
-            entry["packed_vs_padded"] = compare(packed, padded, dtype)
+            if padding == "unpadded":
+                entry["packed_vs_padded"] = compare(packed, padded, dtype)
             entry["pass"] = all(entry[k]["pass"] for k in entry if k.endswith("eager"))
         except Exception as err:  # report and go on: one broken kernel must not hide the rest
             entry.update({"pass": False, "error": f"{type(err).__name__}: {err}"[:300]})
@@ -138,6 +154,9 @@ def check_backward(size: str, device: str, slow: bool = False) -> Iterator[dict[
     grads: dict[str, torch.Tensor] = {}
     for backend in ["eager", *backends_here(device, slow)]:
         entry: dict[str, Any] = {"check": "backward", "size": size, "backend": backend}
+        if backend == "flex" and not device.startswith("cuda"):
+            yield {**entry, "pass": None, "skipped": "FlexAttention has no CPU backward"}
+            continue
         try:
             torch.manual_seed(0)
             with torch.device(device):
@@ -161,7 +180,7 @@ def check_bf16_rope(size: str, device: str, dtype: torch.dtype) -> dict[str, Any
     try:
         torch.manual_seed(0)
         with torch.device(device):
-            ref_model = flexbert.FlexBertModel(runners.flexbert_config(size, "eager"))
+            ref_model = flexbert.FlexBertModel(reference_config(size))
             rope = {"name": "rope", "fp32": False}
             model = flexbert.FlexBertModel(runners.flexbert_config(size, backend, position=rope))
         model.load_state_dict(ref_model.state_dict())
@@ -352,7 +371,7 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
 
 
 def summary_line(r: dict[str, Any]) -> str:
-    head = f"  {r['check']:<9} {r['size']:<5} {r.get('backend', ''):<10}"
+    head = f"  {r['check']:<9} {r['size']:<5} {r.get('backend', ''):<11}"
     verdict = "ok" if r.get("pass") else "FAIL"
     if "error" in r or "skipped" in r:
         return f"{head} {r.get('error') or r.get('skipped')}"
@@ -364,7 +383,7 @@ def summary_line(r: dict[str, Any]) -> str:
     if r["check"] == "backward":
         return f"{head} grad_rel_err={r['grad_rel_err']:.2e} {verdict}"
     if r["check"] == "backend":
-        keys = ("packed_vs_eager", "padded_vs_eager", "packed_vs_padded")
+        keys = [k for k in ("packed_vs_eager", "padded_vs_eager", "packed_vs_padded") if k in r]
         diffs = " ".join(f"{k}={r[k]['rel_l2']:.1e}/{r[k]['max_abs_diff']:.1e}" for k in keys)
         return f"{head} rel_l2/max_abs {diffs} {verdict}"
     return f"{head} rel_l2={r['rel_l2']:.1e} max_abs_diff={r['max_abs_diff']:.2e} {verdict}"

@@ -275,64 +275,6 @@ def test_report_table_and_plot_handle_failed_rows(tmp_path):
     assert path is None or path.exists()
 
 
-def test_gpu_checks_agree_on_cpu(tmp_path):
-    from flexbert.bench import gpu_checks
-
-    assert gpu_checks.main(["--device", "cpu", "--sizes", "tiny", "--out", str(tmp_path)]) == 0
-    doc = json.loads((tmp_path / "gpu_checks.json").read_text())
-    checks = {r["check"] for r in doc["results"]}
-    assert doc["all_pass"] and checks >= {
-        "backend",
-        "backward",
-        "bf16rope",
-        "hostsync",
-        "hf_parity",
-    }
-    assert doc["complete"]
-    (syncs,) = [r for r in doc["results"] if r["check"] == "hostsync"]
-    assert syncs["forward_ops"] == syncs["backward_ops"] == []
-    assert syncs["forward_syncs"] == syncs["backward_syncs"] == 0
-    assert syncs["without_positions_syncs"] == 1  # the head's own nonzero: the check sees
-
-
-def test_gpu_checks_save_after_every_check():
-    """A run killed by its time limit keeps the checks it finished."""
-    from flexbert.bench import gpu_checks
-
-    saved = []
-    report = gpu_checks.run_checks(
-        ["tiny"], "cpu", torch.float32, lambda r: saved.append((len(r["results"]), r["complete"]))
-    )
-    n = len(report["results"])
-    assert saved == [(i, False) for i in range(1, n + 1)] + [(n, True)]
-
-
-def test_gpu_checks_slow_part_adds_to_the_fast_parts_report(tmp_path, monkeypatch):
-    """scripts/gpu_bench.sh checks the compiled backends in a later phase of their own."""
-    from flexbert.bench import gpu_checks
-
-    args = ["--device", "cpu", "--sizes", "tiny", "--out", str(tmp_path)]
-    assert gpu_checks.main([*args, "--part", "fast"]) == 0
-    fast = json.loads((tmp_path / "gpu_checks.json").read_text())
-    assert fast["parts"] == ["fast"] and fast["complete"]
-    real = gpu_checks.backends_here  # the CPU has no compiled backend to check: stand one in
-    monkeypatch.setattr(
-        gpu_checks, "backends_here", lambda d, slow=False: ["sdpa"] if slow else real(d)
-    )
-    fast["results"][0]["pass"] = False  # an earlier failure stays a failure
-    (tmp_path / "gpu_checks.json").write_text(json.dumps(fast))
-    assert gpu_checks.main([*args, "--part", "slow"]) == 1
-    both = json.loads((tmp_path / "gpu_checks.json").read_text())
-    assert both["parts"] == ["fast", "slow"] and both["complete"] and not both["all_pass"]
-    added = both["results"][len(fast["results"]) :]
-    assert both["results"][: len(fast["results"])] == fast["results"]
-    assert {(r["check"], r["backend"]) for r in added} == {
-        ("backend", "sdpa"),
-        ("backward", "sdpa"),
-    }
-    assert all(r["pass"] for r in added)
-
-
 def _row(family, mode, label, tps=None, size="base", max_batch=None, variant="varlen"):
     return report.make_row(
         model=f"{family}-{size}",
