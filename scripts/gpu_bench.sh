@@ -100,7 +100,7 @@ rm -f "$OUT/results.json" "$LOG"
   echo "C compiler: $(command -v cc || command -v gcc || command -v clang || echo none)"
   "$PY" -c "import torch, importlib.util as u; print('torch', torch.__version__,
 'cuda', torch.version.cuda, 'transformers', u.find_spec('transformers') is not None,
-'flash_attn', u.find_spec('flash_attn') is not None, 'matplotlib', u.find_spec('matplotlib') is not None)"
+'flash_attn (imports)', __import__('flexbert.attention.backends').attention.backends.flash_attn_available(), 'matplotlib', u.find_spec('matplotlib') is not None)"
 } 2>&1 | tee -a "$LOG"
 
 phase checks "$T_CHECK" "$PY" -m flexbert.bench.gpu_checks --out "$OUT" --sizes "$CHECK_SIZES" \
