@@ -89,6 +89,40 @@ class TokenDataset(StreamingDataset):
         super().__init__(*args, **kwargs)
         track(self)  # for stop_streaming: its threads and shared memory end with the run
 
+    def on_exception(self, future: Any) -> None:
+        """The streaming library's callback for its download/decompress threads: remember
+        what failed, so the iteration it cut short raises (see `__iter__`)."""
+        error = future.exception()
+        if error is not None:
+            self._thread_error = error
+        super().on_exception(future)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        """The library's iteration, except that a shard its background thread could not
+        prepare (download, decompress) is a DataError naming it, not a quiet early end of the
+        epoch (a checkpoint taken then would skip the rest of the epoch for good)."""
+        self._thread_error: BaseException | None = None
+        try:
+            yield from super().__iter__()
+        except DataError:
+            raise
+        except RuntimeError as err:
+            if self._thread_error is None:
+                raise
+            raise self._shard_error() from err
+        if self._thread_error is not None:
+            raise self._shard_error()
+
+    def _shard_error(self) -> DataError:
+        error = self._thread_error
+        shard = _failing_shard(error)
+        where = f"shard {shard}" if shard else f"a shard of {[s.local for s in self.streams]}"
+        return DataError(
+            f"cannot prepare {where} while reading it: {type(error).__name__}: {error}; "
+            "the epoch stopped there. Restore the shard or re-run `flexbert-data prepare "
+            "--overwrite`"
+        )
+
     def get_item(self, sample_id: int, retry: int = 7) -> dict[str, Any]:
         try:
             sample = super().get_item(sample_id, retry)
@@ -108,6 +142,21 @@ class TokenDataset(StreamingDataset):
         """Index (in the configured order) of the stream a sample comes from."""
         shard_id, _ = self.spanner[sample_id]
         return int(self.stream_per_shard[shard_id])
+
+
+def _failing_shard(error: BaseException | None) -> str | None:
+    """The shard file a background thread was preparing when `error` was raised (from the
+    traceback's frames: the library's errors do not name it), or None."""
+    tb = error.__traceback__ if error is not None else None
+    shard = None
+    while tb is not None:
+        names = tb.tb_frame.f_locals
+        for key in ("zip_filename", "raw_filename", "filename"):
+            if isinstance(names.get(key), str):
+                shard = names[key]
+                break
+        tb = tb.tb_next
+    return shard
 
 
 @dataclass(frozen=True)

@@ -59,11 +59,15 @@ class MLMMasker:
     @classmethod
     def from_tokenizer(cls, tokenizer: object, mlm_probability: float = 0.30) -> MLMMasker:
         """Build from a Hugging Face tokenizer: its specials and [unused] tokens are protected."""
-        from flexbert.data.tokenizer import allowed_token_ids, check_special_tokens
+        from flexbert.data.tokenizer import (
+            allowed_token_ids,
+            check_special_tokens,
+            protected_token_ids,
+        )
 
         check_special_tokens(tokenizer)
         allowed = allowed_token_ids(tokenizer)
-        special = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
+        special = protected_token_ids(tokenizer)
         return cls(tokenizer.mask_token_id, allowed, special, mlm_probability)
 
     def __call__(

@@ -186,12 +186,20 @@ def check_tokenizer_matches(
         raise DataError("model and tokenizer do not match: " + "; ".join(problems))
 
 
+def protected_token_ids(tokenizer: Any) -> set[int]:
+    """Ids MLM never masks nor predicts: the special tokens and every added token marked
+    special ([unused] slots among them). Added tokens that are ordinary text (e.g. runs of
+    spaces, `special=False`) are vocabulary like any other."""
+    ids = set(tokenizer.all_special_ids)
+    ids.update(i for i, token in tokenizer.added_tokens_decoder.items() if token.special)
+    return ids
+
+
 def allowed_token_ids(tokenizer: Any) -> list[int]:
-    """Ids of real vocabulary tokens: everything except special, added and [unused] tokens.
+    """Ids of real vocabulary tokens: everything except `protected_token_ids`.
 
     MLM random replacements are drawn from this set so a model never learns to predict
     padding or reserved slots.
     """
-    excluded = set(tokenizer.all_special_ids)
-    excluded.update(tokenizer.added_tokens_decoder.keys())
+    excluded = protected_token_ids(tokenizer)
     return sorted(i for i in tokenizer.get_vocab().values() if i not in excluded)

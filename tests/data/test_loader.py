@@ -335,3 +335,18 @@ def test_a_missing_compressed_shard_is_refused_and_its_decompressed_copy_kept(sh
     with pytest.raises(DataFileNotFoundError, match=f"{zipped.name} .*missing .*only its"):
         streaming_dataset(shards, split="train", shuffle=False, batch_size=16)
     assert raw.read_bytes() == b"decompressed"
+
+
+def test_a_shard_that_fails_to_decompress_mid_epoch_is_an_error_not_an_early_end(mds_dir, tmp_path):
+    """Iterating, the streaming library decompresses shards in a background thread; when that
+    fails it only stops the sample loop, which looks like the epoch's end (a checkpoint would
+    then skip the rest for good). The iteration raises a DataError naming the shard instead."""
+    local = shutil.copytree(mds_dir / "train", tmp_path / "train")
+    zipped = sorted(local.glob("shard.*.mds.zstd"))
+    assert len(zipped) > 2
+    bad = zipped[len(zipped) // 2]
+    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
+    ds = streaming_dataset(local, shuffle=False, batch_size=1)
+    with pytest.raises(DataError, match=rf"cannot prepare shard .*{bad.name}.*prepare"):
+        for _ in ds:
+            pass

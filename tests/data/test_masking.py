@@ -83,3 +83,20 @@ def test_bad_settings():
         MLMMasker(MASK, ALLOWED, SPECIAL, mlm_probability=1.5)
     with pytest.raises(DataError, match="allowed_ids"):
         MLMMasker(MASK, [], SPECIAL)
+
+
+def test_added_tokens_that_are_ordinary_text_are_masked_like_any_other(tokenizer):
+    """A tokenizer with an added run of spaces (special=False, as code tokenizers add for
+    indentation): it is masked and may replace others; a special added token is not."""
+    import copy
+
+    from tokenizers import AddedToken
+
+    tok = copy.deepcopy(tokenizer)
+    tok.add_tokens([AddedToken("    ", special=False, normalized=False)])
+    tok.add_special_tokens({"additional_special_tokens": ["[EXTRA]"]})
+    spaces, extra = tok.convert_tokens_to_ids(["    ", "[EXTRA]"])
+    masker = MLMMasker.from_tokenizer(tok, mlm_probability=1.0)
+    assert spaces in masker.allowed_ids.tolist() and extra not in masker.allowed_ids.tolist()
+    _, labels = masker(torch.tensor([tok.cls_token_id, spaces, extra, 300, tok.sep_token_id]))
+    assert (labels != IGNORE_INDEX).tolist() == [False, True, False, True, False]
