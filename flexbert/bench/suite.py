@@ -219,10 +219,11 @@ def _max_batch(model, spec, w, s: Settings, ids, pad: int, cap: int) -> timing.B
             with torch.inference_mode():
                 model(**batch.kwargs)
 
-        with timing.PeakMemory(s.device) as mem:
-            ok = timing.fits(attempt, s.device)
-        if ok and on_gpu and mem.gib is not None:
-            peaks[size] = mem.gib * timing.GIB
+        if on_gpu:
+            torch.cuda.reset_peak_memory_stats()
+        ok = timing.fits(attempt, s.device)
+        if ok and on_gpu:
+            peaks[size] = torch.cuda.max_memory_allocated()
         return ok
 
     def predict() -> int | None:
